@@ -70,3 +70,48 @@ def image_folder(tmp_path: Path):
         return make_image_folder(tmp_path / f"dataset{next(counter)}", classes, **kwargs)
 
     return _make
+
+
+# --------------------------------------------------------------------------- real servers
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def services_home(_isolated_env: Path) -> Path:
+    """State folder of the session's servers: not CNNFLOW_HOME, so no test's `down` stops them."""
+    return _isolated_env / "services"
+
+
+def _serve(name: str, home: Path, **ports: int):
+    """Start one real service with components.services.up, yield its URL, stop it at the end."""
+    from components import services
+
+    with pytest.MonkeyPatch.context() as mp:  # an env var here would make up() skip the start
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("MONGO_URI", raising=False)
+        [started] = services.up(names=[name], home=home, timeout=120, **ports)
+    try:
+        assert started.state == "running", started
+        yield started.url
+    finally:
+        services.down([name], home=home)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(services_home: Path):
+    """URI (http://127.0.0.1:<port>) of a real MLflow tracking server for the whole session."""
+    yield from _serve("mlflow", services_home, mlflow_port=free_port())
+
+
+@pytest.fixture(scope="session")
+def mongo_server(services_home: Path):
+    """URI (mongodb://127.0.0.1:<port>) of a real MongoDB-wire server for the whole session."""
+    yield from _serve("mongo", services_home, mongo_port=free_port())

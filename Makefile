@@ -1,0 +1,35 @@
+# `make demo` and `make test` both start from nothing but Python 3.11 and the package registries.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_MODELS ?= custom_cnn lenet5 mobilenetv2
+DEMO_ARGS ?= --data digits --weights none --image-size 32 --epochs 4 --batch-size 64 --num-workers 0
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/cnnflow up
+	for model in $(DEMO_MODELS); do \
+	  MLFLOW_DISABLE_TELEMETRY=true $(BIN)/cnnflow train --model $$model $(DEMO_ARGS) || exit 1; \
+	done
+	@$(BIN)/cnnflow status
+	@echo "Open the MLflow UI at the mlflow URL above; stop the services with: $(BIN)/cnnflow down"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/pytest -q
+
+clean:
+	-$(BIN)/cnnflow down
+	rm -rf $(VENV) .cnnflow

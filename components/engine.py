@@ -1,0 +1,360 @@
+"""The training loop: plain PyTorch, reporting through callbacks so it never imports MLflow.
+
+Flat and explicit in the spirit of torchvision's references/classification/train.py: every
+knob is a field of `TrainConfig`, optimisers and schedulers come from small registries, and
+each epoch writes `last.pt` (and `best.pt` when validation loss improves) so any run can be
+resumed exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+
+class EngineError(RuntimeError):
+    """A training problem the user can act on (bad option, unavailable device)."""
+
+
+class NonFiniteLossError(EngineError):
+    """Raised as soon as a batch produces NaN or inf loss: continuing would waste the run."""
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of the loop, with the seeds' defaults (Adam 1e-3, wd 1e-4, patience 10)."""
+
+    epochs: int = 10
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    scheduler: str = "none"
+    scheduler_patience: int = 3
+    scheduler_factor: float = 0.1
+    patience: int = 10
+    min_delta: float = 0.0
+    label_smoothing: float = 0.0
+    device: str = "auto"
+    amp: str = "auto"
+    seed: int = 42
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Reject bad values before any work starts, with one line naming the fix."""
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1 (got {self.epochs})"),
+            (self.lr > 0, f"lr must be > 0 (got {self.lr})"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})"),
+            (self.patience >= 0, f"patience must be >= 0, 0 disables (got {self.patience})"),
+            (self.min_delta >= 0, f"min_delta must be >= 0 (got {self.min_delta})"),
+            (0 <= self.label_smoothing < 1,
+             f"label_smoothing must be in [0, 1) (got {self.label_smoothing})"),
+            (0 < self.scheduler_factor < 1,
+             f"scheduler_factor must be in (0, 1) (got {self.scheduler_factor})"),
+            (self.optimizer in OPTIMIZERS,
+             f"unknown optimizer '{self.optimizer}'; choose one of: {', '.join(OPTIMIZERS)}"),
+            (self.scheduler in SCHEDULERS,
+             f"unknown scheduler '{self.scheduler}'; choose one of: {', '.join(SCHEDULERS)}"),
+            (self.amp in ("auto", "on", "off"),
+             f"amp must be auto, on or off (got '{self.amp}')"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise EngineError(message)
+
+
+# --- registries -------------------------------------------------------------------------
+
+OptimizerBuilder = Callable[[Iterable[nn.Parameter], TrainConfig], torch.optim.Optimizer]
+OPTIMIZERS: dict[str, OptimizerBuilder] = {
+    "adam": lambda p, c: torch.optim.Adam(p, lr=c.lr, weight_decay=c.weight_decay),
+    "adamw": lambda p, c: torch.optim.AdamW(p, lr=c.lr, weight_decay=c.weight_decay),
+    "sgd": lambda p, c: torch.optim.SGD(p, lr=c.lr, momentum=c.momentum,
+                                        weight_decay=c.weight_decay, nesterov=c.momentum > 0),
+}
+
+# Each builder gets (optimizer, config, steps_per_epoch); `per_batch` schedulers step per batch.
+SCHEDULERS: dict[str, Callable[..., Any]] = {
+    "none": lambda opt, c, n: None,
+    "plateau": lambda opt, c, n: torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", patience=c.scheduler_patience, factor=c.scheduler_factor),
+    "cosine": lambda opt, c, n: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.epochs),
+    "onecycle": lambda opt, c, n: torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=c.lr, epochs=c.epochs, steps_per_epoch=max(1, n)),
+}
+PER_BATCH_SCHEDULERS = {"onecycle"}
+
+
+# --- callbacks --------------------------------------------------------------------------
+
+class Callback:
+    """Hooks the loop calls; override what you need. Tracking and printing live here."""
+
+    def on_train_start(self, config: TrainConfig, start_epoch: int) -> None: ...
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+    def on_checkpoint(self, epoch: int, last_path: Path, best_path: Path | None) -> None: ...
+
+    def on_train_end(self, result: FitResult) -> None: ...
+
+
+class ConsoleCallback(Callback):
+    """One readable line per epoch on stderr, so long runs show progress without a UI."""
+
+    def __init__(self, label: str = "", stream=None) -> None:
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.epochs = 0
+
+    def on_train_start(self, config: TrainConfig, start_epoch: int) -> None:
+        self.epochs = config.epochs
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        print(f"{self.label}epoch {epoch}/{self.epochs}  "
+              f"train_loss {metrics['train_loss']:.4f}  train_acc {metrics['train_acc']:.4f}  "
+              f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_acc']:.4f}  "
+              f"lr {metrics['lr']:.2e}  {metrics['epoch_time_sec']:.1f}s "
+              f"({metrics['train_images_per_sec']:.0f} img/s)", file=self.stream, flush=True)
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_loss: float = math.inf
+    best_val_acc: float = 0.0
+    epochs_run: int = 0
+    stopped_early: bool = False
+    best_path: Path | None = None
+    last_path: Path | None = None
+
+    def final_metrics(self) -> dict[str, float]:
+        return {"best_val_loss": self.best_val_loss, "best_val_acc": self.best_val_acc,
+                "best_epoch": float(self.best_epoch), "epochs_run": float(self.epochs_run),
+                "stopped_early": float(self.stopped_early)}
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA, then Apple MPS, then CPU; asking for a missing device is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EngineError(f"device '{name}' requested but CUDA is not available; use --device cpu")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise EngineError(f"unknown device '{name}'; choose auto, cpu, cuda or cuda:N")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed, same CPU metrics: Python, NumPy and torch generators all start here."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _use_amp(config: TrainConfig, device: torch.device) -> bool:
+    return device.type == "cuda" and config.amp in ("auto", "on")
+
+
+def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device,
+             amp: bool = False, channels_last: bool = False) -> tuple[float, float]:
+    """Mean loss and accuracy over a loader, without gradients."""
+    model.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    with torch.inference_mode():
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            labels = labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, enabled=amp):
+                logits = model(images)
+            total_loss += criterion(logits.float(), labels).item() * labels.size(0)
+            correct += (logits.argmax(1) == labels).sum().item()
+            seen += labels.size(0)
+    return total_loss / max(seen, 1), correct / max(seen, 1)
+
+
+def _train_one_epoch(model, loader, criterion, optimizer, scaler, scheduler_per_batch, device,
+                     amp, channels_last, progress, desc) -> tuple[float, float, int]:
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, file=sys.stderr,
+               mininterval=1.0)
+    for images, labels in bar:
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=amp):
+            logits = model(images)
+            loss = criterion(logits.float(), labels)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss became {loss.item()} at batch {seen // max(labels.size(0), 1) + 1}: "
+                "lower --lr, or check the data for broken images")
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if scheduler_per_batch is not None:
+            scheduler_per_batch.step()
+        total_loss += loss.item() * labels.size(0)
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += labels.size(0)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
+    return total_loss / max(seen, 1), correct / max(seen, 1), seen
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Checkpoints hold only tensors and plain values, so they load with weights_only=True."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --- the loop ---------------------------------------------------------------------------
+
+def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
+        config: TrainConfig, checkpoint_dir: Path, *,
+        class_weights: torch.Tensor | None = None,
+        callbacks: Sequence[Callback] = (),
+        resume_from: Path | None = None) -> FitResult:
+    """Train with early stopping on val_loss; write last/best checkpoints every epoch.
+
+    `resume_from` is a `last.pt` written by an earlier call: training continues at the next
+    epoch with the same optimiser, scheduler, early-stopping state and history.
+    """
+    config.validate()
+    device = resolve_device(config.device)
+    amp = _use_amp(config, device)
+    channels_last = device.type == "cuda"
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+
+    seed_everything(config.seed)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise EngineError("the model has no trainable parameters: use a different --freeze")
+    optimizer = OPTIMIZERS[config.optimizer](params, config)
+    scheduler = SCHEDULERS[config.scheduler](optimizer, config, len(train_loader))
+    per_batch = scheduler if config.scheduler in PER_BATCH_SCHEDULERS else None
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+    weight = class_weights.to(device) if class_weights is not None else None
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+    eval_criterion = nn.CrossEntropyLoss(weight=weight)
+
+    result = FitResult()
+    bad_epochs, start_epoch = 0, 1
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        result.history = list(state["history"])
+        result.best_epoch = state["best_epoch"]
+        result.best_val_loss = state["best_val_loss"]
+        result.best_val_acc = state["best_val_acc"]
+        bad_epochs = state["bad_epochs"]
+        start_epoch = state["epoch"] + 1
+        if (checkpoint_dir / "best.pt").exists():
+            result.best_path = checkpoint_dir / "best.pt"
+
+    for cb in callbacks:
+        cb.on_train_start(config, start_epoch)
+
+    done = (start_epoch > config.epochs
+            or (config.patience and bad_epochs >= config.patience))
+    epoch = start_epoch - 1
+    while not done:
+        epoch += 1
+        # Re-seeding per epoch makes a resumed run draw the same batches as an unbroken one.
+        torch.manual_seed(config.seed + epoch)
+        if isinstance(getattr(train_loader, "generator", None), torch.Generator):
+            train_loader.generator.manual_seed(config.seed + epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        started = time.perf_counter()
+        train_loss, train_acc, seen = _train_one_epoch(
+            model, train_loader, criterion, optimizer, scaler, per_batch, device, amp,
+            channels_last, config.progress, f"epoch {epoch}/{config.epochs}")
+        train_time = time.perf_counter() - started
+        val_loss, val_acc = evaluate(model, val_loader, eval_criterion, device, amp, channels_last)
+        if not math.isfinite(val_loss):
+            raise NonFiniteLossError(f"validation loss became {val_loss} at epoch {epoch}: "
+                                     "lower --lr")
+        if scheduler is not None and per_batch is None:
+            scheduler.step(val_loss) if config.scheduler == "plateau" else scheduler.step()
+
+        metrics = {"train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+                   "val_acc": val_acc, "lr": lr,
+                   "epoch_time_sec": time.perf_counter() - started,
+                   "train_images_per_sec": seen / max(train_time, 1e-9)}
+        result.history.append({"epoch": epoch, **metrics})
+        result.epochs_run = epoch
+
+        improved = val_loss < result.best_val_loss - config.min_delta
+        if improved:
+            result.best_epoch, result.best_val_loss, result.best_val_acc = epoch, val_loss, val_acc
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        result.stopped_early = bool(config.patience) and bad_epochs >= config.patience
+        done = result.stopped_early or epoch >= config.epochs
+
+        state = {"epoch": epoch, "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                 "scaler": scaler.state_dict(), "history": result.history,
+                 "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
+                 "best_val_acc": result.best_val_acc, "bad_epochs": bad_epochs,
+                 "config": asdict(config)}
+        result.last_path = _atomic_save(state, checkpoint_dir / "last.pt")
+        best_written = None
+        if improved:
+            best_written = _atomic_save({"epoch": epoch, "model": state["model"]},
+                                        checkpoint_dir / "best.pt")
+            result.best_path = best_written
+        for cb in callbacks:
+            cb.on_checkpoint(epoch, result.last_path, best_written)
+        for cb in callbacks:
+            cb.on_epoch_end(epoch, metrics)
+
+    result.epochs_run = max(result.epochs_run, start_epoch - 1)
+    for cb in callbacks:
+        cb.on_train_end(result)
+    return result
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+def _atomic_save(obj: Any, path: Path) -> Path:
+    """Write then rename, so a crash mid-save never leaves a truncated checkpoint."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+    return path

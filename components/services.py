@@ -1,0 +1,604 @@
+"""Local services: an MLflow tracking server and a MongoDB-wire server, started on demand.
+
+`up` starts, in the background, each service that is not configured elsewhere
+(MLFLOW_TRACKING_URI / MONGO_URI); `down` stops only what `up` started, found by pid file under
+`state_dir()`; `status` reports. Each service is one `ServiceSpec` in `SERVICES`, so adding one
+(the sync follower, say) is one more `register(...)` call, not another branch.
+
+Files per service under the state folder: `<name>.pid` (the process id, which is also its
+process-group id), `<name>.json` (pid, url, host, port, started_at), `logs/<name>.log`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from components.config import (
+    DEFAULT_HOST,
+    DEFAULT_MLFLOW_PORT,
+    DEFAULT_MONGO_PORT,
+    mask_text,
+    mask_uri,
+    state_dir,
+)
+
+STOP_GRACE_SECONDS = 10.0
+
+
+class ServiceError(RuntimeError):
+    """A service cannot be started, stopped or reached; one line saying what to do about it."""
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """What `up` / `down` / `status` report for one service (url has its password masked)."""
+
+    name: str
+    state: str  # "running", "unhealthy", "stopped" or "external"
+    url: str
+    pid: int | None = None
+    log: Path | None = None
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """How to run one service: its command, where it listens, and how to tell it is ready.
+
+    `args(host, port, home)` returns the arguments after the executable; `url(host, port)` the
+    address clients use; `health(url, timeout)` raises when the server does not answer yet.
+    A service with no port (a follower process) leaves `default_port`, `url` and `health` None:
+    it counts as ready as long as its process lives.
+    """
+
+    name: str
+    label: str
+    executable: str
+    args: Callable[[str, int | None, Path], list[str]]
+    env_var: str | None = None
+    default_port: int | None = None
+    port_option: str | None = None
+    url: Callable[[str, int], str] | None = None
+    health: Callable[[str, float], None] | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+SERVICES: dict[str, ServiceSpec] = {}
+
+
+def register(spec: ServiceSpec) -> ServiceSpec:
+    """Add a service to the registry (in start order); returns it so it can be kept."""
+    SERVICES[spec.name] = spec
+    return spec
+
+
+# --------------------------------------------------------------------------- health checks
+
+
+def _url_host(host: str) -> str:
+    """The host clients dial: a wildcard bind address is reached through loopback."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _http_health(url: str, timeout: float, *, trust_env: bool = False) -> None:
+    """GET <url>/health must answer 200 (MLflow's liveness endpoint)."""
+    import requests
+
+    with requests.Session() as session:
+        # Local servers are reached directly; remote ones through the user's proxy settings.
+        session.trust_env = trust_env
+        response = session.get(url.rstrip("/") + "/health", timeout=timeout)
+    if response.status_code != 200:
+        raise ConnectionError(f"HTTP {response.status_code} from /health")
+
+
+def _mongo_ping(uri: str, timeout: float) -> None:
+    """The standard `ping` admin command, so a real mongod or Atlas answers it too."""
+    from pymongo import MongoClient
+
+    ms = max(int(timeout * 1000), 1)
+    client = MongoClient(uri, serverSelectionTimeoutMS=ms, connectTimeoutMS=ms)
+    try:
+        client.admin.command("ping")
+    finally:
+        client.close()
+
+
+def _short_reason(exc: BaseException, timeout: float) -> str:
+    """Boil a driver's multi-line error down to a few words, password masked."""
+    text = str(exc)
+    found = re.search(r"\[Errno -?\d+\] ([^\"'(),\]]+)", text)
+    if found:
+        return mask_text(found.group(1).strip().lower())
+    name = type(exc).__name__
+    if "Timeout" in name or "timed out" in text.lower():
+        return f"no answer within {timeout:g} s"
+    first = text.splitlines()[0] if text else name
+    return mask_text(first[:160])
+
+
+def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail early, with one readable line, when an http(s) tracking server is not up.
+
+    file:, sqlite:, databricks and other non-HTTP URIs are not servers to probe: no-op.
+    """
+    if not re.match(r"^https?://", uri or "", re.IGNORECASE):
+        return
+    try:
+        _http_health(uri, timeout, trust_env=True)
+    except Exception as exc:  # any failure means "not usable"; say why in a few words
+        raise ServiceError(
+            f"MLflow tracking server at {mask_uri(uri)} is not reachable "
+            f"({_short_reason(exc, timeout)}): start it with `cnnflow up` "
+            "or set MLFLOW_TRACKING_URI"
+        ) from None
+
+
+def check_mongo(uri: str, timeout: float = 5.0) -> None:
+    """Fail early, with one readable line, when the MongoDB server behind `uri` does not answer."""
+    try:
+        _mongo_ping(uri, timeout)
+    except Exception as exc:
+        raise ServiceError(
+            f"MongoDB at {mask_uri(uri)} is not reachable ({_short_reason(exc, timeout)}): "
+            "start it with `cnnflow up` or set MONGO_URI"
+        ) from None
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+def _venv_executable(name: str) -> str:
+    """Prefer the command installed next to this Python (the project's venv), then PATH."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise ServiceError(
+        f"command `{name}` not found next to {sys.executable} or on PATH; "
+        "install cnnflow's dependencies (pip install -e .)"
+    )
+
+
+register(ServiceSpec(
+    name="mlflow",
+    label="MLflow tracking server",
+    executable="mlflow",
+    args=lambda host, port, home: [
+        "server",
+        "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+        "--artifacts-destination", str(home / "artifacts"),
+        "--host", host, "--port", str(port), "--workers", "1",
+    ],
+    env_var="MLFLOW_TRACKING_URI",
+    default_port=DEFAULT_MLFLOW_PORT,
+    port_option="--mlflow-port",
+    url=lambda host, port: f"http://{_url_host(host)}:{port}",
+    health=_http_health,
+    # No telemetry from what the project starts. MLflow's GenAI job runner (7 extra
+    # huey processes, ~2 s of start-up) serves nothing cnnflow does, so it stays off.
+    env={"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+))
+
+register(ServiceSpec(
+    name="mongo",
+    label="MongoDB-wire server (secantusd-py)",
+    # secantusdb is GPL-2.0: run as its own process, never imported.
+    executable="secantusd-py",
+    args=lambda host, port, home: [
+        "--host", host, "--port", str(port), "--storage-path", str(home / "mongo"),
+    ],
+    env_var="MONGO_URI",
+    default_port=DEFAULT_MONGO_PORT,
+    port_option="--mongo-port",
+    url=lambda host, port: f"mongodb://{_url_host(host)}:{port}",
+    health=_mongo_ping,
+))
+
+
+# --------------------------------------------------------------------------- files and processes
+
+
+def _home(home: Path | None) -> Path:
+    return Path(home).resolve() if home is not None else state_dir()
+
+
+def _pid_file(home: Path, name: str) -> Path:
+    return home / f"{name}.pid"
+
+
+def _record_file(home: Path, name: str) -> Path:
+    return home / f"{name}.json"
+
+
+def _log_file(home: Path, name: str) -> Path:
+    return home / "logs" / f"{name}.log"
+
+
+def _show(path: Path) -> str:
+    """A path as the user would type it: relative to the working folder when under it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _read_pid(home: Path, name: str) -> int | None:
+    try:
+        return int(_pid_file(home, name).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_record(home: Path, name: str) -> dict:
+    try:
+        data = json.loads(_record_file(home, name).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _forget(home: Path, name: str) -> None:
+    for path in (_pid_file(home, name), _record_file(home, name)):
+        path.unlink(missing_ok=True)
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat fields after the command name (state, ppid, pgrp, ...); None off Linux."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
+def _alive(pid: int) -> bool:
+    """True while the process runs (zombies count as gone; our own children get reaped)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child: fine, ask the kernel below
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = _proc_stat(pid)
+    return not (stat and stat[0] == "Z")
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while any live process is left in the process group (MLflow forks workers)."""
+    proc = Path("/proc")
+    if proc.is_dir():
+        for entry in proc.iterdir():
+            if entry.name.isdigit():
+                stat = _proc_stat(int(entry.name))
+                if stat and stat[0] != "Z" and int(stat[2]) == pgid:
+                    return True
+        return False
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_ours(pid: int, spec: ServiceSpec) -> bool:
+    """Guard against pid reuse: the process must still be running the service's command."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except OSError:
+        return True  # no /proc (macOS): trust the pid file
+    return spec.executable in cmdline
+
+
+def _running_pid(home: Path, spec: ServiceSpec) -> int | None:
+    """The pid from our pid file when that process is alive and still the service; else None."""
+    pid = _read_pid(home, spec.name)
+    if pid is not None and _alive(pid) and _is_ours(pid, spec):
+        return pid
+    return None
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        try:  # leader gone, but its workers may still hold the group
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _stop(pid: int, grace: float = STOP_GRACE_SECONDS) -> None:
+    """SIGTERM the process group, wait up to `grace` seconds, then SIGKILL what is left."""
+    _signal_group(pid, signal.SIGTERM)
+    for sig, wait in ((signal.SIGKILL, grace), (None, 5.0)):
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            _alive(pid)  # reaps the leader when it is our own child
+            if not _group_alive(pid):
+                return
+            time.sleep(0.1)
+        if sig is not None:
+            _signal_group(pid, sig)
+
+
+def _clean_stale(home: Path, spec: ServiceSpec) -> None:
+    """Drop a pid file whose process is gone, and any workers it left in its group."""
+    pid = _read_pid(home, spec.name)
+    if pid is not None and not _alive(pid) and _group_alive(pid):
+        _stop(pid, grace=2.0)
+    _forget(home, spec.name)
+
+
+def _port_problem(spec: ServiceSpec, host: str, port: int, log: Path) -> str | None:
+    """Why `host:port` cannot be listened on, as a one-line message; None when it is free."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
+            sock.bind(addr)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            hint = f"`cnnflow up {spec.port_option} {port + 1}`" if spec.port_option else (
+                "`cnnflow up` with another port")
+            return (f"{spec.name}: port {port} on {host} is already in use by another program; "
+                    f"stop it or run {hint} (log: {_show(log)})")
+        return (f"{spec.name}: cannot listen on {host}:{port} ({_short_reason(exc, 0)}); "
+                f"check --host (log: {_show(log)})")
+    return None
+
+
+def _last_log_line(log: Path) -> str:
+    try:
+        with open(log, "rb") as fh:
+            fh.seek(max(0, log.stat().st_size - 4096))
+            lines = [ln.strip() for ln in fh.read().decode(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    lines = [ln for ln in lines if ln and not ln.startswith("--- cnnflow")]
+    return mask_text(lines[-1][:200]) if lines else ""
+
+
+def _select(names: Iterable[str] | None) -> list[ServiceSpec]:
+    if names is None:
+        return list(SERVICES.values())
+    wanted = list(dict.fromkeys(names)) or list(SERVICES)
+    unknown = [n for n in wanted if n not in SERVICES]
+    if unknown:
+        raise ServiceError(f"unknown service {unknown[0]!r}; choose from {', '.join(SERVICES)}")
+    return [SERVICES[n] for n in wanted]
+
+
+def _healthy(spec: ServiceSpec, url: str, timeout: float) -> bool:
+    if spec.health is None:
+        return True
+    try:
+        spec.health(url, timeout)
+    except Exception:
+        return False
+    return True
+
+
+def _external(spec: ServiceSpec) -> str | None:
+    return os.environ.get(spec.env_var) if spec.env_var else None
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def service_uri(name: str, home: Path | None = None) -> str:
+    """Where clients find service `name`: its env var, else what `up` recorded, else the default."""
+    spec = _select([name])[0]
+    external = _external(spec)
+    if external:
+        return external
+    home = _home(home)
+    if _pid_file(home, name).exists():
+        url = _read_record(home, name).get("url")
+        if url:
+            return str(url)
+    if spec.url is None or spec.default_port is None:
+        return ""
+    return spec.url(DEFAULT_HOST, spec.default_port)
+
+
+def tracking_uri(home: Path | None = None) -> str:
+    """MLFLOW_TRACKING_URI, else the local server `up` started, else http://127.0.0.1:5000."""
+    return service_uri("mlflow", home)
+
+
+def mongo_uri(home: Path | None = None) -> str:
+    """MONGO_URI, else the local server `up` started, else mongodb://127.0.0.1:27017."""
+    return service_uri("mongo", home)
+
+
+def status(names: Iterable[str] | None = None, home: Path | None = None,
+           timeout: float = 2.0) -> list[ServiceStatus]:
+    """Each service as running / unhealthy (process up, not answering) / stopped / external."""
+    home = _home(home)
+    result = []
+    for spec in _select(names):
+        external = _external(spec)
+        log = _log_file(home, spec.name)
+        if external:
+            result.append(ServiceStatus(spec.name, "external", mask_uri(external)))
+            continue
+        pid = _running_pid(home, spec)
+        if pid is None:
+            result.append(ServiceStatus(spec.name, "stopped", "", None,
+                                        log if log.exists() else None))
+            continue
+        url = str(_read_record(home, spec.name).get("url", ""))
+        state = "running" if _healthy(spec, url, timeout) else "unhealthy"
+        result.append(ServiceStatus(spec.name, state, mask_uri(url), pid, log))
+    return result
+
+
+def _start(spec: ServiceSpec, host: str, port: int | None, home: Path) -> tuple[
+        subprocess.Popen, str]:
+    """Launch one service in its own session, logging to logs/<name>.log; record pid and url."""
+    command = [_venv_executable(spec.executable), *spec.args(host, port, home)]
+    url = spec.url(host, port) if spec.url is not None and port is not None else ""
+    log = _log_file(home, spec.name)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **spec.env}
+    with open(log, "ab") as out:
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        out.write(f"--- cnnflow up {stamp}: {' '.join(command)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=home, env=env,
+                                start_new_session=True)
+    _pid_file(home, spec.name).write_text(f"{proc.pid}\n")
+    record = {"name": spec.name, "pid": proc.pid, "url": url, "host": host, "port": port,
+              "started_at": time.time(), "log": str(log)}
+    _record_file(home, spec.name).write_text(json.dumps(record, indent=2) + "\n")
+    return proc, url
+
+
+def up(host: str = DEFAULT_HOST, mlflow_port: int = DEFAULT_MLFLOW_PORT,
+       mongo_port: int = DEFAULT_MONGO_PORT, timeout: float = 90, *,
+       names: Iterable[str] | None = None, ports: Mapping[str, int] | None = None,
+       home: Path | None = None) -> list[ServiceStatus]:
+    """Start every service (or those in `names`) that is neither external nor already running.
+
+    All are launched before any is waited for, so the slow MLflow start overlaps Mongo's.
+    A service that dies or stays silent past `timeout` seconds is stopped and reported in a
+    ServiceError naming its log; the ones that came up are left running.
+    """
+    home = _home(home)
+    home.mkdir(parents=True, exist_ok=True)
+    port_of = {"mlflow": mlflow_port, "mongo": mongo_port, **(ports or {})}
+    specs = _select(names)
+    done: dict[str, ServiceStatus] = {}
+    # name -> (spec, pid, url, Popen when we started it now)
+    waiting: dict[str, tuple[ServiceSpec, int, str, subprocess.Popen | None]] = {}
+    to_start: list[tuple[ServiceSpec, int | None]] = []
+
+    for spec in specs:
+        external = _external(spec)
+        if external:
+            done[spec.name] = ServiceStatus(spec.name, "external", mask_uri(external))
+            continue
+        pid = _running_pid(home, spec)
+        if pid is not None:
+            url = str(_read_record(home, spec.name).get("url", ""))
+            waiting[spec.name] = (spec, pid, url, None)
+            continue
+        _clean_stale(home, spec)
+        port = port_of.get(spec.name, spec.default_port)
+        if port is not None:
+            problem = _port_problem(spec, host, port, _log_file(home, spec.name))
+            if problem:
+                raise ServiceError(problem)
+        to_start.append((spec, port))
+
+    started: list[subprocess.Popen] = []
+    try:
+        for spec, port in to_start:
+            proc, url = _start(spec, host, port, home)
+            started.append(proc)
+            waiting[spec.name] = (spec, proc.pid, url, proc)
+    except BaseException:
+        for proc in started:
+            _stop(proc.pid)
+        for spec, _ in to_start:
+            _forget(home, spec.name)
+        raise
+
+    errors: list[str] = []
+    deadline = time.monotonic() + timeout
+    while waiting:
+        for name, (spec, pid, url, proc) in list(waiting.items()):
+            log = _log_file(home, name)
+            exited = proc.poll() is not None if proc is not None else not _alive(pid)
+            if exited:
+                del waiting[name]
+                _forget(home, name)
+                code = f" with code {proc.returncode}" if proc is not None else ""
+                last = _last_log_line(log)
+                errors.append(f"{name}: the {spec.label} exited during start-up{code}"
+                              + (f" ({last})" if last else "") + f" (log: {_show(log)})")
+            elif _healthy(spec, url, min(1.0, max(deadline - time.monotonic(), 0.1))):
+                del waiting[name]
+                done[name] = ServiceStatus(name, "running", mask_uri(url), pid, log)
+        if not waiting:
+            break
+        if time.monotonic() >= deadline:
+            for name, (spec, pid, url, proc) in waiting.items():
+                log = _log_file(home, name)
+                if proc is not None:
+                    _stop(pid)
+                    _forget(home, name)
+                    errors.append(
+                        f"{name}: the {spec.label} did not answer at {mask_uri(url)} within "
+                        f"{timeout:g} s and was stopped; see the log or retry with "
+                        f"`cnnflow up --timeout {max(2 * timeout, 30):g}` (log: {_show(log)})")
+                else:
+                    errors.append(
+                        f"{name}: running as pid {pid} but not answering at {mask_uri(url)}; "
+                        f"run `cnnflow down` then `cnnflow up` (log: {_show(log)})")
+            break
+        time.sleep(0.2)
+
+    if errors:
+        raise ServiceError("; ".join(errors))
+    return [done[spec.name] for spec in specs]
+
+
+def down(names: Iterable[str] | None = None, home: Path | None = None) -> list[ServiceStatus]:
+    """Stop what `up` started (by pid file, whole process group); external servers are untouched."""
+    home = _home(home)
+    result = []
+    for spec in _select(names):
+        external = _external(spec)
+        log = _log_file(home, spec.name)
+        pid = _running_pid(home, spec)
+        if pid is not None:
+            _stop(pid)
+        _clean_stale(home, spec)
+        if external:
+            result.append(ServiceStatus(spec.name, "external", mask_uri(external)))
+        else:
+            result.append(ServiceStatus(spec.name, "stopped", "", None,
+                                        log if log.exists() else None))
+    return result
+
+
+def format_status(item: ServiceStatus) -> str:
+    """One aligned line for the command line: name, state, url, pid, log."""
+    line = f"{item.name:<7} {item.state:<9} {item.url or '-'}"
+    if item.pid is not None:
+        line += f"  pid {item.pid}"
+    if item.log is not None:
+        line += f"  log {_show(item.log)}"
+    return line

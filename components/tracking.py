@@ -1,0 +1,226 @@
+"""Everything cnnflow writes to MLflow: run naming, params/tags, the epoch callback, the model.
+
+The engine knows nothing of MLflow; `MLflowCallback` turns its callbacks into MLflow calls on
+one background worker, so uploads and metric writes never stall the training loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag, ViewType
+
+from components.config import mask_uri
+from components.engine import Callback, TrainConfig
+
+STEP_TAG = "cnnflow.step"
+MODEL_TAG = "cnnflow.model"
+VERSION_TAG = "cnnflow.version"
+ERROR_TAG = "cnnflow.error"
+MAX_PARAM_LENGTH = 6000
+
+
+def connect(tracking_uri: str) -> MlflowClient:
+    """Point both the fluent API and a client at one server."""
+    mlflow.set_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri)
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment's id, created on first use (restoring it if it was deleted)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name)
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+def next_version(client: MlflowClient, exp_id: str, model: str) -> int:
+    """N in `<model>-vN`: one more than the highest version of that model in the experiment."""
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{MODEL_TAG}` = '{model}'",
+                              run_view_type=ViewType.ALL, max_results=50000)
+    versions = [int(r.data.tags.get(VERSION_TAG, 0)) for r in runs
+                if str(r.data.tags.get(VERSION_TAG, "")).isdigit()]
+    return max(versions, default=0) + 1
+
+
+def clean_params(params: dict[str, Any]) -> list[Param]:
+    """Params as MLflow stores them: strings, URIs masked, long values cut."""
+    return [Param(k, mask_uri(str(v))[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+
+
+def log_params_and_tags(client: MlflowClient, run_id: str, params: dict[str, Any],
+                        tags: dict[str, Any]) -> None:
+    """One request for everything static about a run."""
+    run_tags = [RunTag(k, mask_uri(str(v))) for k, v in tags.items()]
+    client.log_batch(run_id, params=clean_params(params), tags=run_tags)
+
+
+def finish_run(client: MlflowClient, run_id: str, status: str, error: str | None = None) -> None:
+    """End a run as FINISHED / FAILED / KILLED, keeping the one-line reason as a tag."""
+    if error:
+        client.set_tag(run_id, ERROR_TAG, mask_uri(error.splitlines()[0])[:5000])
+    client.set_terminated(run_id, status=status)
+
+
+class MLflowCallback(Callback):
+    """Logs epoch metrics (step=epoch) and uploads checkpoints, in order, off the hot path."""
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnflow-mlflow")
+        self.pending: list[Future] = []
+        self.snapshots = Path(tempfile.mkdtemp(prefix="cnnflow-ckpt-"))
+        self.copies: list[str] = []
+
+    def _submit(self, fn, *args) -> None:
+        self._raise_failures()
+        self.pending.append(self.pool.submit(fn, *args))
+
+    def _raise_failures(self) -> None:
+        still = []
+        for fut in self.pending:
+            if fut.done():
+                fut.result()  # re-raises an upload or logging error in the training thread
+            else:
+                still.append(fut)
+        self.pending = still
+
+    def on_checkpoint(self, epoch: int, last_path: Path, best_path: Path | None) -> None:
+        # Snapshot now: the engine overwrites last.pt next epoch while the upload may still run.
+        folder = self.snapshots / str(epoch)
+        folder.mkdir()
+        self.copies = [shutil.copy2(p, folder / p.name) for p in (last_path, best_path) if p]
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        # One job per epoch, checkpoint before metrics: a logged epoch always has its
+        # checkpoint, so a resumed run never logs an epoch twice.
+        copies, self.copies = self.copies, []
+        self._submit(self._log_epoch, epoch, metrics, copies)
+
+    def _log_epoch(self, epoch: int, metrics: dict[str, float], copies: list[str]) -> None:
+        for path in copies:
+            self.client.log_artifact(self.run_id, path, artifact_path="checkpoints")
+        log_metrics(self.client, self.run_id, metrics, step=epoch)
+        if copies:
+            shutil.rmtree(Path(copies[0]).parent, ignore_errors=True)
+
+    def flush(self) -> None:
+        """Wait for every queued write; call before ending the run, also on failure."""
+        try:
+            for fut in self.pending:
+                fut.result()
+        finally:
+            self.pending = []
+            self.pool.shutdown(wait=True)
+            shutil.rmtree(self.snapshots, ignore_errors=True)
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float],
+                step: int | None = None) -> None:
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, [Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
+
+
+def backfill_epochs(client: MlflowClient, run_id: str, checkpoint: dict[str, Any]) -> int:
+    """Log epochs the checkpoint has but MLflow missed (a crash between the two writes).
+
+    Returns the checkpoint's epoch, where the resumed run continues from.
+    """
+    logged = {m.step for m in client.get_metric_history(run_id, "val_loss")}
+    for row in checkpoint["history"]:
+        if row["epoch"] not in logged:
+            metrics = {k: v for k, v in row.items() if k != "epoch"}
+            log_metrics(client, run_id, metrics, step=int(row["epoch"]))
+    return int(checkpoint["epoch"])
+
+
+def download_checkpoint(client: MlflowClient, run_id: str, dest: Path) -> tuple[Path, Path | None]:
+    """Fetch `checkpoints/last.pt` (and best.pt when present) of a run, for resuming."""
+    names = {f.path for f in client.list_artifacts(run_id, "checkpoints")}
+    if "checkpoints/last.pt" not in names:
+        raise FileNotFoundError(f"run {run_id} has no checkpoints/last.pt to resume from")
+    dest.mkdir(parents=True, exist_ok=True)
+    last = Path(client.download_artifacts(run_id, "checkpoints/last.pt", str(dest)))
+    best = None
+    if "checkpoints/best.pt" in names:
+        best = Path(client.download_artifacts(run_id, "checkpoints/best.pt", str(dest)))
+    return last, best
+
+
+def log_pyfunc_model(run_id: str, weights_path: Path, model_config: dict[str, Any],
+                     name: str = "model") -> str:
+    """Log the best weights as a pyfunc model that does its own preprocessing; returns its URI.
+
+    The `components` package travels with the model (code_paths), so it loads in a fresh
+    environment that has only torch, torchvision, pillow and pandas.
+    """
+    import numpy
+    import pandas
+    import PIL
+    import torch
+    import torchvision
+
+    from components.serving import ImageClassifier
+
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = Path(tmp) / "model_config.json"
+        config_path.write_text(json.dumps(model_config, indent=2))
+        requirements = [f"mlflow=={mlflow.__version__}", f"torch=={_public(torch.__version__)}",
+                        f"torchvision=={_public(torchvision.__version__)}",
+                        f"pillow=={PIL.__version__}", f"pandas=={pandas.__version__}",
+                        f"numpy=={numpy.__version__}"]
+        with mlflow.start_run(run_id=run_id), _quiet_model_logging():
+            info = mlflow.pyfunc.log_model(
+                name=name, python_model=ImageClassifier(),
+                artifacts={"weights": str(weights_path), "config": str(config_path)},
+                code_paths=[str(Path(__file__).parent)], pip_requirements=requirements)
+    return info.model_uri
+
+
+def _public(version: str) -> str:
+    """`2.14.1+cu130` -> `2.14.1`: a local build tag would make the pin uninstallable elsewhere."""
+    return version.split("+")[0]
+
+
+@contextlib.contextmanager
+def _quiet_model_logging():
+    """MLflow's cloudpickle advice does not apply: the wrapper holds no state of its own."""
+    logger = logging.getLogger("mlflow.pyfunc")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def log_history(client: MlflowClient, run_id: str, history: list[dict[str, float]],
+                out_dir: Path) -> None:
+    """history.json and the loss/accuracy curves, so a run's story is readable without a UI."""
+    from components.plots import plot_curves
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "history.json").write_text(json.dumps(history, indent=2))
+    plot_curves(history, out_dir / "curves.png")
+    client.log_artifact(run_id, str(out_dir / "history.json"))
+    client.log_artifact(run_id, str(out_dir / "curves.png"), artifact_path="figures")
+
+
+def config_params(config: TrainConfig) -> dict[str, Any]:
+    """The engine's knobs as params, minus those that do not change the result."""
+    params = {k: v for k, v in vars(config).items() if k not in ("progress",)}
+    return params

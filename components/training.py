@@ -1,0 +1,282 @@
+"""One training run end to end: data -> model -> engine -> MLflow run.
+
+`TrainParams` is the single source of the `train` entry point's parameters and defaults:
+the click command, the MLproject entry point and resumed runs all go through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+
+from components import tracking
+from components.config import mask_uri
+from components.datasets import class_weights, load_splits, make_loaders
+from components.engine import (
+    ConsoleCallback,
+    FitResult,
+    TrainConfig,
+    fit,
+    load_checkpoint,
+    seed_everything,
+)
+from components.engine import resolve_device as _resolve_device
+from components.models import create_model, model_normalization
+
+
+class TrainingError(RuntimeError):
+    """A run-level problem (bad resume target, bad parameter) with a one-line message."""
+
+
+@dataclass
+class TrainParams:
+    """Parameters of `cnnflow train` / `mlflow run . -e train`, with their defaults."""
+
+    data: str = "digits"
+    experiment: str = ""
+    model: str = "custom_cnn"
+    weights: str = "auto"
+    freeze: str = "none"
+    image_size: int = 32
+    batch_size: int = 32
+    epochs: int = 10
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    scheduler: str = "none"
+    patience: int = 10
+    min_delta: float = 0.0
+    augmentation: str = "light"
+    dropout: float = 0.5
+    head_hidden: int = 0
+    label_smoothing: float = 0.0
+    class_weights: str = "none"
+    val_ratio: float = 0.2
+    test_ratio: float = 0.2
+    seed: int = 42
+    device: str = "auto"
+    amp: str = "auto"
+    num_workers: int = 2
+    resume: str = ""
+
+    # Parameters that describe the run, not the result; a resumed run may change them.
+    RUNTIME = ("device", "amp", "num_workers", "resume", "experiment")
+
+    def engine_config(self, progress: bool) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, optimizer=self.optimizer, lr=self.lr,
+                           weight_decay=self.weight_decay, scheduler=self.scheduler,
+                           patience=self.patience, min_delta=self.min_delta,
+                           label_smoothing=self.label_smoothing, device=self.device,
+                           amp=self.amp, seed=self.seed, progress=progress)
+
+    def validate(self) -> None:
+        """Cheap checks first, so a typo never creates an empty MLflow run."""
+        if self.image_size < 8:
+            raise TrainingError(f"image_size must be >= 8 (got {self.image_size})")
+        if self.batch_size < 1:
+            raise TrainingError(f"batch_size must be >= 1 (got {self.batch_size})")
+        if self.num_workers < 0:
+            raise TrainingError(f"num_workers must be >= 0 (got {self.num_workers})")
+        self.engine_config(progress=False).validate()
+
+    def logged(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("resume", "experiment")}
+
+    @classmethod
+    def from_logged(cls, logged: dict[str, str], **runtime: Any) -> TrainParams:
+        """Rebuild the parameters of an earlier run from its MLflow params (for resume)."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in logged:
+                values[f.name] = type(f.default)(logged[f.name])
+        values.update(runtime)
+        return cls(**values)
+
+
+@dataclass
+class TrainOutcome:
+    run_id: str
+    run_name: str
+    experiment_id: str
+    result: FitResult
+    model_uri: str
+    url: str
+
+
+def run_url(tracking_uri: str, exp_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI (password masked), or the bare URI for file stores."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{mask_uri(tracking_uri).rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+    return mask_uri(tracking_uri)
+
+
+def train(params: TrainParams, tracking_uri: str, *, progress: bool | None = None,
+          log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> TrainOutcome:
+    """Train one model as one MLflow run (or continue `params.resume`); returns where it went."""
+    client = tracking.connect(tracking_uri)
+    progress = sys.stderr.isatty() if progress is None else progress
+    resumed = _load_resume(client, params) if params.resume else None
+    if resumed is not None:
+        params = resumed
+    params.validate()
+
+    # Everything that can fail on bad input happens before a run exists.
+    splits = load_splits(params.data, val_ratio=params.val_ratio, test_ratio=params.test_ratio,
+                         seed=params.seed)
+    if not splits.val:
+        raise TrainingError(f"dataset '{splits.name}' has no validation images: use "
+                            "--val-ratio > 0 or add a val/ folder")
+    device = _resolve_device(params.device)
+    weights = class_weights(splits, params.class_weights)
+    seed_everything(params.seed)  # before the model exists: its initial weights are seeded too
+    model, weights_source = create_model(
+        params.model, len(splits.classes), weights=params.weights, freeze=params.freeze,
+        dropout=params.dropout, head_hidden=params.head_hidden or None,
+        image_size=params.image_size)
+    mean, std = model_normalization(params.model)
+    loaders = make_loaders(splits, params.image_size, params.batch_size,
+                           augmentation=params.augmentation, mean=mean, std=std,
+                           num_workers=params.num_workers, seed=params.seed,
+                           device_type=device.type)
+    log(f"data: {splits.name} ({len(splits.classes)} classes; train {len(splits.train)}, "
+        f"val {len(splits.val)}, test {len(splits.test)}; skipped {len(splits.skipped)} files)")
+
+    if resumed is not None:
+        _check_same_data(client, params.resume, splits.digest())
+    run_id, exp_id, run_name = _open_run(client, params, splits.name)
+    callback = tracking.MLflowCallback(client, run_id)
+    with tempfile.TemporaryDirectory(prefix="cnnflow-train-") as tmp:
+        work = Path(tmp)
+        try:
+            resume_from = None
+            if resumed is not None:
+                resume_from, _ = tracking.download_checkpoint(client, run_id, work / "ckpt")
+                done = tracking.backfill_epochs(client, run_id, load_checkpoint(resume_from))
+                log(f"resuming {run_name} ({run_id}) after epoch {done}")
+            else:
+                _log_run_start(client, run_id, params, splits, device.type, weights_source,
+                               run_name, work)
+            result = fit(model, loaders["train"], loaders["val"], params.engine_config(progress),
+                         work / "ckpt", class_weights=weights,
+                         callbacks=[ConsoleCallback(f"{run_name} "), callback],
+                         resume_from=resume_from)
+            callback.flush()
+            tracking.log_metrics(client, run_id, result.final_metrics())
+            tracking.log_history(client, run_id, result.history, work / "history")
+            model_uri = tracking.log_pyfunc_model(run_id, result.best_path, {
+                "model": params.model, "class_names": splits.classes,
+                "image_size": params.image_size, "mean": list(mean), "std": list(std),
+                "dropout": params.dropout, "head_hidden": params.head_hidden or None})
+            client.set_tag(run_id, "cnnflow.model_uri", model_uri)
+            tracking.finish_run(client, run_id, "FINISHED")
+        except KeyboardInterrupt:
+            _abort(client, callback, run_id, "KILLED", "interrupted by the user (Ctrl-C)")
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every failure must end the run
+            _abort(client, callback, run_id, "FAILED", f"{type(exc).__name__}: {exc}")
+            raise
+    return TrainOutcome(run_id, run_name, exp_id, result, model_uri,
+                        run_url(tracking_uri, exp_id, run_id))
+
+
+def _abort(client, callback: tracking.MLflowCallback, run_id: str, status: str,
+           reason: str) -> None:
+    """Record why the run ended; never let a second failure hide the first."""
+    try:
+        callback.flush()
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        tracking.finish_run(client, run_id, status, reason)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _load_resume(client, params: TrainParams) -> TrainParams:
+    try:
+        run = client.get_run(params.resume)
+    except MlflowException:
+        raise TrainingError(f"cannot resume: run '{params.resume}' does not exist on this "
+                            "tracking server") from None
+    if run.data.tags.get(tracking.STEP_TAG) != "train":
+        raise TrainingError(f"cannot resume: run '{params.resume}' is not a cnnflow train run")
+    if run.info.status == "FINISHED":
+        raise TrainingError(f"cannot resume: run '{params.resume}' already finished; "
+                            "start a new run instead")
+    runtime = {k: getattr(params, k) for k in TrainParams.RUNTIME}
+    return TrainParams.from_logged(run.data.params, **runtime)
+
+
+def _check_same_data(client, run_id: str, digest: str) -> None:
+    logged = client.get_run(run_id).data.tags.get("cnnflow.dataset_digest")
+    if logged and logged != digest:
+        raise TrainingError(f"cannot resume run {run_id}: its dataset changed since it started "
+                            "(different split manifest); start a new run instead")
+
+
+def _open_run(client, params: TrainParams, dataset: str) -> tuple[str, str, str]:
+    """Create `<model>-vN`, adopt the run `mlflow run` started, or reopen a resumed run."""
+    if params.resume:
+        run = client.get_run(params.resume)
+        client.update_run(run.info.run_id, status="RUNNING")
+        return run.info.run_id, run.info.experiment_id, run.info.run_name
+    adopted = os.environ.get("MLFLOW_RUN_ID")
+    if adopted:
+        exp_id = client.get_run(adopted).info.experiment_id
+    else:
+        exp_id = tracking.experiment_id(client, params.experiment or dataset)
+    version = tracking.next_version(client, exp_id, params.model)
+    name = f"{params.model}-v{version}"
+    tags = {tracking.STEP_TAG: "train", tracking.MODEL_TAG: params.model,
+            tracking.VERSION_TAG: version}
+    if adopted:
+        client.update_run(adopted, name=name)
+        client.set_tag(adopted, tracking.MODEL_TAG, params.model)
+        client.set_tag(adopted, tracking.VERSION_TAG, str(version))
+        client.set_tag(adopted, tracking.STEP_TAG, "train")
+        return adopted, exp_id, name
+    run = client.create_run(exp_id, run_name=name, tags={k: str(v) for k, v in tags.items()})
+    return run.info.run_id, exp_id, name
+
+
+def _log_run_start(client, run_id: str, params: TrainParams, splits, device: str,
+                   weights_source: str, run_name: str, work: Path) -> None:
+    """Params, tags, the split manifest and the skipped-files list, before the first epoch."""
+    logged = params.logged()
+    logged.update(num_classes=len(splits.classes), n_train=len(splits.train),
+                  n_val=len(splits.val), n_test=len(splits.test))
+    tags = {"cnnflow.dataset": splits.name, "cnnflow.dataset_digest": splits.digest(),
+            "cnnflow.weights_source": weights_source, "cnnflow.device": device,
+            "cnnflow.class_names": ",".join(splits.classes), "mlflow.runName": run_name}
+    tracking.log_params_and_tags(client, run_id, logged, tags)
+    tracking.log_metrics(client, run_id, {"skipped_files": len(splits.skipped)})
+    data_dir = work / "data"
+    data_dir.mkdir()
+    _write_csv(data_dir / "manifest.csv", splits.manifest_rows())
+    _write_csv(data_dir / "skipped_files.csv",
+               [{"path": p, "reason": r} for p, r in splits.skipped], ["path", "reason"])
+    client.log_artifacts(run_id, str(data_dir), artifact_path="data")
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], header: list[str] | None = None) -> None:
+    import csv
+
+    header = header or (list(rows[0]) if rows else [])
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def param_defaults() -> dict[str, Any]:
+    """`name -> default` for the CLI and for checking MLproject stays in sync."""
+    return {f.name: f.default for f in dataclasses.fields(TrainParams)}

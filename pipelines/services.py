@@ -1,0 +1,55 @@
+"""`cnnflow up | down | status`: start, stop and list the local MLflow and Mongo servers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import click
+
+from components import services
+from components.config import DEFAULT_HOST, DEFAULT_MLFLOW_PORT, DEFAULT_MONGO_PORT
+
+_NAMES = click.argument("names", nargs=-1, metavar="[SERVICE]...",
+                        type=click.Choice(sorted(services.SERVICES)))
+
+
+def _report(call: Callable[[], list[services.ServiceStatus]]) -> list[services.ServiceStatus]:
+    """Run a service call, print one line per service; a ServiceError becomes a one-line error."""
+    try:
+        result = call()
+    except services.ServiceError as exc:
+        raise click.ClickException(str(exc)) from None
+    for item in result:
+        click.echo(services.format_status(item))
+    return result
+
+
+@click.command()
+@_NAMES
+@click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to bind.")
+@click.option("--mlflow-port", default=DEFAULT_MLFLOW_PORT, show_default=True, type=int)
+@click.option("--mongo-port", default=DEFAULT_MONGO_PORT, show_default=True, type=int)
+@click.option("--timeout", default=90.0, show_default=True, type=float,
+              help="Seconds to wait for each server to answer.")
+def up(names: tuple[str, ...], host: str, mlflow_port: int, mongo_port: int,
+       timeout: float) -> None:
+    """Start the local servers not configured by MLFLOW_TRACKING_URI / MONGO_URI."""
+    result = _report(lambda: services.up(host, mlflow_port, mongo_port, timeout,
+                                         names=names or None))
+    for item in result:
+        if item.name == "mlflow" and item.url:
+            click.echo(f"MLflow UI: {item.url}")
+
+
+@click.command()
+@_NAMES
+def down(names: tuple[str, ...]) -> None:
+    """Stop the servers `cnnflow up` started (external ones are left alone)."""
+    _report(lambda: services.down(names or None))
+
+
+@click.command()
+@_NAMES
+def status(names: tuple[str, ...]) -> None:
+    """Show each server as running, unhealthy, stopped or external."""
+    _report(lambda: services.status(names or None))

@@ -1,0 +1,213 @@
+"""`cnnflow up | down | status` with real server processes (no mocks)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import free_port
+from mlflow import MlflowClient
+from pymongo import MongoClient
+
+from components import services
+from components.services import ServiceError
+from pipelines.cli import cli
+
+SECRET = "s3cr3t-pw"
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private CNNFLOW_HOME, so these tests never touch the session's servers."""
+    path = tmp_path / "home"
+    monkeypatch.setenv("CNNFLOW_HOME", str(path))
+    return path
+
+
+def cnnflow(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def lines_of(output: str) -> dict[str, str]:
+    """Service name -> its status line."""
+    return {ln.split()[0]: ln for ln in output.splitlines() if ln.split()[:1] in (["mlflow"],
+                                                                                   ["mongo"])}
+
+
+def gone(pid: int, wait: float = 5.0) -> bool:
+    """The process has exited (a zombie counts as exited)."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if not services._alive(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def dead_pid() -> int:
+    """The pid of a process that has already exited and been reaped."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
+def test_up_status_down_round_trip(home: Path):
+    mlflow_port, mongo_port = free_port(), free_port()
+    ports = ["--mlflow-port", str(mlflow_port), "--mongo-port", str(mongo_port)]
+    result = cnnflow("up", *ports)
+    try:
+        assert result.exit_code == 0, result.output
+        mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+        mongo_url = f"mongodb://127.0.0.1:{mongo_port}"
+        assert f"MLflow UI: {mlflow_url}" in result.output
+
+        shown = lines_of(cnnflow("status").output)
+        assert shown["mlflow"].split()[1:3] == ["running", mlflow_url]
+        assert shown["mongo"].split()[1:3] == ["running", mongo_url]
+        assert "mlflow.log" in shown["mlflow"] and "mongo.log" in shown["mongo"]
+        pids = {name: int((home / f"{name}.pid").read_text()) for name in ("mlflow", "mongo")}
+        assert f"pid {pids['mlflow']}" in shown["mlflow"]
+
+        # Clients find the servers `up` recorded, and both really answer.
+        assert services.tracking_uri() == mlflow_url
+        assert services.mongo_uri() == mongo_url
+        client = MlflowClient(tracking_uri=mlflow_url)
+        exp_id = client.create_experiment("round-trip")
+        assert client.get_experiment(exp_id).name == "round-trip"
+        with MongoClient(mongo_url, serverSelectionTimeoutMS=5000) as mongo:
+            mongo.cnnflow_test.things.insert_one({"_id": 1, "x": "y"})
+            assert mongo.cnnflow_test.things.find_one({"_id": 1})["x"] == "y"
+
+        # A second `up` leaves the running servers alone, whatever ports it is given.
+        started = time.monotonic()
+        again = cnnflow("up", "--mlflow-port", str(free_port()))
+        assert again.exit_code == 0, again.output
+        assert time.monotonic() - started < 5
+        assert {n: int((home / f"{n}.pid").read_text()) for n in pids} == pids
+        assert lines_of(again.output)["mlflow"].split()[1:3] == ["running", mlflow_url]
+    finally:
+        stopped = cnnflow("down")
+    assert stopped.exit_code == 0, stopped.output
+    assert all(gone(pid) for pid in pids.values())
+    assert not list(home.glob("*.pid")) and not list(home.glob("*.json"))
+    shown = lines_of(cnnflow("status").output)
+    assert shown["mlflow"].split()[1] == "stopped" and shown["mongo"].split()[1] == "stopped"
+    with pytest.raises(ServiceError, match="not reachable"):
+        services.check_tracking_server(mlflow_url, timeout=1)
+    with pytest.raises(ServiceError, match="not reachable"):
+        services.check_mongo(mongo_url, timeout=0.5)
+    # The data outlives the servers: it sits in the state folder.
+    assert (home / "mlflow.db").is_file() and (home / "mongo").is_dir()
+
+
+def test_external_services_are_used_not_started(home: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://team-mlflow.invalid:5000")
+    monkeypatch.setenv("MONGO_URI", f"mongodb://alice:{SECRET}@db.invalid:27017/cnnflow")
+    for command in ("up", "status", "down"):
+        result = cnnflow(command)
+        assert result.exit_code == 0, result.output
+        shown = lines_of(result.output)
+        assert shown["mlflow"].split()[1:3] == ["external", "http://team-mlflow.invalid:5000"]
+        assert shown["mongo"].split()[1:3] == ["external",
+                                               "mongodb://alice:***@db.invalid:27017/cnnflow"]
+        assert SECRET not in result.output
+    assert not list(home.glob("*.pid")) and not (home / "logs").exists()
+    assert services.mongo_uri() == f"mongodb://alice:{SECRET}@db.invalid:27017/cnnflow"
+
+
+def test_busy_port_is_one_line_error_naming_the_log(home: Path):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        result = cnnflow("up", "--mlflow-port", str(port), "--mongo-port", str(free_port()))
+    assert result.exit_code != 0
+    message = result.output.strip()
+    assert len(message.splitlines()) == 1, message
+    assert f"port {port} on 127.0.0.1 is already in use" in message
+    assert f"--mlflow-port {port + 1}" in message
+    assert str(home / "logs" / "mlflow.log") in message
+    assert not list(home.glob("*.pid"))  # checked before anything was started
+
+
+def test_stale_pid_file_is_cleaned_up(home: Path):
+    home.mkdir(parents=True)
+    stale = dead_pid()
+    (home / "mongo.pid").write_text(f"{stale}\n")
+    assert lines_of(cnnflow("status", "mongo").output)["mongo"].split()[1] == "stopped"
+    result = cnnflow("up", "mongo", "--mongo-port", str(free_port()))
+    try:
+        assert result.exit_code == 0, result.output
+        pid = int((home / "mongo.pid").read_text())
+        assert pid != stale
+        assert lines_of(result.output)["mongo"].split()[1] == "running"
+        services.check_mongo(services.mongo_uri(), timeout=5)
+    finally:
+        assert cnnflow("down", "mongo").exit_code == 0
+    assert gone(pid)
+
+
+def test_server_that_dies_at_start_is_reported_with_its_log(home: Path):
+    home.mkdir(parents=True)
+    (home / "mongo").write_text("a file where the storage folder should be")
+    result = cnnflow("up", "mongo", "--mongo-port", str(free_port()))
+    assert result.exit_code != 0
+    message = result.output.strip()
+    assert len(message.splitlines()) == 1, message
+    assert "mongo: the MongoDB-wire server (secantusd-py) exited during start-up" in message
+    assert "File exists" in message and str(home / "logs" / "mongo.log") in message
+    assert not (home / "mongo.pid").exists()
+
+
+def test_server_too_slow_is_stopped(home: Path):
+    result = cnnflow("up", "mlflow", "--mlflow-port", str(free_port()), "--timeout", "0.3")
+    assert result.exit_code != 0
+    assert "did not answer" in result.output and "mlflow.log" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (home / "mlflow.pid").exists()
+    log = (home / "logs" / "mlflow.log").read_text()
+    pid_line = next(ln for ln in log.splitlines() if ln.startswith("--- cnnflow up"))
+    assert "mlflow server" in pid_line
+
+
+def test_uris_default_then_follow_env(home: Path, monkeypatch: pytest.MonkeyPatch):
+    assert services.tracking_uri() == "http://127.0.0.1:5000"
+    assert services.mongo_uri() == "mongodb://127.0.0.1:27017"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    assert services.tracking_uri() == "sqlite:///elsewhere.db"
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "sqlite:///x.db", "databricks"])
+def test_non_http_tracking_uris_are_not_probed(uri: str):
+    services.check_tracking_server(uri)
+
+
+def test_unreachable_servers_fail_in_one_masked_line():
+    port = free_port()
+    with pytest.raises(ServiceError) as err:
+        services.check_tracking_server(f"http://bob:{SECRET}@127.0.0.1:{port}", timeout=1)
+    message = str(err.value)
+    assert SECRET not in message and "bob:***@" in message and "\n" not in message
+    assert "connection refused" in message and "cnnflow up" in message
+    with pytest.raises(ServiceError) as err:
+        services.check_mongo(f"mongodb://bob:{SECRET}@127.0.0.1:{port}/db", timeout=0.5)
+    message = str(err.value)
+    assert SECRET not in message and "\n" not in message and "MONGO_URI" in message
+
+
+def test_session_fixtures_serve(mlflow_server: str, mongo_server: str,
+                                monkeypatch: pytest.MonkeyPatch):
+    # The session's servers live outside CNNFLOW_HOME: a stray `cnnflow down` leaves them be.
+    assert cnnflow("down").exit_code == 0
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MONGO_URI", mongo_server)
+    services.check_tracking_server(services.tracking_uri())
+    services.check_mongo(services.mongo_uri())
+    assert MlflowClient(mlflow_server).create_experiment("fixture-check")
+    with MongoClient(mongo_server, serverSelectionTimeoutMS=5000) as mongo:
+        assert mongo.admin.command("ping")["ok"] == 1

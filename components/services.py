@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from components.config import (
@@ -472,7 +472,7 @@ def _start(spec: ServiceSpec, host: str, port: int | None, home: Path) -> tuple[
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **spec.env}
     with open(log, "ab") as out:
-        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
         out.write(f"--- cnnflow up {stamp}: {' '.join(command)}\n".encode())
         out.flush()
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out,

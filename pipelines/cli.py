@@ -1,20 +1,39 @@
-"""The `cnnflow` command: one sub-command per MLproject entry point, plus service control."""
+"""The `cnnflow` command: one sub-command per MLproject entry point, plus service control.
+
+Sub-commands are imported on first use, so `cnnflow status` answers without loading torch.
+"""
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
-from pipelines.services import down, status, up
-from pipelines.train import train
+# name -> "module:attribute"; adding an entry point is one line here.
+COMMANDS = {
+    "train": "pipelines.train:train",
+    "up": "pipelines.services:up",
+    "down": "pipelines.services:down",
+    "status": "pipelines.services:status",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A click group that imports each sub-command only when it is run or asked for help."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[cmd_name].split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """Train, compare and promote image classifiers, tracked in MLflow."""
-
-
-for command in (train, up, down, status):
-    cli.add_command(command)
 
 
 def main() -> None:

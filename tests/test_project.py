@@ -1,0 +1,30 @@
+"""The project's declared interfaces stay in step with the code."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import yaml
+
+from components.training import param_defaults
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_mlproject_train_parameters_match_the_cli_defaults():
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())
+    train = spec["entry_points"]["train"]
+    declared = {name: p["default"] for name, p in train["parameters"].items()}
+    defaults = param_defaults()
+    assert declared.keys() == defaults.keys()
+    for name, default in defaults.items():
+        assert type(default)(declared[name]) == default, name
+        assert f"--{name.replace('_', '-')} {{{name}}}" in train["command"], name
+
+
+def test_conda_env_lists_the_same_dependencies_as_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
+    pip_deps = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert sorted(d for d in pip_deps if d != "-e .") == sorted(project["dependencies"])

@@ -3,8 +3,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_MODELS ?= custom_cnn lenet5 mobilenetv2
-DEMO_ARGS ?= --data digits --weights none --image-size 32 --epochs 4 --batch-size 64 --num-workers 0
+DEMO_MODELS ?= custom_cnn lenet5 resnet18 mobilenetv2
+DEMO_ARGS ?= --data digits --weights none --image-size 32 --epochs 8 --batch-size 32 --num-workers 0
+DEMO_SUMMARY := .cnnflow/demo-runs.txt
 
 .PHONY: setup demo test lint clean
 
@@ -17,11 +18,15 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/cnnflow up
-	for model in $(DEMO_MODELS); do \
-	  MLFLOW_DISABLE_TELEMETRY=true $(BIN)/cnnflow train --model $$model $(DEMO_ARGS) || exit 1; \
+	@rm -f $(DEMO_SUMMARY)
+	@for model in $(DEMO_MODELS); do \
+	  echo "== training $$model"; \
+	  line=$$(MLFLOW_DISABLE_TELEMETRY=true $(BIN)/cnnflow train --model $$model $(DEMO_ARGS)) || exit 1; \
+	  echo "$$line" | tee -a $(DEMO_SUMMARY); \
 	done
-	@$(BIN)/cnnflow status
-	@echo "Open the MLflow UI at the mlflow URL above; stop the services with: $(BIN)/cnnflow down"
+	@echo; echo "Runs (name, run id, best validation accuracy, MLflow link):"; cat $(DEMO_SUMMARY)
+	@echo; $(BIN)/cnnflow status mlflow
+	@echo "Browse and compare the runs in the MLflow UI above; stop the servers with: $(BIN)/cnnflow down"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

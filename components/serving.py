@@ -10,7 +10,6 @@ import base64
 import binascii
 import io
 import json
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,6 @@ import torch
 from PIL import Image
 
 PREDICT_BATCH = 64
-
-# Inputs are deliberately untyped (paths, bytes, arrays, base64 strings); skip MLflow's nudge.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
 
 
 def to_pil(item: Any) -> Image.Image:
@@ -73,6 +69,9 @@ def _items(model_input: Any) -> list[Any]:
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     """Rebuilds the network from the registry and the saved state dict (never a pickle)."""
+
+    # Inputs are deliberately untyped (paths, bytes, arrays, base64 strings).
+    _skip_type_hint_validation = True
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         from components.datasets import build_transform

@@ -7,6 +7,7 @@ one background worker, so uploads and metric writes never stall the training loo
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import shutil
@@ -71,7 +72,8 @@ def finish_run(client: MlflowClient, run_id: str, status: str, error: str | None
     """End a run as FINISHED / FAILED / KILLED, keeping the one-line reason as a tag."""
     if error:
         client.set_tag(run_id, ERROR_TAG, mask_uri(error.splitlines()[0])[:5000])
-    client.set_terminated(run_id, status=status)
+    with contextlib.redirect_stdout(io.StringIO()):  # MLflow prints the run URL; we print ours
+        client.set_terminated(run_id, status=status)
 
 
 class MLflowCallback(Callback):
@@ -198,12 +200,14 @@ def _public(version: str) -> str:
 
 @contextlib.contextmanager
 def _quiet_model_logging():
-    """MLflow's cloudpickle advice does not apply: the wrapper holds no state of its own."""
+    """Keep stdout for cnnflow's own summary: MLflow's cloudpickle advice does not apply (the
+    wrapper holds no state) and it prints the run URL, which cnnflow prints itself."""
     logger = logging.getLogger("mlflow.pyfunc")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         logger.setLevel(level)
 

@@ -52,6 +52,9 @@ class TrainParams:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     scheduler: str = "none"
+    scheduler_patience: int = 3
+    scheduler_factor: float = 0.1
+    momentum: float = 0.9
     patience: int = 10
     min_delta: float = 0.0
     augmentation: str = "light"
@@ -71,11 +74,10 @@ class TrainParams:
     RUNTIME = ("device", "amp", "num_workers", "resume", "experiment")
 
     def engine_config(self, progress: bool) -> TrainConfig:
-        return TrainConfig(epochs=self.epochs, optimizer=self.optimizer, lr=self.lr,
-                           weight_decay=self.weight_decay, scheduler=self.scheduler,
-                           patience=self.patience, min_delta=self.min_delta,
-                           label_smoothing=self.label_smoothing, device=self.device,
-                           amp=self.amp, seed=self.seed, progress=progress)
+        """The engine's knobs carry the same names as the run's parameters."""
+        shared = {f.name: getattr(self, f.name) for f in fields(TrainConfig)
+                  if f.name != "progress"}
+        return TrainConfig(**shared, progress=progress)
 
     def validate(self) -> None:
         """Cheap checks first, so a typo never creates an empty MLflow run."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 import click
@@ -28,6 +29,9 @@ HELP = {
     "lr": "Learning rate.",
     "weight_decay": "Weight decay (L2).",
     "scheduler": "none | plateau | cosine | onecycle.",
+    "scheduler_patience": "plateau: epochs without improvement before the LR is reduced.",
+    "scheduler_factor": "plateau: factor the LR is multiplied by.",
+    "momentum": "SGD momentum (Nesterov when > 0).",
     "patience": "Early stopping: epochs without val_loss improvement; 0 disables.",
     "min_delta": "Early stopping: smallest val_loss decrease that counts as improvement.",
     "augmentation": "Augmentation preset: none | light | strong.",
@@ -61,6 +65,7 @@ def _options(func):
 @_options
 def train(**kwargs) -> None:
     """Train one model; every epoch is logged to MLflow as it happens."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     params = TrainParams(**kwargs)
     uri = tracking_uri()
     try:

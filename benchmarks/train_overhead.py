@@ -14,10 +14,12 @@ model with `create_model(weights="none")`, under the same seed and torch thread 
 one untimed warm-up of each (imports, first-run costs), `--repeats` alternating pairs are timed
 with `time.perf_counter`. It prints the per-repeat times, the medians, the ratio cnnflow/bare
 (target <= 1.05), the per-epoch ratio (sum of `epoch_time_sec`, i.e. train + val passes: does
-logging stall training?) and where cnnflow's extra time goes (setup, run start, the epoch
-loop, the end of the run).
+logging stall training?), the CPU-time ratio (this process plus the MLflow server), where
+cnnflow's extra time goes (setup, run start, the epoch loop, the end of the run), and how many
+epochs a run needs before its fixed cost fits in the target. The `others` column is CPU time
+other processes used meanwhile: on a shared machine, repeat the measurement when it is not ~0.
 
-Run from the repository root (CPU, defaults: about 2-3 minutes on 2 cores):
+Run from the repository root (CPU, defaults: about 40 s on 2 idle cores):
 
     .venv/bin/python benchmarks/train_overhead.py
     .venv/bin/python benchmarks/train_overhead.py --model lenet5 --epochs 5 --repeats 5
@@ -54,8 +56,9 @@ class Timing:
     """One timed run: total wall time and its phases, all in seconds."""
 
     total: float = 0.0
-    cpu: float = 0.0  # CPU seconds of this process (all threads): insensitive to other load
+    cpu: float = 0.0  # CPU seconds of this process, all threads (upload thread included)
     server_cpu: float = 0.0  # CPU seconds the MLflow server spent meanwhile
+    other_cpu: float = 0.0  # CPU seconds every other process on the machine spent meanwhile
     setup: float = 0.0  # data splits, loaders and model (cnnflow: also connecting)
     start: float = 0.0  # cnnflow only: open the run, log params, manifest (before epoch 1)
     loop: float = 0.0  # first epoch's start to last epoch's end, checkpoints included
@@ -103,6 +106,16 @@ def group_cpu(pgid: int | None) -> float:
         if int(fields[2]) == pgid:  # fields[2] = pgrp; [11], [12] = utime, stime
             total += int(fields[11]) + int(fields[12])
     return total / ticks
+
+
+def machine_cpu() -> float:
+    """CPU seconds all processes on the machine used so far (Linux /proc/stat; else 0)."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    busy = sum(values[:8]) - values[3] - values[4]  # all but idle and iowait (guest is in user)
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -216,12 +229,18 @@ def run_cnnflow(args: argparse.Namespace, tracking_uri: str) -> Timing:
     return timing
 
 
+def disturbed(timing: Timing) -> bool:
+    """Other processes used enough CPU during the run to move its wall time noticeably."""
+    return timing.other_cpu > max(0.3, 0.05 * timing.total)
+
+
 def measured(run: Callable[[], Timing], server_pgid: int | None) -> Timing:
     """Run one timed run, adding its CPU time and the server's CPU time meanwhile."""
-    cpu0, server0 = time.process_time(), group_cpu(server_pgid)
+    cpu0, server0, machine0 = time.process_time(), group_cpu(server_pgid), machine_cpu()
     timing = run()
     timing.cpu = time.process_time() - cpu0
     timing.server_cpu = group_cpu(server_pgid) - server0
+    timing.other_cpu = max(0.0, machine_cpu() - machine0 - timing.cpu - timing.server_cpu)
     return timing
 
 
@@ -231,6 +250,9 @@ def measured(run: Callable[[], Timing], server_pgid: int | None) -> Timing:
 def report(bare: list[Timing], flow: list[Timing], info: str) -> None:
     def med(runs: list[Timing], value: Callable[[Timing], float]) -> float:
         return statistics.median(value(t) for t in runs)
+
+    def least(runs: list[Timing], value: Callable[[Timing], float]) -> float:
+        return min(value(t) for t in runs)
 
     def wall(t: Timing) -> float:
         return t.total
@@ -245,18 +267,34 @@ def report(bare: list[Timing], flow: list[Timing], info: str) -> None:
     print()
     print(f"{'':>6} {'wall time, s':^27}  {'sum(epoch_time_sec), s':^27}  {'CPU time, s':^27}")
     header = f"{'bare':>8} {'cnnflow':>9} {'ratio':>8}"
-    print(f"{'repeat':>6} {header}  {header}  {header}")
-    pairs = [(str(i), [b], [f]) for i, (b, f) in enumerate(zip(bare, flow, strict=True), 1)]
-    for name, bs, fs in [*pairs, ("median", bare, flow)]:
+    print(f"{'repeat':>6} {header}  {header}  {header}  {'others, s':>10}")
+    pairs = list(zip(bare, flow, strict=True))
+    quiet = [i for i, (b, f) in enumerate(pairs) if not disturbed(b) and not disturbed(f)]
+    rows = [(f"{i + 1}{'' if i in quiet else '*'}", [b], [f], med)
+            for i, (b, f) in enumerate(pairs)]
+    if quiet and len(quiet) < len(pairs):  # summarise the undisturbed pairs only
+        bare, flow = [pairs[i][0] for i in quiet], [pairs[i][1] for i in quiet]
+    for name, bs, fs, pick in [*rows, ("median", bare, flow, med), ("min", bare, flow, least)]:
         cells = []
         for value in (wall, epochs, cpu):
-            vb, vf = med(bs, value), med(fs, value)
+            vb, vf = pick(bs, value), pick(fs, value)
             cells.append(f"{vb:>8.2f} {vf:>9.2f} {vf / vb:>8.3f}")
-        print(f"{name:>6} {'  '.join(cells)}")
+        others = f"{pick(bs, lambda t: t.other_cpu):.1f}/{pick(fs, lambda t: t.other_cpu):.1f}"
+        print(f"{name:>6} {'  '.join(cells)}  {others:>10}")
+    print("(CPU time: this process plus the MLflow server. others: CPU seconds other processes\n"
+          " used during the bare/cnnflow run; * marks a pair they disturbed.)")
+    if not quiet:
+        print("WARNING: other processes disturbed every repeat: the ratios below are noise; "
+              "run again on a quiet machine")
+    elif len(quiet) < len(pairs):
+        print(f"median and min use the {len(quiet)} undisturbed pair(s) of {len(pairs)}")
     print()
     ratio = med(flow, wall) / med(bare, wall)
     verdict = "OK" if ratio <= TARGET else "ABOVE TARGET"
+    verdict += "" if quiet else ", UNRELIABLE"
     print(f"wall-time ratio cnnflow/bare (medians): {ratio:.3f}  (target <= {TARGET}: {verdict})")
+    print(f"wall-time ratio of the fastest runs (least disturbed by other load): "
+          f"{least(flow, wall) / least(bare, wall):.3f}")
     print(f"per-epoch ratio (sum of train+val pass times): "
           f"{med(flow, epochs) / med(bare, epochs):.3f}")
     print(f"CPU-time ratio (this process + MLflow server): "
@@ -276,6 +314,21 @@ def report(bare: list[Timing], flow: list[Timing], info: str) -> None:
         vb, vf = med(bare, value), med(flow, value)
         print(f"  {label:<48} {vb:>7.2f} {vf:>8.2f} {vf - vb:>+7.2f}")
 
+    # cnnflow(E) = outside + fixed + E * epoch * r and bare(E) = outside + E * epoch, so
+    # cnnflow/bare <= TARGET once E >= (fixed - (TARGET - 1) * outside) / (epoch * (TARGET - r)).
+    outside = med(bare, lambda t: t.total - sum(t.epochs))
+    fixed = med(flow, lambda t: t.total - sum(t.epochs)) - outside
+    epoch = med(bare, epochs) / len(bare[0].epochs)
+    r = med(flow, epochs) / med(bare, epochs)
+    print()
+    print(f"fixed cost per run: {fixed:.2f} s = {fixed / epoch:.1f} bare epochs of {epoch:.2f} s")
+    if quiet and r < TARGET:  # (a disturbed per-epoch ratio is noise: no estimate then)
+        need = max(1.0, (fixed - (TARGET - 1) * outside) / (epoch * (TARGET - r)))
+        print(f"epochs needed for cnnflow/bare <= {TARGET} at this per-epoch ratio: "
+              f"about {need:.0f}")
+    elif quiet:
+        print(f"per-epoch ratio {r:.3f} >= {TARGET}: no run length meets the target")
+
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -293,11 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         os.environ.setdefault("CNNFLOW_DATA_DIR", str(tmp / "data"))
         home = tmp / "services"
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        if load > 0.5:
-            print(f"note: load average {load:.1f} before starting: other processes compete "
-                  "for the CPU; wall times will be noisy (compare the CPU-time ratio)",
-                  file=sys.stderr, flush=True)
+        busy0 = machine_cpu()
+        time.sleep(1.0)
+        busy = machine_cpu() - busy0  # CPUs other processes keep busy right now
+        if busy > 0.3:
+            print(f"note: other processes use {busy:.1f} of {os.cpu_count()} CPUs; wall times "
+                  "will be noisy (see the 'others' column)", file=sys.stderr, flush=True)
         print("starting a local MLflow server ...", file=sys.stderr, flush=True)
         [server] = services.up(names=["mlflow"], ports={"mlflow": free_port()}, home=home,
                                timeout=120)
@@ -322,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
                 if i:
                     bare.append(b)
                     flow.append(f)
-            info += (f"\n1-min load average before the start: {load:.2f} on {os.cpu_count()} "
-                     "CPUs (above ~0.5, other processes compete: trust the CPU-time ratio)")
+            info += (f"\nCPUs busy with other work just before the start: {busy:.2f} of "
+                     f"{os.cpu_count()}")
             report(bare, flow, info)
         finally:
             services.down(["mlflow"], home=home)

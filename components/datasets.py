@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from components.config import data_cache_dir
+from components.images import to_rgb  # lives there: torch-free for worker processes
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -198,49 +199,93 @@ class DatasetSplits:
         return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 
 
-def load_splits(data: str | Path, val_ratio: float = 0.2, test_ratio: float = 0.2,
-                seed: int = 42, verify: bool = True) -> DatasetSplits:
-    """Read an image folder into reproducible, stratified train/val/test splits.
+@dataclass
+class FolderListing:
+    """Every file under a dataset folder, sorted into (split folder, class) before any decoding.
 
-    A `str` goes through `resolve_data` (so 'digits' works); a `Path` is always a folder.
-    Within a class, files are ordered by a seeded hash of their relative path before the
-    split is cut, so the split is the same on every machine and adding images moves few
-    existing ones between splits. verify=True decodes every image once and skips bad ones.
+    `files` maps a group - 'all' for a flat folder, else the split folders present ('train',
+    'val', 'test') - to class name -> sorted image paths. Classes may be empty here: `eda`
+    reports what `load_splits` would refuse.
     """
-    _check_ratios(val_ratio, test_ratio)
-    if isinstance(data, str):
-        name, root = resolve_data(data)
-    else:
-        root = _existing_dir(Path(data))
-        name = root.name
-    skipped: list[tuple[str, str]] = []
-    notes: list[str] = []
 
+    root: Path
+    presplit: bool
+    dirs: dict[str, Path]
+    files: dict[str, dict[str, list[Path]]]
+    skipped: list[tuple[str, str]]
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names, sorted: those of train/ for a pre-split folder (as `load_splits`)."""
+        return sorted(self.files["train" if self.presplit else "all"])
+
+    def images(self) -> list[Path]:
+        """Every file with an image extension, in a deterministic order."""
+        return [p for per_class in self.files.values() for paths in per_class.values()
+                for p in paths]
+
+
+def list_images(root: Path) -> FolderListing:
+    """Walk a dataset folder once (no decoding); a one-line DataError if it has no class folder.
+
+    Non-image files, loose files and unexpected folders land in `skipped` with the reason.
+    """
+    root = _existing_dir(Path(root))
+    skipped: list[tuple[str, str]] = []
     subdirs, root_files = _list_dir(root)
     for f in root_files:
         skipped.append((str(f), "not in a class folder"))
-
     presplit = "train" in {d.name for d in subdirs}
-    split_dirs: dict[str, Path] = {}
     if presplit:
-        split_dirs = _presplit_dirs(root, subdirs, skipped)
-        files: dict[str, dict[str, list[Path]]] = {}
-        for split, folder in split_dirs.items():
-            files[split] = _scan_classes(folder, skipped)
-        classes = sorted(files["train"])
-        _check_class_sets(files, split_dirs)
+        dirs = _presplit_dirs(root, subdirs, skipped)
+        files = {split: _scan_classes(folder, skipped) for split, folder in dirs.items()}
+        classes = files["train"]
     else:
+        dirs = {"all": root}
         files = {"all": _scan_classes(root, skipped)}
-        classes = sorted(files["all"])
+        classes = files["all"]
     if not classes:
         raise DataError(
             f"no class folders in {root}: put images in one sub-folder per class "
             "(root/<class>/*.png) or in train/ val/ test/ folders holding class sub-folders"
         )
+    return FolderListing(root=root, presplit=presplit, dirs=dirs, files=files, skipped=skipped)
 
-    if verify:
-        every = [p for per_split in files.values() for paths in per_split.values() for p in paths]
-        bad = verify_images(every)
+
+def load_splits(data: str | Path, val_ratio: float = 0.2, test_ratio: float = 0.2,
+                seed: int = 42, verify: bool = True,
+                known_bad: Mapping[str, str] | None = None) -> DatasetSplits:
+    """Read an image folder into reproducible, stratified train/val/test splits.
+
+    A `str` goes through `resolve_data` (so 'digits' works); a `Path` is always a folder.
+    Within a class, files are ordered by a seeded hash of their relative path before the
+    split is cut, so the split is the same on every machine and adding images moves few
+    existing ones between splits. verify=True decodes every image once and skips bad ones;
+    `known_bad` (path -> reason, from a scan that already read every file) replaces that
+    decode, so `eda` and `preprocess` get exactly the split `train` makes without a second read.
+    """
+    check_ratios(val_ratio, test_ratio)
+    if isinstance(data, str):
+        name, root = resolve_data(data)
+    else:
+        root = _existing_dir(Path(data))
+        name = root.name
+    listing = list_images(root)
+    presplit, split_dirs = listing.presplit, listing.dirs
+    skipped = list(listing.skipped)
+    files = {group: {cls: list(paths) for cls, paths in per_class.items()}
+             for group, per_class in listing.files.items()}
+    notes: list[str] = []
+    classes = listing.classes
+    if presplit:
+        _check_class_sets(files, split_dirs)
+
+    if known_bad is not None or verify:
+        every = listing.images()
+        if known_bad is not None:
+            bad = [(str(p), known_bad[str(p)]) for p in every if str(p) in known_bad]
+        else:
+            bad = verify_images(every)
         if bad:
             skipped.extend(bad)
             bad_paths = {p for p, _ in bad}
@@ -251,7 +296,7 @@ def load_splits(data: str | Path, val_ratio: float = 0.2, test_ratio: float = 0.
     for split, per_split in files.items():
         for cls in classes:
             if not per_split.get(cls):
-                where = split_dirs[split] if presplit else root
+                where = split_dirs[split]
                 fix = "add images or remove the class from every split" if presplit else (
                     "add images or remove the folder")
                 raise DataError(
@@ -301,7 +346,8 @@ def load_splits(data: str | Path, val_ratio: float = 0.2, test_ratio: float = 0.
                          presplit=presplit, notes=notes)
 
 
-def _check_ratios(val_ratio: float, test_ratio: float) -> None:
+def check_ratios(val_ratio: float, test_ratio: float) -> None:
+    """One-line DataError unless both are in [0, 1) and leave something to train on."""
     for label, ratio in (("val_ratio", val_ratio), ("test_ratio", test_ratio)):
         if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
             raise DataError(f"{label}={ratio} is outside [0, 1): pass a fraction such as 0.2")
@@ -456,29 +502,8 @@ def _check_image(path: Path | str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Pixels: any image mode to RGB
+# Pixels: any image mode to RGB (`to_rgb` lives in components.images, torch-free for workers)
 # --------------------------------------------------------------------------------------------
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB; transparency is composited on white, 16-bit is scaled down."""
-    if img.mode == "RGB":
-        return img
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = arr.max() if arr.size else 0.0
-        if img.mode == "F" and top <= 1.0:
-            arr = arr * 255.0
-        elif top > 255.0:
-            arr = arr / (65535.0 if top <= 65535.0 else top) * 255.0
-        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -621,6 +646,46 @@ class ImageDataset(Dataset):
         return self.transform(img), label
 
 
+class ArrayImageDataset(Dataset):
+    """Rows of a uint8 NxHxWx3 `.npy` file (the preprocess tensor cache) -> (tensor, label).
+
+    Nothing is decoded: row i is wrapped as a PIL image and goes through the same transform
+    as a decoded file, so every augmentation preset works unchanged and, because the cache was
+    resized with the transform's own resize (a no-op on an image already at size), tensors
+    equal those of `ImageDataset` bit for bit. The file is memory-mapped lazily in each process:
+    a pickled memmap would be copied whole into every DataLoader worker.
+    """
+
+    def __init__(self, images: Path | str, labels: Sequence[int],
+                 transform: Callable | None = None, rows: Sequence[int] | None = None) -> None:
+        self.images = Path(images)
+        self.labels = [int(label) for label in labels]
+        self.transform = transform if transform is not None else T.ToTensor()
+        self._array: np.ndarray | None = None
+        n_rows = len(self._pixels())
+        self.rows = list(range(n_rows)) if rows is None else [int(r) for r in rows]
+        if len(self.rows) != len(self.labels) or any(not 0 <= r < n_rows for r in self.rows):
+            raise DataError(f"{self.images} holds {n_rows} images, which does not match the "
+                            f"{len(self.labels)} samples asked for: run preprocess again")
+
+    def _pixels(self) -> np.ndarray:
+        if self._array is None:
+            self._array = np.load(self.images, mmap_mode="r")
+        return self._array
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_array"] = None  # each worker maps the file itself
+        return state
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        img = Image.fromarray(np.array(self._pixels()[self.rows[index]], dtype=np.uint8), "RGB")
+        return self.transform(img), self.labels[index]
+
+
 def seed_worker(worker_id: int) -> None:
     """Seed numpy and `random` in a DataLoader worker from torch's per-worker seed."""
     worker_seed = torch.initial_seed() % 2**32
@@ -631,10 +696,16 @@ def seed_worker(worker_id: int) -> None:
 def make_loaders(splits: DatasetSplits, image_size: int, batch_size: int,
                  augmentation: str = "none", mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, num_workers: int = 2, seed: int = 42,
-                 device_type: str = "cpu") -> dict[str, DataLoader | None]:
+                 device_type: str = "cpu", arrays: Mapping[str, Path] | None = None,
+                 array_rows: Mapping[str, Sequence[int]] | None = None
+                 ) -> dict[str, DataLoader | None]:
     """DataLoaders for train/val/test; a split with no images maps to None (key always present).
 
     Train order depends only on `seed`; drop_last avoids a 1-sample batch breaking BatchNorm.
+    `arrays` (split -> .npy of the preprocess tensor cache, rows in the split's sample order)
+    replaces decoding files for those splits; batches are identical either way.
+    `array_rows` maps a split to the cache row of each sample when the samples are a
+    resampled list (bagging) rather than the cached split itself.
     """
     if batch_size < 1:
         raise DataError(f"batch_size={batch_size} must be at least 1")
@@ -647,7 +718,12 @@ def make_loaders(splits: DatasetSplits, image_size: int, batch_size: int,
             loaders[split] = None
             continue
         train = split == "train"
-        dataset = ImageDataset(samples, build_transform(augmentation, image_size, train, mean, std))
+        transform = build_transform(augmentation, image_size, train, mean, std)
+        if arrays is not None and split in arrays:
+            dataset: Dataset = ArrayImageDataset(arrays[split], [lb for _, lb in samples],
+                                                 transform, (array_rows or {}).get(split))
+        else:
+            dataset = ImageDataset(samples, transform)
         workers = min(num_workers, math.ceil(len(samples) / batch_size))
         loaders[split] = DataLoader(
             dataset,

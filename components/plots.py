@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -22,6 +23,224 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> Path:
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy" if metric == "acc" else "loss")
         ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation figures (components/evaluation.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _class_axis_size(n: int) -> float:
+    """Figure side that keeps class names readable from 2 to a few hundred classes."""
+    return min(4.0 + 0.45 * n, 40.0)
+
+
+def plot_confusion_matrix(matrix, classes: list[str], path: Path,
+                          normalize: bool = False) -> Path:
+    """Counts (or rows normalised to 1: per-class recall) as a seaborn heatmap."""
+    import numpy as np
+
+    matrix = np.asarray(matrix, dtype=float)
+    if normalize:
+        sums = matrix.sum(axis=1, keepdims=True)
+        matrix = np.divide(matrix, sums, out=np.zeros_like(matrix), where=sums > 0)
+    n = len(classes)
+    side = _class_axis_size(n)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    sns.heatmap(matrix, annot=n <= 25, fmt=".2f" if normalize else ".0f", cmap="Blues",
+                xticklabels=classes, yticklabels=classes, vmin=0,
+                vmax=1 if normalize else None, square=True, cbar=True, ax=ax)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix" + (" (normalised per true class)" if normalize else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_per_class_accuracy(per_class: list[dict], path: Path) -> Path:
+    """One bar per class (accuracy, with the image count on top): where the model struggles."""
+    sns.set_theme(style="whitegrid")
+    names = [row["class"] for row in per_class]
+    accs = [row["accuracy"] or 0.0 for row in per_class]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(names) + 2), 4))
+    bars = ax.bar(range(len(names)), accs, color=sns.color_palette("viridis", len(names)))
+    for bar, row in zip(bars, per_class, strict=True):
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.01, f"n={row['count']}",
+                ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=45 if len(names) > 6 else 0, ha="right")
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("accuracy")
+    ax.set_title("per-class accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_misclassified(items: list[tuple[str, str, str, float]], path: Path,
+                       columns: int = 4) -> Path:
+    """The most confidently wrong images: (path, true label, predicted label, confidence)."""
+    from components.datasets import load_rgb
+
+    if not items:
+        fig, ax = plt.subplots(figsize=(4, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+    cols = min(columns, len(items))
+    rows = -(-len(items) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (image, true, pred, conf) in zip(axes.ravel(), items, strict=False):
+        ax.imshow(load_rgb(image))
+        ax.set_title(f"true: {true}\npred: {pred} ({conf:.0%})", fontsize=9, color="firebrick")
+    fig.suptitle("most confident mistakes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_reliability(bins: list[dict], ece: float, path: Path) -> Path:
+    """Accuracy vs. confidence per bin against the diagonal: is the model over-confident?"""
+    sns.set_theme(style="whitegrid")
+    fig, ax = plt.subplots(figsize=(5, 5))
+    filled = [b for b in bins if b["count"]]
+    width = bins[0]["upper"] - bins[0]["lower"] if bins else 0.1
+    ax.bar([b["lower"] for b in filled], [b["accuracy"] for b in filled], width=width,
+           align="edge", edgecolor="black", alpha=0.8, label="accuracy")
+    ax.bar([b["lower"] for b in filled], [b["confidence"] - b["accuracy"] for b in filled],
+           bottom=[b["accuracy"] for b in filled], width=width, align="edge", color="salmon",
+           alpha=0.5, label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability diagram (ECE {ece:.3f})")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# EDA figures: readable on GitHub next to report.md
+# --------------------------------------------------------------------------------------------
+
+_SPLIT_COLOURS = {"train": "#4C72B0", "val": "#DD8452", "test": "#55A868", "all": "#8172B3",
+                  "unassigned": "#937860"}
+
+
+def plot_class_counts(counts: dict[str, dict[str, int]], path: Path) -> Path:
+    """Images per class, one bar per split side by side: imbalance and thin splits at a glance.
+
+    `counts` is split -> class -> images, as `DatasetSplits.counts()` returns it.
+    """
+    import pandas as pd
+
+    sns.set_theme(style="whitegrid")
+    rows = [{"class": cls, "split": split, "images": n}
+            for split, per_class in counts.items() for cls, n in per_class.items()]
+    frame = pd.DataFrame(rows)
+    n_classes = frame["class"].nunique()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * n_classes * max(1, len(counts))), 4))
+    sns.barplot(frame, x="class", y="images", hue="split", ax=ax,
+                palette={s: _SPLIT_COLOURS.get(s, "#999999") for s in counts})
+    ax.set_title("images per class and split")
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), title="split")
+    if n_classes > 8:
+        ax.tick_params(axis="x", rotation=60)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_image_sizes(sizes: list[tuple[int, int]], path: Path) -> Path:
+    """Width x height of every image, marker area by count: one dot means one size."""
+    from collections import Counter
+
+    import pandas as pd
+
+    sns.set_theme(style="whitegrid")
+    counted = Counter(sizes)
+    frame = pd.DataFrame([{"width": w, "height": h, "images": n}
+                          for (w, h), n in counted.items()])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    sns.scatterplot(frame, x="width", y="height", size="images", sizes=(30, 400),
+                    ax=axes[0], legend="brief", alpha=0.7)
+    axes[0].set_title(f"image sizes ({len(counted)} distinct)")
+    long = pd.DataFrame({"pixels": [w for w, _ in sizes] + [h for _, h in sizes],
+                         "side": ["width"] * len(sizes) + ["height"] * len(sizes)})
+    sns.histplot(long, x="pixels", hue="side", ax=axes[1], element="step", discrete=False)
+    axes[1].set_title("width and height")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_rgb_histograms(histograms: dict[str, Any], path: Path, max_classes: int = 30) -> Path:
+    """Mean per-class R, G, B histograms (class -> (3, 256) array, each channel summing to 1).
+
+    Classes that differ mostly by colour show up here; so do washed-out or dark classes.
+    """
+    import numpy as np
+    import pandas as pd
+
+    sns.set_theme(style="whitegrid")
+    names = list(histograms)[:max_classes]
+    cols = min(4, max(1, len(names)))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False,
+                             sharex=True, sharey=True)
+    for ax, name in zip(axes.flat, names, strict=False):
+        hist = np.asarray(histograms[name])
+        frame = pd.DataFrame({"value": np.tile(np.arange(hist.shape[1]), 3),
+                              "share": hist.reshape(-1),
+                              "channel": np.repeat(["R", "G", "B"], hist.shape[1])})
+        sns.lineplot(frame, x="value", y="share", hue="channel", ax=ax, legend=False,
+                     palette={"R": "#d62728", "G": "#2ca02c", "B": "#1f77b4"}, linewidth=1)
+        ax.set_title(str(name))
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    fig.suptitle("mean RGB histogram per class (pixel share per value 0-255)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_sample_grid(samples: dict[str, list[Any]], path: Path) -> Path:
+    """A row of example images (PIL, RGB) per class: the check that labels look right."""
+    names = list(samples)
+    cols = max([len(v) for v in samples.values()] + [1])
+    fig, axes = plt.subplots(len(names), cols, figsize=(1.3 * cols + 1.2, 1.3 * len(names)),
+                             squeeze=False)
+    for r, name in enumerate(names):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if c < len(samples[name]):
+                ax.imshow(samples[name][c])
+            if c == 0:
+                ax.set_ylabel(str(name), rotation=0, ha="right", va="center")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

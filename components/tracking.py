@@ -10,9 +10,11 @@ import contextlib
 import io
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -164,7 +166,20 @@ def download_checkpoint(client: MlflowClient, run_id: str, dest: Path) -> tuple[
 
 def log_pyfunc_model(run_id: str, weights_path: Path, model_config: dict[str, Any],
                      name: str = "model") -> str:
-    """Log the best weights as a pyfunc model that does its own preprocessing; returns its URI.
+    """Log the best weights as a pyfunc model that does its own preprocessing; returns its URI."""
+    from components.serving import ImageClassifier
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = Path(tmp) / "model_config.json"
+        config_path.write_text(json.dumps(model_config, indent=2))
+        return log_python_model(run_id, ImageClassifier(),
+                                {"weights": str(weights_path), "config": str(config_path)},
+                                name=name)
+
+
+def log_python_model(run_id: str, python_model: mlflow.pyfunc.PythonModel,
+                     artifacts: dict[str, str], name: str = "model") -> str:
+    """Log any cnnflow pyfunc model (a classifier, an ensemble) into a run; returns its URI.
 
     The `components` package travels with the model (code_paths), so it loads in a fresh
     environment that has only torch, torchvision, pillow and pandas.
@@ -175,21 +190,14 @@ def log_pyfunc_model(run_id: str, weights_path: Path, model_config: dict[str, An
     import torch
     import torchvision
 
-    from components.serving import ImageClassifier
-
-
-    with tempfile.TemporaryDirectory() as tmp:
-        config_path = Path(tmp) / "model_config.json"
-        config_path.write_text(json.dumps(model_config, indent=2))
-        requirements = [f"mlflow=={mlflow.__version__}", f"torch=={_public(torch.__version__)}",
-                        f"torchvision=={_public(torchvision.__version__)}",
-                        f"pillow=={PIL.__version__}", f"pandas=={pandas.__version__}",
-                        f"numpy=={numpy.__version__}"]
-        with mlflow.start_run(run_id=run_id), _quiet_model_logging():
-            info = mlflow.pyfunc.log_model(
-                name=name, python_model=ImageClassifier(),
-                artifacts={"weights": str(weights_path), "config": str(config_path)},
-                code_paths=[str(Path(__file__).parent)], pip_requirements=requirements)
+    requirements = [f"mlflow=={mlflow.__version__}", f"torch=={_public(torch.__version__)}",
+                    f"torchvision=={_public(torchvision.__version__)}",
+                    f"pillow=={PIL.__version__}", f"pandas=={pandas.__version__}",
+                    f"numpy=={numpy.__version__}"]
+    with _quiet_model_logging(), mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=name, python_model=python_model, artifacts=artifacts,
+            code_paths=[str(Path(__file__).parent)], pip_requirements=requirements)
     return info.model_uri
 
 
@@ -228,3 +236,82 @@ def config_params(config: TrainConfig) -> dict[str, Any]:
     """The engine's knobs as params, minus those that do not change the result."""
     params = {k: v for k, v in vars(config).items() if k not in ("progress",)}
     return params
+
+
+# --------------------------------------------------------------------------------------------
+# Runs of the data steps (eda, preprocess) and the dataset input of training runs
+# --------------------------------------------------------------------------------------------
+
+
+def open_step_run(client: MlflowClient, step: str, experiment: str,
+                  tags: dict[str, Any] | None = None) -> tuple[str, str, str]:
+    """Create the run `<step>-vN` of a non-training step, or adopt the one `mlflow run` started.
+
+    Returns (run_id, experiment_id, run_name); N counts that step's runs in the experiment,
+    as `<model>-vN` counts a model's, so `preprocess-v3` is a stable way to talk about a split.
+    """
+    adopted = os.environ.get("MLFLOW_RUN_ID")
+    exp_id = (client.get_run(adopted).info.experiment_id if adopted
+              else experiment_id(client, experiment))
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{STEP_TAG}` = '{step}'",
+                              run_view_type=ViewType.ALL, max_results=50000)
+    versions = [int(r.data.tags[VERSION_TAG]) for r in runs
+                if str(r.data.tags.get(VERSION_TAG, "")).isdigit()]
+    version = max(versions, default=0) + 1
+    name = f"{step}-v{version}"
+    all_tags = {STEP_TAG: step, VERSION_TAG: version, **(tags or {})}
+    if adopted:
+        client.update_run(adopted, name=name)
+        log_params_and_tags(client, adopted, {}, all_tags)
+        return adopted, exp_id, name
+    run = client.create_run(exp_id, run_name=name,
+                            tags={k: mask_uri(str(v)) for k, v in all_tags.items()})
+    return run.info.run_id, exp_id, name
+
+
+@contextlib.contextmanager
+def ending_run(client: MlflowClient, run_id: str):
+    """FINISHED when the block completes; FAILED / KILLED with `cnnflow.error` when it raises.
+
+    A data step that stops half-way must never look like a finished one that a later
+    training run could pick up.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        _finish_quietly(client, run_id, "KILLED", "interrupted by the user (Ctrl-C)")
+        raise
+    except BaseException as exc:
+        _finish_quietly(client, run_id, "FAILED", f"{type(exc).__name__}: {exc}")
+        raise
+    finish_run(client, run_id, "FINISHED")
+
+
+def _finish_quietly(client: MlflowClient, run_id: str, status: str, reason: str) -> None:
+    try:
+        finish_run(client, run_id, status, " ".join(reason.split()))
+    except Exception:  # noqa: BLE001 - never hide the original failure
+        pass
+
+
+def log_dataset_input(client: MlflowClient, run_id: str, rows: list[dict[str, Any]], *,
+                      name: str, digest: str, source: str,
+                      tags: dict[str, str] | None = None) -> None:
+    """Record the split manifest as the run's MLflow dataset input (context `training`).
+
+    MLflow shows it on the run page and links runs that share it; the digest is cnnflow's
+    manifest digest (cut to MLflow's 36-character limit), so equal splits show as one dataset.
+    """
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    frame = pd.DataFrame(rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # schema inference advice about integer columns
+        dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest[:32],
+                                          targets="label" if "label" in frame else None)
+        entity = dataset._to_mlflow_entity()  # what mlflow.log_input does, minus a fluent run
+    input_tags = [InputTag(MLFLOW_DATASET_CONTEXT, "training")]
+    input_tags += [InputTag(k, mask_uri(str(v))) for k, v in (tags or {}).items()]
+    client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=input_tags)])

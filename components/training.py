@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 
 from components import tracking
 from components.config import mask_uri
-from components.datasets import class_weights, load_splits, make_loaders
+from components.datasets import DatasetSplits, class_weights, load_splits, make_loaders
 from components.engine import (
     ConsoleCallback,
     FitResult,
@@ -30,6 +30,7 @@ from components.engine import (
 )
 from components.engine import resolve_device as _resolve_device
 from components.models import create_model, model_normalization
+from components.preprocess import load_prepared
 
 
 class TrainingError(RuntimeError):
@@ -64,6 +65,7 @@ class TrainParams:
     class_weights: str = "none"
     val_ratio: float = 0.2
     test_ratio: float = 0.2
+    preprocess_run: str = ""
     seed: int = 42
     device: str = "auto"
     amp: str = "auto"
@@ -90,8 +92,11 @@ class TrainParams:
         self.engine_config(progress=False).validate()
 
     def logged(self) -> dict[str, Any]:
+        """Params of the run. An empty `preprocess_run` is left out: `mlflow run` logs an empty
+        value itself (as "''"), and MLflow refuses a second, different value."""
         return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in ("resume", "experiment")}
+                if f.name not in ("resume", "experiment")
+                and not (f.name == "preprocess_run" and not self.preprocess_run)}
 
     @classmethod
     def from_logged(cls, logged: dict[str, str], **runtime: Any) -> TrainParams:
@@ -122,8 +127,15 @@ def run_url(tracking_uri: str, exp_id: str, run_id: str) -> str:
 
 
 def train(params: TrainParams, tracking_uri: str, *, progress: bool | None = None,
-          log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> TrainOutcome:
-    """Train one model as one MLflow run (or continue `params.resume`); returns where it went."""
+          log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+          train_sample: Callable[[DatasetSplits], DatasetSplits] | None = None,
+          parent_run_id: str | None = None) -> TrainOutcome:
+    """Train one model as one MLflow run (or continue `params.resume`); returns where it went.
+
+    Hooks for bagging (components.ensemble): `train_sample` swaps the train list the loaders
+    read (a bootstrap sample) while the logged manifest and digest stay the dataset's own, so
+    members stay comparable; `parent_run_id` nests the run under the ensemble's run.
+    """
     client = tracking.connect(tracking_uri)
     progress = sys.stderr.isatty() if progress is None else progress
     resumed = _load_resume(client, params) if params.resume else None
@@ -132,8 +144,7 @@ def train(params: TrainParams, tracking_uri: str, *, progress: bool | None = Non
     params.validate()
 
     # Everything that can fail on bad input happens before a run exists.
-    splits = load_splits(params.data, val_ratio=params.val_ratio, test_ratio=params.test_ratio,
-                         seed=params.seed)
+    params, splits, arrays, source = _load_data(client, params, log)
     if not splits.val:
         raise TrainingError(f"dataset '{splits.name}' has no validation images: use "
                             "--val-ratio > 0 or add a val/ folder")
@@ -145,16 +156,19 @@ def train(params: TrainParams, tracking_uri: str, *, progress: bool | None = Non
         dropout=params.dropout, head_hidden=params.head_hidden or None,
         image_size=params.image_size)
     mean, std = model_normalization(params.model)
-    loaders = make_loaders(splits, params.image_size, params.batch_size,
+    fit_splits = train_sample(splits) if train_sample else splits
+    loaders = make_loaders(fit_splits, params.image_size, params.batch_size,
                            augmentation=params.augmentation, mean=mean, std=std,
                            num_workers=params.num_workers, seed=params.seed,
-                           device_type=device.type)
+                           device_type=device.type, arrays=arrays,
+                           array_rows=_cache_rows(splits, fit_splits) if arrays else None)
     log(f"data: {splits.name} ({len(splits.classes)} classes; train {len(splits.train)}, "
-        f"val {len(splits.val)}, test {len(splits.test)}; skipped {len(splits.skipped)} files)")
+        f"val {len(splits.val)}, test {len(splits.test)}; skipped {len(splits.skipped)} files; "
+        f"read from the {source})")
 
     if resumed is not None:
         _check_same_data(client, params.resume, splits.digest())
-    run_id, exp_id, run_name = _open_run(client, params, splits.name)
+    run_id, exp_id, run_name = _open_run(client, params, splits.name, parent_run_id)
     callback = tracking.MLflowCallback(client, run_id)
     with tempfile.TemporaryDirectory(prefix="cnnflow-train-") as tmp:
         work = Path(tmp)
@@ -166,7 +180,7 @@ def train(params: TrainParams, tracking_uri: str, *, progress: bool | None = Non
                 log(f"resuming {run_name} ({run_id}) after epoch {done}")
             else:
                 _log_run_start(client, run_id, params, splits, device.type, weights_source,
-                               run_name, work)
+                               run_name, work, source)
             result = fit(model, loaders["train"], loaders["val"], params.engine_config(progress),
                          work / "ckpt", class_weights=weights,
                          callbacks=[ConsoleCallback(f"{run_name} "), callback],
@@ -203,6 +217,45 @@ def _abort(client, callback: tracking.MLflowCallback, run_id: str, status: str,
         pass
 
 
+def _load_data(client, params: TrainParams, log: Callable[[str], None]
+               ) -> tuple[TrainParams, DatasetSplits, dict[str, Path] | None, str]:
+    """The split to train on: scanned from the folder, or read from a preprocess run.
+
+    With `preprocess_run`, that run's manifest (and tensor cache, when it was built at this
+    image_size) replaces the scan, and its data/val_ratio/test_ratio become this run's params,
+    so the logged params say what the model really saw.
+    """
+    if not params.preprocess_run:
+        splits = load_splits(params.data, val_ratio=params.val_ratio,
+                             test_ratio=params.test_ratio, seed=params.seed)
+        return params, splits, None, "folder"
+    asked = None if params.data == TrainParams.data else params.data  # default: no opinion
+    prepared = load_prepared(client, params.preprocess_run, params.image_size, log, data=asked)
+    params = dataclasses.replace(
+        params, data=prepared.params.get("data", params.data),
+        val_ratio=float(prepared.params.get("val_ratio", params.val_ratio)),
+        test_ratio=float(prepared.params.get("test_ratio", params.test_ratio)))
+    adopted = os.environ.get("MLFLOW_RUN_ID")
+    if adopted and not params.resume:  # `mlflow run` logged its -P values already
+        logged = client.get_run(adopted).data.params
+        clash = {k: getattr(params, k) for k in ("data", "val_ratio", "test_ratio")
+                 if k in logged and logged[k] != str(getattr(params, k))}
+        if clash:
+            raise TrainingError(
+                f"preprocess run {params.preprocess_run} split with "
+                f"{', '.join(f'{k}={v}' for k, v in clash.items())}, but mlflow run logged other "
+                f"values: add {' '.join(f'-P {k}={v}' for k, v in clash.items())}")
+    return params, prepared.splits, prepared.arrays, prepared.source
+
+
+def _cache_rows(splits: DatasetSplits, fit_splits: DatasetSplits) -> dict[str, list[int]]:
+    """Cache rows of a resampled train list (bagging), so cached pixels follow the sample."""
+    if fit_splits.train is splits.train:
+        return {}
+    row = {path: i for i, (path, _) in enumerate(splits.train)}
+    return {"train": [row[path] for path, _ in fit_splits.train]}
+
+
 def _load_resume(client, params: TrainParams) -> TrainParams:
     try:
         run = client.get_run(params.resume)
@@ -225,21 +278,24 @@ def _check_same_data(client, run_id: str, digest: str) -> None:
                             "(different split manifest); start a new run instead")
 
 
-def _open_run(client, params: TrainParams, dataset: str) -> tuple[str, str, str]:
+def _open_run(client, params: TrainParams, dataset: str,
+              parent_run_id: str | None = None) -> tuple[str, str, str]:
     """Create `<model>-vN`, adopt the run `mlflow run` started, or reopen a resumed run."""
     if params.resume:
         run = client.get_run(params.resume)
         client.update_run(run.info.run_id, status="RUNNING")
         return run.info.run_id, run.info.experiment_id, run.info.run_name
-    adopted = os.environ.get("MLFLOW_RUN_ID")
-    if adopted:
-        exp_id = client.get_run(adopted).info.experiment_id
+    adopted = None if parent_run_id else os.environ.get("MLFLOW_RUN_ID")
+    if adopted or parent_run_id:
+        exp_id = client.get_run(adopted or parent_run_id).info.experiment_id
     else:
         exp_id = tracking.experiment_id(client, params.experiment or dataset)
     version = tracking.next_version(client, exp_id, params.model)
     name = f"{params.model}-v{version}"
     tags = {tracking.STEP_TAG: "train", tracking.MODEL_TAG: params.model,
             tracking.VERSION_TAG: version}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     if adopted:
         client.update_run(adopted, name=name)
         client.set_tag(adopted, tracking.MODEL_TAG, params.model)
@@ -251,15 +307,23 @@ def _open_run(client, params: TrainParams, dataset: str) -> tuple[str, str, str]
 
 
 def _log_run_start(client, run_id: str, params: TrainParams, splits, device: str,
-                   weights_source: str, run_name: str, work: Path) -> None:
-    """Params, tags, the split manifest and the skipped-files list, before the first epoch."""
+                   weights_source: str, run_name: str, work: Path, source: str) -> None:
+    """Params, tags, the split manifest (artifact and dataset input) and the skipped files."""
     logged = params.logged()
     logged.update(num_classes=len(splits.classes), n_train=len(splits.train),
                   n_val=len(splits.val), n_test=len(splits.test))
-    tags = {"cnnflow.dataset": splits.name, "cnnflow.dataset_digest": splits.digest(),
+    digest = splits.digest()
+    tags = {"cnnflow.dataset": splits.name, "cnnflow.dataset_digest": digest,
             "cnnflow.weights_source": weights_source, "cnnflow.device": device,
-            "cnnflow.class_names": ",".join(splits.classes), "mlflow.runName": run_name}
+            "cnnflow.class_names": ",".join(splits.classes), "mlflow.runName": run_name,
+            "cnnflow.data_source": source}
+    if params.preprocess_run:
+        tags["cnnflow.preprocess_run"] = params.preprocess_run
     tracking.log_params_and_tags(client, run_id, logged, tags)
+    input_tags = {"cnnflow.preprocess_run": params.preprocess_run} if params.preprocess_run \
+        else {}
+    tracking.log_dataset_input(client, run_id, splits.manifest_rows(), name=splits.name,
+                               digest=digest, source=str(splits.root), tags=input_tags)
     tracking.log_metrics(client, run_id, {"skipped_files": len(splits.skipped)})
     data_dir = work / "data"
     data_dir.mkdir()

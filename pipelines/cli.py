@@ -11,7 +11,13 @@ import click
 
 # name -> "module:attribute"; adding an entry point is one line here.
 COMMANDS = {
+    "eda": "pipelines.eda:eda",
+    "preprocess": "pipelines.preprocess:preprocess",
     "train": "pipelines.train:train",
+    "evaluate": "pipelines.evaluate:evaluate_command",
+    "ensemble": "pipelines.ensemble:ensemble_command",
+    "promote": "pipelines.promote:promote_command",
+    "compare": "pipelines.compare:compare_command",
     "up": "pipelines.services:up",
     "down": "pipelines.services:down",
     "status": "pipelines.services:status",

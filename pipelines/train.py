@@ -41,6 +41,8 @@ HELP = {
     "class_weights": "none | balanced (inverse class frequency).",
     "val_ratio": "Validation share when the folder is not already split.",
     "test_ratio": "Test share when the folder is not already split.",
+    "preprocess_run": "Run id of a `cnnflow preprocess` run: train on its manifest (and tensor "
+                      "cache at this image_size) instead of scanning `data`.",
     "seed": "Random seed (split, init, batch order).",
     "device": "auto | cpu | cuda | cuda:N | mps.",
     "amp": "Mixed precision: auto (on for CUDA) | on | off.",

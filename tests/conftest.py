@@ -115,3 +115,74 @@ def mlflow_server(services_home: Path):
 def mongo_server(services_home: Path):
     """URI (mongodb://127.0.0.1:<port>) of a real MongoDB-wire server for the whole session."""
     yield from _serve("mongo", services_home, mongo_port=free_port())
+
+
+# --------------------------------------------------------------------------- messy datasets
+
+
+# What `messy_folder` holds, counted by hand (tests/test_eda.py checks EDA against it).
+MESSY_EXPECTED = {
+    "n_images": 47, "n_classes": 3, "imbalance_ratio": 1.5, "n_corrupt": 1, "n_duplicates": 4,
+    "n_cross_split_duplicates": 2, "n_distinct_sizes": 2, "n_within_class_duplicates": 3,
+    "n_label_conflicts": 1, "n_off_size": 1, "n_other_files": 1,
+}
+
+
+def make_messy_folder(root: Path) -> Path:
+    """A pre-split folder with every problem EDA and preprocess must find, in known numbers.
+
+    train/val/test of red (9/3/3), green (9/3/3), blue (6/2/2) distinct 16-px PNGs, plus:
+    a copy of a train image in test (red) and one in val (green) - leakage; a copy inside
+    train/red - a within-class duplicate; a red train image copied into train/green - a label
+    conflict; a truncated PNG and a text file in train/blue; RGBA and palette images in
+    train/blue; a 24-px grayscale image in train/green.
+    """
+    import shutil
+
+    make_image_folder(root, {"red": 9, "green": 9, "blue": 6}, layout="split")
+    tr = root / "train"
+    shutil.copy(tr / "red" / "img000.png", root / "test" / "red" / "leak.png")
+    shutil.copy(tr / "green" / "img001.png", root / "val" / "green" / "leak.png")
+    shutil.copy(tr / "red" / "img002.png", tr / "red" / "dup.png")
+    shutil.copy(tr / "red" / "img003.png", tr / "green" / "conflict.png")
+    good = (tr / "blue" / "img000.png").read_bytes()
+    (tr / "blue" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (tr / "blue" / "notes.txt").write_text("not an image\n")
+    write_image(tr / "blue" / "rgba.png", (30, 60, 220), 16, seed=901, mode="RGBA")
+    write_image(tr / "blue" / "palette.png", (30, 60, 220), 16, seed=902, mode="P")
+    write_image(tr / "green" / "gray.png", (30, 200, 40), 24, seed=903, mode="L")
+    return root
+
+
+@pytest.fixture
+def messy_folder(tmp_path: Path) -> Path:
+    """A fresh `make_messy_folder` dataset (see MESSY_EXPECTED for its numbers)."""
+    return make_messy_folder(tmp_path / "messy")
+
+
+# --------------------------------------------------------------------------- trained models
+
+
+@pytest.fixture(scope="session")
+def trained_pair(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory):
+    """Two models (custom_cnn, lenet5) trained once per session on one tiny 6-class dataset.
+
+    Shared by the evaluate, registry and ensemble tests so each model trains only once. Six
+    classes make Top-5 meaningful; the sixth reuses the first class's colour, so the models
+    make real mistakes to draw and count.
+    """
+    from types import SimpleNamespace
+
+    from components.training import TrainParams, train
+
+    data = make_image_folder(tmp_path_factory.mktemp("pair") / "pair6",
+                             {f"k{i}": 10 for i in range(6)})
+    runs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        for model in ("custom_cnn", "lenet5"):
+            params = TrainParams(data=str(data), experiment="pair", model=model, epochs=2,
+                                 image_size=16, batch_size=8, num_workers=0, weights="none",
+                                 patience=0, augmentation="none")
+            runs[model] = train(params, mlflow_server, progress=False, log=lambda s: None).run_id
+    return SimpleNamespace(data=data, experiment="pair", runs=runs, uri=mlflow_server)

@@ -28,3 +28,25 @@ def test_conda_env_lists_the_same_dependencies_as_pyproject():
     conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
     pip_deps = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
     assert sorted(d for d in pip_deps if d != "-e .") == sorted(project["dependencies"])
+
+
+def test_mlproject_data_step_parameters_match_their_dataclasses():
+    """eda and preprocess: same names, defaults and command-line flags as the CLI."""
+    import dataclasses
+
+    from components.eda import EdaParams
+    from components.preprocess import PreprocessParams
+
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())
+    for step, params_cls in (("eda", EdaParams), ("preprocess", PreprocessParams)):
+        entry = spec["entry_points"][step]
+        declared = {name: p["default"] for name, p in entry["parameters"].items()}
+        defaults = {f.name: f.default for f in dataclasses.fields(params_cls)}
+        assert declared.keys() == defaults.keys(), step
+        for name, default in defaults.items():
+            if isinstance(default, bool):  # MLproject passes "true"/"false" strings
+                assert str(declared[name]).lower() == str(default).lower(), (step, name)
+            else:
+                assert type(default)(declared[name]) == default, (step, name)
+            assert f"--{name.replace('_', '-')} {{{name}}}" in entry["command"], (step, name)
+        assert f"python -m pipelines.{step}" in entry["command"]

@@ -1,0 +1,495 @@
+"""`eda`: what is in an image folder - numbers, tables, figures, plain-word findings.
+
+Every seed project started with the same notebook: count images per class, look for broken
+files, odd sizes and colour modes, plot colour histograms, eyeball samples - and one of them
+later found val/test images duplicated in train. This module does all of it in one pass over
+the files (components.images: one read per file, in worker processes) and writes a Markdown
+report with PNG figures that reads well on GitHub and as MLflow run artifacts.
+
+Splits: a pre-split folder reports its own train/val/test; a flat folder reports the split
+`train` and `preprocess` would make with the same val_ratio / test_ratio / seed (the very same
+`load_splits` call), so cross-split duplicates show exactly what would leak.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from components import tracking
+from components.datasets import (
+    SPLITS,
+    DataError,
+    check_ratios,
+    list_images,
+    load_splits,
+    resolve_data,
+)
+from components.images import HIST_BINS, read_files, to_rgb
+
+METRICS = ("n_images", "n_classes", "imbalance_ratio", "n_corrupt", "n_duplicates",
+           "n_cross_split_duplicates", "n_distinct_sizes")
+IMBALANCE_WORTH_NOTING = 1.5
+SAMPLES_PER_CLASS = 6
+MAX_SAMPLE_CLASSES = 20
+MAX_TABLE_ROWS = 50
+
+
+@dataclass
+class EdaParams:
+    """Parameters of `cnnflow eda` / `mlflow run . -e eda`, with their defaults."""
+
+    data: str = "digits"
+    experiment: str = ""
+    reports_dir: str = "reports"
+    val_ratio: float = 0.2
+    test_ratio: float = 0.2
+    seed: int = 42
+    num_workers: int = -1
+
+    def validate(self) -> None:
+        """Cheap checks first, so a typo never creates a run or scans a folder."""
+        check_ratios(self.val_ratio, self.test_ratio)
+        if self.num_workers < -1:
+            raise DataError(f"num_workers={self.num_workers} must be -1 (one per CPU core), "
+                            "0 (in this process) or more")
+
+    def logged(self) -> dict[str, Any]:
+        """What changes the report: not where it goes nor how many processes read the files."""
+        return {"data": self.data, "val_ratio": self.val_ratio, "test_ratio": self.test_ratio,
+                "seed": self.seed}
+
+
+# --------------------------------------------------------------------------------------------
+# Scan
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DatasetScan:
+    """Everything one pass over a dataset's files found."""
+
+    name: str
+    root: Path
+    presplit: bool
+    classes: list[str]
+    # One row per file with an image extension: path (relative, '/'), label, group (the
+    # folder: 'all' or a split folder), split ('' when unreadable), format, mode, width,
+    # height, n_bytes, sha1, error.
+    table: pd.DataFrame
+    other_files: list[tuple[str, str]]  # non-image or misplaced files: (relative path, reason)
+    hist_sum: dict[str, np.ndarray]  # class -> summed per-image (3, 256) histograms
+    split_note: str = ""
+    split_error: str = ""  # why `load_splits` (hence train) would refuse the folder
+    digest: str = ""  # the split's manifest digest when load_splits accepted the folder
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def readable(self) -> pd.DataFrame:
+        return self.table[self.table["error"] == ""]
+
+
+def scan_dataset(data: str | Path, val_ratio: float = 0.2, test_ratio: float = 0.2,
+                 seed: int = 42, workers: int = -1, progress: bool = False) -> DatasetScan:
+    """Read every file of a dataset once; a one-line DataError if there is nothing to scan."""
+    check_ratios(val_ratio, test_ratio)
+    name, root = resolve_data(data) if isinstance(data, str) else ("", Path(data))
+    listing = list_images(root)
+    root = listing.root
+    name = name or root.name
+
+    def rel(path: str | Path) -> str:
+        return Path(os.path.relpath(path, root)).as_posix()
+
+    entries = [(group, cls, path) for group, per_class in listing.files.items()
+               for cls, paths in per_class.items() for path in paths]
+    if not entries:
+        raise DataError(f"no image files in {root}: the class folders hold no "
+                        "jpg/jpeg/png/bmp/gif/webp/tif files")
+    records: list[dict[str, Any]] = []
+    hist_sum: dict[str, np.ndarray] = {}
+    facts_iter = read_files([p for _, _, p in entries], histogram=True, workers=workers,
+                            progress=progress, desc=f"eda {name}")
+    for (group, cls, path), facts in zip(entries, facts_iter, strict=True):
+        records.append({"path": rel(path), "abs": str(path), "label": cls, "group": group,
+                        "format": facts.format, "mode": facts.mode, "width": facts.width,
+                        "height": facts.height, "n_bytes": facts.n_bytes, "sha1": facts.sha1,
+                        "error": facts.error})
+        if facts.hist is not None:
+            if cls not in hist_sum:
+                hist_sum[cls] = np.zeros((3, HIST_BINS), dtype=np.float64)
+            hist_sum[cls] += facts.hist
+    table = pd.DataFrame(records)
+
+    # The split train/preprocess would use, computed by the same function, from this scan.
+    bad = {r["abs"]: r["error"] for r in records if r["error"]}
+    split_of: dict[str, str] = {}
+    split_error, digest, notes = "", "", []
+    try:
+        splits = load_splits(root, val_ratio, test_ratio, seed, known_bad=bad)
+    except DataError as exc:
+        split_error = str(exc)
+    else:
+        for split in SPLITS:
+            split_of.update((path, split) for path, _ in splits.split(split))
+        digest, notes = splits.digest(), splits.notes
+    if split_of:
+        table["split"] = [split_of.get(p, "") for p in table["abs"]]
+    else:  # refused: fall back to the folders themselves
+        table["split"] = np.where(table["error"] == "", table["group"], "")
+    if listing.presplit:
+        split_note = ("pre-split folder: its own train/val/test folders"
+                      + (f" ({'; '.join(notes)})" if notes else ""))
+    else:
+        split_note = (f"flat folder: the split train and preprocess make with "
+                      f"val_ratio={val_ratio:g}, test_ratio={test_ratio:g}, seed={seed}")
+    if split_error:
+        split_note += " - not computed, train would refuse this folder (see findings)"
+    classes = sorted({cls for per_class in listing.files.values() for cls in per_class})
+    other = [(rel(p), reason) for p, reason in listing.skipped]
+    return DatasetScan(name=name, root=root, presplit=listing.presplit, classes=classes,
+                       table=table, other_files=other, hist_sum=hist_sum,
+                       split_note=split_note, split_error=split_error, digest=digest,
+                       notes=list(notes))
+
+
+# --------------------------------------------------------------------------------------------
+# Numbers and findings
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EdaSummary:
+    """The report's numbers: metrics for MLflow, tables for Markdown, findings in plain words."""
+
+    metrics: dict[str, float]
+    findings: list[str]
+    counts: dict[str, dict[str, int]]  # split -> class -> readable images
+    class_totals: dict[str, int]
+    sizes: list[tuple[int, int]]
+    common_size: tuple[int, int] | None
+    modes: dict[str, int]
+    formats: dict[str, int]
+    within_class: pd.DataFrame  # duplicate groups inside one class
+    label_conflicts: pd.DataFrame  # identical content under more than one class
+    cross_split: pd.DataFrame  # identical content in more than one split
+
+
+def _groups(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Duplicate groups as rows: sha1, the distinct labels/splits and the files involved."""
+    rows = []
+    for sha1, group in frame.groupby("sha1", sort=True):
+        rows.append({"sha1": sha1, "labels": sorted(set(group["label"])),
+                     "splits": sorted(set(group["split"]), key=_split_order),
+                     "files": sorted(group["path"]), **{k: group[k].iloc[0] for k in keys}})
+    return pd.DataFrame(rows, columns=["sha1", "labels", "splits", "files", *keys])
+
+
+def _split_order(split: str) -> int:
+    order = [*SPLITS, "all"]
+    return order.index(split) if split in order else len(order)
+
+
+def summarize(scan: DatasetScan) -> EdaSummary:
+    """Exact counts from the scan (definitions in the README's `eda` section)."""
+    ok = scan.readable
+    splits_present = [s for s in [*SPLITS, "all"] if s in set(ok["split"])]
+    counts = {s: {c: int(((ok["split"] == s) & (ok["label"] == c)).sum()) for c in scan.classes}
+              for s in splits_present}
+    totals = {c: int((ok["label"] == c).sum()) for c in scan.classes}
+    nonzero = {c: n for c, n in totals.items() if n > 0}
+    imbalance = (max(nonzero.values()) / min(nonzero.values())) if nonzero else 0.0
+    sizes = list(zip(ok["width"].astype(int), ok["height"].astype(int), strict=True))
+    size_counts = Counter(sizes)
+    common = size_counts.most_common(1)[0][0] if sizes else None
+    off_size = sum(n for s, n in size_counts.items() if s != common)
+
+    by_hash = ok.groupby("sha1")
+    n_duplicates = int(len(ok) - by_hash.ngroups)
+    dup_hashes = by_hash.filter(lambda g: len(g) > 1)
+    within = dup_hashes.groupby(["sha1", "label"]).filter(lambda g: len(g) > 1)
+    n_within = int(len(within) - within.groupby(["sha1", "label"]).ngroups) if len(within) else 0
+    conflicts = dup_hashes.groupby("sha1").filter(lambda g: g["label"].nunique() > 1)
+    assigned = dup_hashes[dup_hashes["split"].isin(SPLITS)]
+    cross = assigned.groupby("sha1").filter(lambda g: g["split"].nunique() > 1)
+
+    n_corrupt = int((scan.table["error"] != "").sum())
+    metrics = {
+        "n_images": float(len(ok)), "n_classes": float(len(scan.classes)),
+        "imbalance_ratio": float(imbalance), "n_corrupt": float(n_corrupt),
+        "n_duplicates": float(n_duplicates),
+        "n_cross_split_duplicates": float(cross["sha1"].nunique() if len(cross) else 0),
+        "n_distinct_sizes": float(len(size_counts)),
+        "n_within_class_duplicates": float(n_within),
+        "n_label_conflicts": float(conflicts["sha1"].nunique() if len(conflicts) else 0),
+        "n_off_size": float(off_size), "n_other_files": float(len(scan.other_files)),
+    }
+    summary = EdaSummary(
+        metrics=metrics, findings=[], counts=counts, class_totals=totals, sizes=sizes,
+        common_size=common, modes=dict(Counter(ok["mode"]).most_common()),
+        formats=dict(Counter(ok["format"]).most_common()),
+        within_class=_groups(within, []), label_conflicts=_groups(conflicts, []),
+        cross_split=_groups(cross, ["label"]))
+    summary.findings = _findings(scan, summary)
+    return summary
+
+
+def _findings(scan: DatasetScan, s: EdaSummary) -> list[str]:
+    """What a careful reader of the tables would say, one sentence each, most urgent first."""
+    m, out = s.metrics, []
+    if scan.split_error:
+        out.append(f"train would refuse this folder: {scan.split_error}")
+    if m["n_label_conflicts"]:
+        out.append(f"{m['n_label_conflicts']:.0f} image(s) appear under more than one class "
+                   "(label conflicts): fix the labels; preprocess excludes them")
+    if m["n_cross_split_duplicates"]:
+        out.append(f"{m['n_cross_split_duplicates']:.0f} image(s) appear in more than one split "
+                   "(leakage: val/test scores would be inflated): train from a `preprocess` "
+                   "run, which keeps each image in one split only")
+    if m["n_corrupt"]:
+        out.append(f"{m['n_corrupt']:.0f} file(s) with an image extension cannot be decoded: "
+                   "they are skipped (listed under Unreadable files); re-export or delete them")
+    if m["n_other_files"]:
+        out.append(f"{m['n_other_files']:.0f} other file(s) are not images or not in a class "
+                   "folder: they are ignored")
+    empty = [c for c, n in s.class_totals.items() if n == 0]
+    if empty:
+        out.append(f"class(es) {', '.join(f'`{c}`' for c in empty)} have no readable images")
+    nonzero = {c: n for c, n in s.class_totals.items() if n > 0}
+    if len(nonzero) >= 2 and m["imbalance_ratio"] >= IMBALANCE_WORTH_NOTING:
+        small = min(nonzero, key=lambda c: (nonzero[c], c))
+        big = max(nonzero, key=lambda c: (nonzero[c], c))
+        out.append(f"class `{small}` has {m['imbalance_ratio']:.1f}x fewer images than `{big}` "
+                   f"({nonzero[small]} vs {nonzero[big]}): consider class_weights=balanced")
+    if m["n_within_class_duplicates"]:
+        out.append(f"{m['n_within_class_duplicates']:.0f} extra exact cop(ies) of images within "
+                   "their class: they over-weight those images; delete them if unintended")
+    if m["n_off_size"] and s.common_size:
+        w, h = s.common_size
+        out.append(f"images come in {m['n_distinct_sizes']:.0f} sizes; {m['n_off_size']:.0f} "
+                   f"differ from the most common {w}x{h}: all are resized to image_size "
+                   "(square, aspect ratio not kept)")
+    if s.sizes:
+        smallest = min(s.sizes, key=lambda wh: (min(wh), wh))
+        if min(smallest) < 32:
+            out.append(f"the smallest image is {smallest[0]}x{smallest[1]}: upscaling it to a "
+                       "large image_size adds no detail")
+    not_rgb = {mode: n for mode, n in s.modes.items() if mode != "RGB"}
+    if not_rgb:
+        parts = ", ".join(f"{mode}: {n}" for mode, n in not_rgb.items())
+        out.append(f"{sum(not_rgb.values())} image(s) are not RGB ({parts}): they are converted "
+                   "to RGB (transparency composited on white)")
+    return out or ["no problems found"]
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+FIGURES = {"class_counts": "class_counts.png", "image_sizes": "image_sizes.png",
+           "rgb_histograms": "rgb_histograms.png", "samples": "samples.png"}
+
+
+def write_report(scan: DatasetScan, summary: EdaSummary, out_dir: Path,
+                 run_note: str = "") -> list[Path]:
+    """report.md plus PNG figures in `out_dir`, replacing an older report in one step.
+
+    Files are written to a sibling temp folder that is then renamed into place, so an
+    interrupted run never leaves a half-written report behind.
+    """
+    from components import plots
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-tmp-", dir=out_dir.parent))
+    try:
+        if summary.counts:
+            plots.plot_class_counts(summary.counts, tmp / FIGURES["class_counts"])
+        if summary.sizes:
+            plots.plot_image_sizes(summary.sizes, tmp / FIGURES["image_sizes"])
+        means = {c: scan.hist_sum[c] / max(1, summary.class_totals.get(c, 0))
+                 for c in scan.classes if c in scan.hist_sum}
+        if means:
+            plots.plot_rgb_histograms(means, tmp / FIGURES["rgb_histograms"])
+        samples = _samples(scan)
+        if samples:
+            plots.plot_sample_grid(samples, tmp / FIGURES["samples"])
+        (tmp / "report.md").write_text(_markdown(scan, summary, run_note,
+                                                 {p.name for p in tmp.iterdir()}))
+        _replace_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return sorted(out_dir.iterdir())
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}-old-{os.getpid()}-{time.time_ns()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _samples(scan: DatasetScan) -> dict[str, list[np.ndarray]]:
+    """A few readable images per class, evenly spread over its sorted files (deterministic)."""
+    ok = scan.readable
+    out: dict[str, list[np.ndarray]] = {}
+    for cls in scan.classes[:MAX_SAMPLE_CLASSES]:
+        paths = sorted(ok.loc[ok["label"] == cls, "abs"])
+        if not paths:
+            continue
+        step = max(1, len(paths) // SAMPLES_PER_CLASS)
+        images = []
+        for path in paths[::step][:SAMPLES_PER_CLASS]:
+            try:
+                with Image.open(path) as img:
+                    img.draft("RGB", (128, 128))
+                    img.load()
+                    thumb = to_rgb(img)
+                    thumb.thumbnail((96, 96))
+                    images.append(np.asarray(thumb))
+            except Exception:  # noqa: BLE001 - a sample that fails to load is just left out
+                continue
+        out[cls] = images
+    return out
+
+
+def _cell(value: object) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[object]], total: int | None = None) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows[:MAX_TABLE_ROWS]]
+    total = len(rows) if total is None else total
+    if total > MAX_TABLE_ROWS:
+        lines.append(f"\n({total - MAX_TABLE_ROWS} more not shown)")
+    return "\n".join(lines)
+
+
+def _dup_table(groups: pd.DataFrame, with_split: bool) -> str:
+    if groups.empty:
+        return "None."
+    rows = [[f"`{g.sha1[:12]}`", ", ".join(g.labels), *([", ".join(g.splits)] if with_split
+                                                        else []),
+             "<br>".join(f"`{f}`" for f in g.files)] for g in groups.itertuples()]
+    header = ["sha1", "class", *(["splits"] if with_split else []), "files"]
+    return _table(header, rows)
+
+
+def _markdown(scan: DatasetScan, s: EdaSummary, run_note: str, files: set[str]) -> str:
+    m = s.metrics
+    layout = ("pre-split (train/ val/ test/ folders)" if scan.presplit
+              else "flat (one sub-folder per class)")
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    out = [f"# EDA: {scan.name}", "",
+           f"Folder `{scan.root}`, layout {layout}. Generated {when} by `cnnflow eda`"
+           f"{run_note}.", "", "## Findings", ""]
+    out += [f"- {f}" for f in s.findings]
+    common = f"{s.common_size[0]}x{s.common_size[1]}" if s.common_size else "-"
+    out += ["", "## Overview", "", _table(["", ""], [
+        ["images (readable)", int(m["n_images"])],
+        ["classes", int(m["n_classes"])],
+        ["imbalance ratio (largest / smallest class)", f"{m['imbalance_ratio']:.2f}"],
+        ["unreadable files (image extension, cannot be decoded)", int(m["n_corrupt"])],
+        ["other files (not images / not in a class folder)", int(m["n_other_files"])],
+        ["distinct image sizes", int(m["n_distinct_sizes"])],
+        [f"images not of the most common size ({common})", int(m["n_off_size"])],
+        ["exact duplicates (extra copies of identical files)", int(m["n_duplicates"])],
+        ["... of which within one class", int(m["n_within_class_duplicates"])],
+        ["identical images under different classes (label conflicts)",
+         int(m["n_label_conflicts"])],
+        ["identical images in more than one split (leakage)",
+         int(m["n_cross_split_duplicates"])],
+    ]), "", "## Classes and splits", "", f"Split: {scan.split_note}.", ""]
+    splits = list(s.counts)
+    rows = [[f"`{c}`", *[s.counts[sp][c] for sp in splits], s.class_totals[c]]
+            for c in scan.classes]
+    out += [_table(["class", *splits, "total"], rows), ""]
+    if FIGURES["class_counts"] in files:
+        out += [f"![images per class and split]({FIGURES['class_counts']})", ""]
+    out += ["## Image sizes", ""]
+    size_rows = [[f"{w}x{h}", n] for (w, h), n in Counter(s.sizes).most_common()]
+    out += [_table(["width x height", "images"], size_rows), ""]
+    if FIGURES["image_sizes"] in files:
+        out += [f"![image sizes]({FIGURES['image_sizes']})", ""]
+    out += ["## Colour modes and file formats", "",
+            _table(["mode", "images"], [[k, v] for k, v in s.modes.items()]), "",
+            _table(["format", "images"], [[k, v] for k, v in s.formats.items()]), "",
+            "## Unreadable files", ""]
+    bad = scan.table[scan.table["error"] != ""]
+    out += [_table(["file", "reason"], [[f"`{r.path}`", r.error] for r in bad.itertuples()])
+            if len(bad) else "None.", "", "## Other files (ignored)", ""]
+    out += [_table(["file", "reason"], [[f"`{p}`", r] for p, r in scan.other_files])
+            if scan.other_files else "None.", ""]
+    out += ["## Exact duplicates (identical bytes, sha1)", "", "### Within a class", "",
+            _dup_table(s.within_class, with_split=True), "",
+            "### Across classes (label conflicts)", "",
+            _dup_table(s.label_conflicts, with_split=True), "",
+            "### Across splits (leakage)", "", _dup_table(s.cross_split, with_split=True), ""]
+    if FIGURES["rgb_histograms"] in files:
+        out += ["## Colour", "",
+                "Mean per-class histogram of R, G and B values (each image counted equally; "
+                "computed on images shrunk to about 64 px, which keeps colour distributions).",
+                "", f"![mean RGB histograms]({FIGURES['rgb_histograms']})", ""]
+    if FIGURES["samples"] in files:
+        shown = "" if len(scan.classes) <= MAX_SAMPLE_CLASSES else (
+            f" (first {MAX_SAMPLE_CLASSES} of {len(scan.classes)} classes)")
+        out += ["## Samples", "", f"Up to {SAMPLES_PER_CLASS} images per class{shown}.", "",
+                f"![sample images per class]({FIGURES['samples']})", ""]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# The tracked step
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EdaOutcome:
+    run_id: str
+    run_name: str
+    experiment_id: str
+    report_dir: Path
+    metrics: dict[str, float]
+    findings: list[str]
+
+
+def run_eda(params: EdaParams, tracking_uri: str, *, progress: bool | None = None,
+            log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> EdaOutcome:
+    """Scan, summarise, write `<reports_dir>/eda/<dataset>/` and log it as an `eda` run."""
+    params.validate()
+    client = tracking.connect(tracking_uri)
+    progress = sys.stderr.isatty() if progress is None else progress
+    scan = scan_dataset(params.data, params.val_ratio, params.test_ratio, params.seed,
+                        workers=params.num_workers, progress=progress)
+    summary = summarize(scan)
+    out_dir = Path(params.reports_dir) / "eda" / scan.name
+    tags = {"cnnflow.dataset": scan.name, "cnnflow.data_root": str(scan.root)}
+    if scan.digest:
+        tags["cnnflow.dataset_digest"] = scan.digest
+    run_id, exp_id, run_name = tracking.open_step_run(
+        client, "eda", params.experiment or scan.name, tags)
+    with tracking.ending_run(client, run_id):
+        tracking.log_params_and_tags(client, run_id, params.logged(), {})
+        tracking.log_metrics(client, run_id, summary.metrics)
+        files = write_report(scan, summary, out_dir, f" (MLflow run `{run_id}`)")
+        client.log_artifacts(run_id, str(out_dir), artifact_path="report")
+    log(f"eda: {int(summary.metrics['n_images'])} images, {len(scan.classes)} classes; "
+        f"report {out_dir / 'report.md'} ({len(files)} files)")
+    return EdaOutcome(run_id, run_name, exp_id, out_dir, summary.metrics, summary.findings)

@@ -1,0 +1,560 @@
+"""Voting ensembles of trained runs, logged, evaluated and served like any single model.
+
+The rice-leaf seed soft-voted its three transfer models (mean of logits) and got every test
+image right; the jellyfish seed bagged custom CNNs. Here an ensemble is:
+
+- members: explicit run ids, or the top-k finished training runs of an experiment by
+  `best_val_acc` that share the best run's dataset digest (members trained on different
+  splits, or with different class lists, are refused: their votes would not be comparable
+  and their test sets could overlap their training sets);
+- a vote from the `VOTES` registry: `soft` (weighted mean of member probabilities), `logits`
+  (softmax of the weighted mean of logits, the seed's variant) or `hard` (weighted majority);
+- weights: equal, `val_acc` (each member's best_val_acc) or an explicit list.
+
+`run_ensemble` logs a run tagged `cnnflow.step=ensemble` (its manifest is its members', so
+`cnnflow evaluate --run-id <it>` works unchanged), val/test metrics and figures, a
+members-vs-ensemble table, and an `EnsembleClassifier` pyfunc model with the same output as
+a single model (label, confidence, prob_<class>). `--bagging N` first trains N members on
+stratified bootstrap samples of train, as runs nested under the ensemble's run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import pandas as pd
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Run, ViewType
+from PIL import Image
+
+from components import evaluation, tracking
+from components.comparison import write_table
+from components.datasets import DatasetSplits
+from components.engine import resolve_device
+from components.serving import ImageClassifier, _items, log_proba, probability_frame
+
+VoteFn = Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]
+VOTES: dict[str, VoteFn] = {}
+_HARD_TIE_BREAK = 1e-6
+
+
+class EnsembleError(RuntimeError):
+    """Bad ensemble input (members, vote, weights); one line saying what to do."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+# --------------------------------------------------------------------------------------------
+# Votes: member logits (M tensors N x C) + weights (M, sum 1) -> N x C log-probabilities
+# --------------------------------------------------------------------------------------------
+
+
+def register_vote(name: str) -> Callable[[VoteFn], VoteFn]:
+    """Add a vote under `name`; `--vote name` then works everywhere."""
+    def decorate(fn: VoteFn) -> VoteFn:
+        if name in VOTES:
+            raise ValueError(f"vote {name!r} is already registered")
+        VOTES[name] = fn
+        return fn
+    return decorate
+
+
+@register_vote("soft")
+def soft_vote(logits: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """log of the weighted mean of member probabilities (computed in log space, exactly)."""
+    log_p = torch.stack([torch.log_softmax(z.double(), dim=1) for z in logits])
+    return torch.logsumexp(log_p + weights.double().log().view(-1, 1, 1), dim=0)
+
+
+@register_vote("logits")
+def logits_vote(logits: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Softmax of the weighted mean of logits: the rice-leaf seed's soft voting."""
+    mean = (torch.stack([z.double() for z in logits]) * weights.double().view(-1, 1, 1)).sum(0)
+    return torch.log_softmax(mean, dim=1)
+
+
+@register_vote("hard")
+def hard_vote(logits: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Weighted share of member votes per class; ties go to the higher mean probability.
+
+    The shares are the ensemble's probabilities (confidence = winning share); a class no
+    member voted for keeps only the tie-break mass, so a unanimous wrong vote costs a large
+    but finite loss.
+    """
+    n_classes = logits[0].shape[1]
+    votes = sum(w * torch.nn.functional.one_hot(z.argmax(1), n_classes).double()
+                for w, z in zip(weights.double(), logits, strict=True))
+    scores = votes + _HARD_TIE_BREAK * soft_vote(logits, weights).exp()
+    return torch.log(scores / scores.sum(1, keepdim=True))
+
+
+def get_vote(name: str) -> VoteFn:
+    try:
+        return VOTES[name]
+    except KeyError:
+        raise EnsembleError(f"unknown vote '{name}': use one of "
+                            f"{', '.join(sorted(VOTES))}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# The pyfunc model
+# --------------------------------------------------------------------------------------------
+
+
+class EnsembleClassifier(mlflow.pyfunc.PythonModel):
+    """Members rebuilt from their own configs and state dicts; the same predict path as a
+    single `ImageClassifier` (each image decoded once, preprocessed once per distinct
+    member preprocessing, every member scored, votes combined)."""
+
+    _skip_type_hint_validation = True
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        config = json.loads(Path(context.artifacts["ensemble"]).read_text())
+        root = Path(context.artifacts["members"])
+        members = [ImageClassifier().load(root / m["dir"] / "model_config.json",
+                                           root / m["dir"] / "weights.pt")
+                   for m in config["members"]]
+        self.build(config, members)
+
+    def build(self, config: dict[str, Any], members: Sequence[ImageClassifier]
+              ) -> EnsembleClassifier:
+        classes = members[0].class_names
+        for m in members[1:]:
+            if m.class_names != classes:
+                raise EnsembleError("ensemble members have different class lists: "
+                                    f"{classes} vs {m.class_names}")
+        self.config = config
+        self.members = list(members)
+        self.vote = get_vote(config["vote"])
+        self.weights = torch.tensor(config["weights"], dtype=torch.float64)
+        self.device = torch.device("cpu")
+        keys: list[tuple] = []
+        self._transforms: list[Callable[[Image.Image], torch.Tensor]] = []
+        self._input_of: list[int] = []
+        for m in self.members:
+            key = (m.config["image_size"], tuple(m.config["mean"]), tuple(m.config["std"]))
+            if key not in keys:
+                keys.append(key)
+                self._transforms.append(m.transform)
+            self._input_of.append(keys.index(key))
+        return self
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.members[0].class_names
+
+    def to(self, device: torch.device | str) -> EnsembleClassifier:
+        self.device = torch.device(device)
+        for m in self.members:
+            m.to(self.device)
+        return self
+
+    def input_transforms(self) -> list[Callable[[Image.Image], torch.Tensor]]:
+        return list(self._transforms)
+
+    def member_logits(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [m.logits_batch([inputs[j]]) for m, j in zip(self.members, self._input_of,
+                                                             strict=True)]
+
+    def score_batch(self, inputs: Sequence[torch.Tensor]
+                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        logits = self.member_logits(inputs)
+        return (self.vote(logits, self.weights).float(),
+                [torch.log_softmax(z, dim=1) for z in logits])
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        probs = log_proba(self, _items(model_input)).exp().numpy()
+        return probability_frame(self.class_names, probs)
+
+
+def save_members(members: Sequence[ImageClassifier], folder: Path) -> list[dict[str, str]]:
+    """members/<i>/{model_config.json,weights.pt}: state dicts only, never pickled nets."""
+    entries = []
+    for i, m in enumerate(members):
+        sub = folder / str(i)
+        sub.mkdir(parents=True)
+        (sub / "model_config.json").write_text(json.dumps(m.config, indent=2))
+        torch.save({k: v.detach().cpu() for k, v in m.model.state_dict().items()},
+                   sub / "weights.pt")
+        entries.append({"dir": str(i)})
+    return entries
+
+
+# --------------------------------------------------------------------------------------------
+# Members and weights
+# --------------------------------------------------------------------------------------------
+
+
+def parse_run_ids(text: str) -> list[str]:
+    return [r.strip() for r in str(text).replace(" ", ",").split(",") if r.strip()]
+
+
+def select_members(client: MlflowClient, run_ids: Sequence[str], top_k: int,
+                   experiment: str) -> list[Run]:
+    """Explicit runs, or the top-k finished training runs by best_val_acc on one split."""
+    if run_ids:
+        if len(set(run_ids)) != len(run_ids):
+            raise EnsembleError("a run id is listed twice in --run-ids: list each member once")
+        runs = [evaluation.get_run(client, r) for r in run_ids]
+    else:
+        if not experiment:
+            raise EnsembleError("pass --run-ids, or --experiment to pick the top-k runs")
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise EnsembleError(f"experiment '{experiment}' does not exist: train some models "
+                                "first, or pass --run-ids")
+        found = client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.`{tracking.STEP_TAG}` = 'train' and "
+                          "attributes.status = 'FINISHED'",
+            run_view_type=ViewType.ACTIVE_ONLY, order_by=["metrics.best_val_acc DESC"],
+            max_results=5000)
+        found = [r for r in found if r.data.tags.get("cnnflow.model_uri")
+                 and "best_val_acc" in r.data.metrics]
+        if not found:
+            raise EnsembleError(f"experiment '{experiment}' has no finished training runs "
+                                "with a model: train some models first")
+        digest = found[0].data.tags.get("cnnflow.dataset_digest")
+        runs = [r for r in found if r.data.tags.get("cnnflow.dataset_digest") == digest][:top_k]
+    check_members(runs)
+    return runs
+
+
+def check_members(runs: Sequence[Run]) -> None:
+    """Two or more finished training runs with a model, one dataset split, one class list."""
+    if len(runs) < 2:
+        extra = (f" (only {runs[0].info.run_name} on that dataset split)" if runs else "")
+        raise EnsembleError(f"an ensemble needs at least 2 members{extra}: train more models "
+                            "or list more --run-ids")
+    for r in runs:
+        rid, tags = r.info.run_id, r.data.tags
+        if tags.get(tracking.STEP_TAG) != "train":
+            raise EnsembleError(f"run '{rid}' is not a training run (cnnflow.step="
+                                f"{tags.get(tracking.STEP_TAG, 'none')}): members must be "
+                                "cnnflow train runs")
+        if not tags.get("cnnflow.model_uri"):
+            raise EnsembleError(f"run '{rid}' has no logged model (status {r.info.status}): "
+                                "members must be finished training runs")
+    first = runs[0]
+    for r in runs[1:]:
+        if r.data.tags.get("cnnflow.dataset_digest") != first.data.tags.get(
+                "cnnflow.dataset_digest"):
+            raise EnsembleError(f"runs {first.info.run_id} and {r.info.run_id} were trained on "
+                                "different dataset splits (cnnflow.dataset_digest differs): "
+                                "ensemble only members trained on the same split")
+        if r.data.tags.get("cnnflow.class_names") != first.data.tags.get("cnnflow.class_names"):
+            raise EnsembleError(f"runs {first.info.run_id} and {r.info.run_id} have different "
+                                "class lists: ensemble only members trained on the same classes")
+
+
+def resolve_weights(spec: str, runs: Sequence[Run]) -> list[float]:
+    """'' / 'equal', 'val_acc' (best_val_acc of each member) or 'w1,w2,...'; normalised."""
+    text = str(spec).strip().lower()
+    if text in ("", "equal"):
+        raw = [1.0] * len(runs)
+    elif text == "val_acc":
+        raw = []
+        for r in runs:
+            if "best_val_acc" not in r.data.metrics:
+                raise EnsembleError(f"run '{r.info.run_id}' has no best_val_acc for "
+                                    "--weights val_acc: use equal or explicit weights")
+            raw.append(float(r.data.metrics["best_val_acc"]))
+    else:
+        try:
+            raw = [float(w) for w in text.split(",")]
+        except ValueError:
+            raise EnsembleError(f"weights '{spec}' are not numbers: use equal, val_acc or a "
+                                "comma-separated list such as 0.5,0.3,0.2") from None
+        if len(raw) != len(runs):
+            raise EnsembleError(f"{len(raw)} weights for {len(runs)} members: give one weight "
+                                "per member, in --run-ids order")
+    if any(w < 0 for w in raw) or sum(raw) <= 0:
+        raise EnsembleError(f"weights {raw} must be >= 0 with a positive sum")
+    total = sum(raw)
+    return [w / total for w in raw]
+
+
+def check_weights_spec(spec: str) -> None:
+    """Syntax check before any work (the count is checked once the members are known)."""
+    text = str(spec).strip().lower()
+    if text in ("", "equal", "val_acc"):
+        return
+    try:
+        values = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise EnsembleError(f"weights '{spec}' are not numbers: use equal, val_acc or a "
+                            "comma-separated list such as 0.5,0.3,0.2") from None
+    if any(w < 0 for w in values) or sum(values) <= 0:
+        raise EnsembleError(f"weights {values} must be >= 0 with a positive sum")
+
+
+def bootstrap_train(seed: int) -> Callable[[DatasetSplits], DatasetSplits]:
+    """A stratified bootstrap of train (each class resampled to its size, with replacement):
+    on small datasets a plain bootstrap can drop a whole class from a member's training."""
+    def sample(splits: DatasetSplits) -> DatasetSplits:
+        rng = random.Random(seed)
+        by_class: dict[int, list[tuple[str, int]]] = {}
+        for item in splits.train:
+            by_class.setdefault(item[1], []).append(item)
+        drawn = [rng.choice(items) for _, items in sorted(by_class.items()) for _ in items]
+        return dataclasses.replace(splits, train=drawn)
+    return sample
+
+
+def load_member(run: Run) -> ImageClassifier:
+    model = evaluation.load_model(run.data.tags["cnnflow.model_uri"])
+    if not isinstance(model, ImageClassifier):
+        raise EnsembleError(f"run '{run.info.run_id}' does not hold a single image classifier")
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# The `ensemble` step
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EnsembleParams:
+    """Parameters of `cnnflow ensemble` / `mlflow run . -e ensemble`, with their defaults."""
+
+    run_ids: str = ""
+    top_k: int = 3
+    experiment: str = ""
+    vote: str = "soft"
+    weights: str = "equal"
+    batch_size: int = 32
+    num_workers: int = 0
+    device: str = "auto"
+    bagging: int = 0
+    data: str = "digits"
+    model: str = "custom_cnn"
+    epochs: int = 10
+    image_size: int = 32
+    lr: float = 1e-3
+    init_weights: str = "auto"
+    augmentation: str = "light"
+    patience: int = 10
+    val_ratio: float = 0.2
+    test_ratio: float = 0.2
+    seed: int = 42
+
+    # Only used to train bagging members (TrainParams names -> ours).
+    BAGGING = {"data": "data", "model": "model", "epochs": "epochs",
+               "image_size": "image_size", "batch_size": "batch_size", "lr": "lr",
+               "weights": "init_weights", "augmentation": "augmentation",
+               "patience": "patience", "val_ratio": "val_ratio", "test_ratio": "test_ratio",
+               "seed": "seed", "device": "device", "num_workers": "num_workers"}
+
+    def validate(self) -> None:
+        get_vote(self.vote)
+        check_weights_spec(self.weights)
+        if self.top_k < 2:
+            raise EnsembleError(f"top_k must be >= 2 (got {self.top_k})")
+        if self.batch_size < 1:
+            raise EnsembleError(f"batch_size must be >= 1 (got {self.batch_size})")
+        if self.num_workers < 0:
+            raise EnsembleError(f"num_workers must be >= 0 (got {self.num_workers})")
+        if self.bagging == 1 or self.bagging < 0:
+            raise EnsembleError(f"bagging must be 0 (off) or >= 2 members (got {self.bagging})")
+        if self.bagging and self.run_ids:
+            raise EnsembleError("pass either --bagging N (train new members) or --run-ids, "
+                                "not both")
+
+    def train_params(self) -> Any:
+        from components.training import TrainParams
+
+        values = {ours: getattr(self, theirs) for ours, theirs in self.BAGGING.items()}
+        return TrainParams(**values, experiment=self.experiment)
+
+
+def ensemble_defaults() -> dict[str, Any]:
+    """`name -> default` for the CLI and the MLproject consistency test."""
+    return {f.name: f.default for f in fields(EnsembleParams)}
+
+
+@dataclass
+class EnsembleOutcome:
+    run_id: str
+    run_name: str
+    members: list[str]
+    weights: list[float]
+    metrics: dict[str, float]
+    table: list[dict[str, Any]] = field(default_factory=list)
+    model_uri: str = ""
+
+
+def run_ensemble(params: EnsembleParams, tracking_uri: str,
+                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
+                 ) -> EnsembleOutcome:
+    """Select (or bag-train) members, combine them, and log the ensemble as one run."""
+    params.validate()
+    client = tracking.connect(tracking_uri)
+    device = resolve_device(params.device)
+    if params.bagging:
+        return _bagging(params, client, tracking_uri, device, log)
+    runs = select_members(client, parse_run_ids(params.run_ids), params.top_k,
+                          params.experiment)
+    weights = resolve_weights(params.weights, runs)
+    splits = evaluation.run_splits(client, runs[0])
+    evaluation.split_samples(splits, "test", runs[0].info.run_id)
+    members = [load_member(r) for r in runs]  # all loadable before a run exists
+    run_id, run_name = _open_run(client, runs[0].info.experiment_id)
+    return _finish(client, params, run_id, run_name, runs, members, weights, splits, device,
+                   log)
+
+
+def _bagging(params: EnsembleParams, client: MlflowClient, tracking_uri: str,
+             device: torch.device, log: Callable[[str], None]) -> EnsembleOutcome:
+    from components.datasets import load_splits
+    from components.training import train
+
+    params.train_params().validate()
+    splits = load_splits(params.data, val_ratio=params.val_ratio, test_ratio=params.test_ratio,
+                         seed=params.seed)
+    exp_id = tracking.experiment_id(client, params.experiment or splits.name)
+    run_id, run_name = _open_run(client, exp_id)
+    try:
+        outcomes = []
+        for i in range(params.bagging):
+            log(f"bagging member {i + 1}/{params.bagging}")
+            outcome = train(params.train_params(), tracking_uri, progress=False, log=log,
+                            train_sample=bootstrap_train(params.seed + 1 + i),
+                            parent_run_id=run_id)
+            client.set_tag(outcome.run_id, "cnnflow.bootstrap_seed", str(params.seed + 1 + i))
+            outcomes.append(outcome)
+        runs = [client.get_run(o.run_id) for o in outcomes]
+        check_members(runs)
+        weights = resolve_weights(params.weights, runs)
+        splits = evaluation.run_splits(client, runs[0])
+        members = [load_member(r) for r in runs]
+    except BaseException as exc:
+        _abort(client, run_id, exc)
+        raise
+    return _finish(client, params, run_id, run_name, runs, members, weights, splits, device, log)
+
+
+def _open_run(client: MlflowClient, exp_id: str) -> tuple[str, str]:
+    """Create `ensemble-vN`, or adopt the run `mlflow run -e ensemble` started."""
+    adopted = os.environ.get("MLFLOW_RUN_ID")
+    if adopted:
+        exp_id = client.get_run(adopted).info.experiment_id
+    version = tracking.next_version(client, exp_id, "ensemble")
+    name = f"ensemble-v{version}"
+    tags = {tracking.STEP_TAG: "ensemble", tracking.MODEL_TAG: "ensemble",
+            tracking.VERSION_TAG: str(version), "mlflow.runName": name}
+    if adopted:
+        client.update_run(adopted, name=name)
+        tracking.log_params_and_tags(client, adopted, {}, tags)
+        return adopted, name
+    run = client.create_run(exp_id, run_name=name, tags=tags)
+    return run.info.run_id, name
+
+
+def _abort(client: MlflowClient, run_id: str, exc: BaseException) -> None:
+    status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+    reason = ("interrupted by the user (Ctrl-C)" if status == "KILLED"
+              else f"{type(exc).__name__}: {exc}")
+    try:
+        tracking.finish_run(client, run_id, status, reason)
+    except Exception:  # noqa: BLE001 - never hide the first failure
+        pass
+
+
+def _finish(client: MlflowClient, params: EnsembleParams, run_id: str, run_name: str,
+            runs: Sequence[Run], members: Sequence[ImageClassifier], weights: list[float],
+            splits: DatasetSplits, device: torch.device,
+            log: Callable[[str], None]) -> EnsembleOutcome:
+    """Log params, manifest, val/test metrics, figures, the table and the model; end the run."""
+    try:
+        first = runs[0]
+        config = {"vote": params.vote, "weights": weights,
+                  "members": [{"dir": str(i), "run_id": r.info.run_id,
+                               "model": r.data.tags.get(tracking.MODEL_TAG, "")}
+                              for i, r in enumerate(runs)]}
+        model = EnsembleClassifier().build(config, members).to(device)
+        logged = {"members": ",".join(r.info.run_id for r in runs), "n_members": len(runs),
+                  "vote": params.vote, "vote_weights": params.weights,
+                  "member_weights": ",".join(f"{w:.6g}" for w in weights),
+                  "num_classes": len(splits.classes),
+                  "member_image_sizes": ",".join(sorted({str(m.config["image_size"])
+                                                         for m in members}))}
+        if params.bagging:  # the same values `mlflow run -e ensemble` logs for these names
+            logged.update(bagging=params.bagging, data=params.data, model=params.model,
+                          epochs=params.epochs, lr=params.lr, seed=params.seed)
+        # Where the members' data lives, as a tag: under `mlflow run` the run already holds a
+        # `data` param (the entry point's default) that cannot be changed.
+        tags = {"cnnflow.data": first.data.params.get("data", ""),
+                "cnnflow.dataset": first.data.tags.get("cnnflow.dataset", splits.name),
+                "cnnflow.dataset_digest": first.data.tags.get("cnnflow.dataset_digest", ""),
+                "cnnflow.class_names": first.data.tags.get("cnnflow.class_names", ""),
+                "cnnflow.device": device.type,
+                "cnnflow.members": ",".join(r.info.run_id for r in runs)}
+        # `mlflow run` already logged the entry point's params as typed (`1e-3`); MLflow
+        # refuses to change a param, so those stay as they are.
+        present = client.get_run(run_id).data.params
+        logged = {k: v for k, v in logged.items() if k not in present}
+        tracking.log_params_and_tags(client, run_id, logged, tags)
+        with tempfile.TemporaryDirectory(prefix="cnnflow-ensemble-") as tmp:
+            work = Path(tmp)
+            manifest = client.download_artifacts(first.info.run_id, evaluation.MANIFEST,
+                                                 str(work / "src"))
+            client.log_artifact(run_id, manifest, artifact_path="data")
+            metrics, table = _evaluate(model, runs, weights, splits, run_id, params, work)
+            tracking.log_metrics(client, run_id, metrics)
+            client.log_artifacts(run_id, str(work / "eval"), artifact_path="evaluation")
+            client.log_artifacts(run_id, str(work / "table"), artifact_path="ensemble")
+            (work / "model").mkdir()
+            (work / "model" / "ensemble.json").write_text(json.dumps(config, indent=2))
+            save_members(members, work / "model" / "members")
+            model_uri = tracking.log_python_model(
+                run_id, EnsembleClassifier(),
+                {"ensemble": str(work / "model" / "ensemble.json"),
+                 "members": str(work / "model" / "members")})
+        client.set_tag(run_id, "cnnflow.model_uri", model_uri)
+        tracking.finish_run(client, run_id, "FINISHED")
+    except BaseException as exc:
+        _abort(client, run_id, exc)
+        raise
+    return EnsembleOutcome(run_id, run_name, [r.info.run_id for r in runs], weights, metrics,
+                           table, model_uri)
+
+
+def _evaluate(model: EnsembleClassifier, runs: Sequence[Run], weights: list[float],
+              splits: DatasetSplits, run_id: str, params: EnsembleParams, work: Path
+              ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Val and test metrics of the ensemble, and of each member from the same predictions."""
+    metrics: dict[str, float] = {}
+    rows: list[dict[str, Any]] = [
+        {"member": r.info.run_name, "run_id": r.info.run_id,
+         "model": r.data.tags.get(tracking.MODEL_TAG, ""), "weight": round(w, 6)}
+        for r, w in zip(runs, weights, strict=True)]
+    rows.append({"member": "ensemble", "run_id": run_id, "model": f"{params.vote} vote",
+                 "weight": 1.0})
+    for split in ("val", "test"):
+        if not splits.split(split):
+            continue
+        figures = work / "eval" / split if split == "test" else None
+        preds, split_metrics, _ = evaluation.evaluate_model(
+            model, splits, split, run_id, batch_size=evaluation.auto_batch_size(model.device),
+            num_workers=params.num_workers, figures_dir=figures)
+        metrics.update(split_metrics)
+        for row, member_lp in zip(rows[:-1], preds.members, strict=True):
+            m, _ = evaluation.classification_metrics(member_lp, preds.labels, splits.classes,
+                                                     f"{split}_")
+            row[f"{split}_acc"], row[f"{split}_loss"] = m[f"{split}_acc"], m[f"{split}_loss"]
+        rows[-1][f"{split}_acc"] = split_metrics[f"{split}_acc"]
+        rows[-1][f"{split}_loss"] = split_metrics[f"{split}_loss"]
+    write_table(rows, work / "table", "comparison")
+    return metrics, rows

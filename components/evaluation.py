@@ -1,0 +1,673 @@
+"""Judge a logged model the way the seeds did, on the data its run was trained against.
+
+`evaluate()` finds the model (a run id or a `models:/` URI), rebuilds the run's own split from
+its `data/manifest.csv` artifact and `data` param (so a re-split folder can never leak into
+the numbers), predicts through the same preprocessing and forward pass that serving uses,
+and logs into the evaluated run:
+
+- quality: loss, accuracy, Top-5 (>= 5 classes), macro/weighted precision, recall, F1,
+  per-class accuracy and mean loss, expected calibration error (`<split>_` prefix);
+- figures and `classification_report.json` under `evaluation/<split>/`;
+- cost on the run's device: parameter count, size on disk, latency at batch 1 (p50/p95),
+  throughput at `batch_size`, peak memory.
+
+Then (test split) it registers the model as a new registry version with the alias
+`challenger` and applies the promotion rule of `components.registry`.
+
+Every input problem is found before anything is written: a bad run id, a missing model, an
+empty split or missing image files leave the run and the registry untouched.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from components import registry, tracking
+from components.datasets import SPLITS, DatasetSplits, load_rgb, resolve_data
+from components.engine import resolve_device
+from components.models import count_parameters
+
+ECE_BINS = 15
+MAX_MISCLASSIFIED = 16
+WARMUP_RUNS = 2
+MANIFEST = "data/manifest.csv"
+# Training runs already log these two per epoch (step = epoch); a split=val evaluation must
+# not add a foreign point to those curves. The checkpoint's values are best_val_loss/acc.
+_EPOCH_CURVES = ("val_loss", "val_acc")
+_METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+class EvaluationError(RuntimeError):
+    """Bad evaluation input (run, model, split, data); one line saying what to do."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+# --------------------------------------------------------------------------------------------
+# What to evaluate
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """The model to evaluate and the run it came from (where metrics are logged)."""
+
+    run: Run
+    model_uri: str
+    experiment: str
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+
+def get_run(client: MlflowClient, run_id: str) -> Run:
+    """The run, or a one-line error when it does not exist on this server."""
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise EvaluationError(f"run '{run_id}' does not exist on this tracking server: "
+                              "check the id (cnnflow compare lists the runs)") from None
+
+
+def resolve_target(client: MlflowClient, run_id: str = "", model_uri: str = "") -> Target:
+    """A run id (its `cnnflow.model_uri` tag) or a `models:/` URI -> model + source run."""
+    if bool(run_id) == bool(model_uri):
+        raise EvaluationError("pass exactly one of --run-id or --model-uri")
+    if run_id:
+        run = get_run(client, run_id)
+        uri = run.data.tags.get("cnnflow.model_uri", "")
+        if not uri:
+            raise EvaluationError(
+                f"run '{run_id}' has no logged model (no cnnflow.model_uri tag; status "
+                f"{run.info.status}): evaluate a finished train or ensemble run")
+    else:
+        uri = model_uri
+        source_run = registry.source_run_id(client, model_uri)
+        run = get_run(client, source_run)
+    experiment = client.get_experiment(run.info.experiment_id).name
+    return Target(run=run, model_uri=uri, experiment=experiment)
+
+
+# --------------------------------------------------------------------------------------------
+# The run's own data
+# --------------------------------------------------------------------------------------------
+
+
+def run_splits(client: MlflowClient, run: Run) -> DatasetSplits:
+    """Rebuild a run's train/val/test lists from its manifest artifact and `data` param
+    (an ensemble run names its members' data in the `cnnflow.data` tag instead).
+
+    The manifest holds paths relative to the data root, so the same run evaluates on another
+    machine as long as `data` resolves there (the bundled `digits` is regenerated).
+    """
+    run_id = run.info.run_id
+    data = run.data.tags.get("cnnflow.data") or run.data.params.get("data")  # tag: ensembles
+    if not data:
+        raise EvaluationError(f"run '{run_id}' has no 'data' param: it was not logged by "
+                              "cnnflow train or ensemble")
+    with tempfile.TemporaryDirectory(prefix="cnnflow-manifest-") as tmp:
+        try:
+            local = client.download_artifacts(run_id, MANIFEST, tmp)
+        except (MlflowException, OSError):
+            raise EvaluationError(f"run '{run_id}' has no {MANIFEST} artifact: its split "
+                                  "cannot be rebuilt; evaluate a run logged by cnnflow "
+                                  "train or ensemble") from None
+        with open(local, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    name, root = resolve_data(data)
+    classes: dict[int, str] = {}
+    for row in rows:
+        classes[int(row["class_index"])] = row["label"]
+    names = [classes[i] for i in sorted(classes)]
+    if sorted(classes) != list(range(len(names))):
+        raise EvaluationError(f"run '{run_id}': {MANIFEST} has gaps in class_index; the "
+                              "manifest is damaged")
+    lists: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
+    for row in rows:
+        lists[row["split"]].append((str(root / row["path"]), int(row["class_index"])))
+    return DatasetSplits(name=name, root=root, classes=names, **lists)
+
+
+def split_samples(splits: DatasetSplits, split: str, run_id: str) -> list[tuple[str, int]]:
+    """The split's (path, label) list; empty splits and missing files are errors."""
+    samples = splits.split(split)
+    if not samples:
+        raise EvaluationError(f"the {split} split of run '{run_id}' is empty: train with "
+                              f"--{split}-ratio > 0 (or a {split}/ folder), or pick another "
+                              "--split")
+    missing = [p for p, _ in samples if not os.path.isfile(p)]
+    if missing:
+        raise EvaluationError(f"{len(missing)} of {len(samples)} {split} images of run "
+                              f"'{run_id}' are missing under {splits.root} (first: "
+                              f"{missing[0]}): restore the data folder the run was trained on")
+    return samples
+
+
+# --------------------------------------------------------------------------------------------
+# Prediction: the batched, inference_mode path
+# --------------------------------------------------------------------------------------------
+
+
+def load_model(model_uri: str) -> Any:
+    """The cnnflow model behind a URI (ImageClassifier or EnsembleClassifier), on the CPU."""
+    import mlflow.pyfunc
+
+    try:
+        pyfunc = mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as exc:
+        raise EvaluationError(f"cannot load model {model_uri}: "
+                              f"{str(exc).splitlines()[0]}") from None
+    model = pyfunc.unwrap_python_model()
+    if not hasattr(model, "score_batch"):
+        raise EvaluationError(f"{model_uri} is not a cnnflow image model (no score_batch)")
+    return model
+
+
+class TransformedImages(Dataset):
+    """Decode each image once and apply every preprocessing the model needs."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]],
+                 transforms: Sequence[Callable[[Image.Image], torch.Tensor]]) -> None:
+        self.samples = list(samples)
+        self.transforms = list(transforms)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[list[torch.Tensor], int]:
+        path, label = self.samples[index]
+        img = load_rgb(path)
+        return [t(img) for t in self.transforms], label
+
+
+@dataclass
+class Predictions:
+    """Log-probabilities for a list of samples (and, for an ensemble, per member)."""
+
+    log_proba: torch.Tensor
+    labels: np.ndarray
+    paths: list[str]
+    members: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def probs(self) -> np.ndarray:
+        return self.log_proba.exp().double().numpy()
+
+
+def predict_samples(model: Any, samples: Sequence[tuple[str, int]], batch_size: int = 4,
+                    num_workers: int = 0) -> Predictions:
+    """Batched prediction: DataLoader decoding (optionally in workers), one forward per batch.
+
+    `benchmarks/inference.py` measures this against a per-image loop.
+    """
+    dataset = TransformedImages(samples, model.input_transforms())
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                        num_workers=min(num_workers, math.ceil(len(samples) / batch_size)),
+                        pin_memory=getattr(model, "device", torch.device("cpu")).type == "cuda")
+    outs: list[torch.Tensor] = []
+    members: list[list[torch.Tensor]] = []
+    for inputs, _ in loader:
+        combined, per_member = model.score_batch(inputs)
+        outs.append(combined)
+        members.append(per_member)
+    labels = np.array([label for _, label in samples], dtype=np.int64)
+    n_members = len(members[0]) if members else 0
+    return Predictions(log_proba=torch.cat(outs).double(), labels=labels,
+                       paths=[p for p, _ in samples],
+                       members=[torch.cat([m[i] for m in members]).double()
+                                for i in range(n_members)])
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+
+def metric_key(name: str) -> str:
+    """A class name as it can appear inside an MLflow metric name."""
+    return _METRIC_NAME.sub("_", name)
+
+
+def calibration_bins(confidence: np.ndarray, correct: np.ndarray,
+                     bins: int = ECE_BINS) -> list[dict[str, float]]:
+    """Equal-width confidence bins: count, mean confidence and accuracy of each."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    out = []
+    for b in range(bins):
+        mask = index == b
+        n = int(mask.sum())
+        out.append({"lower": float(edges[b]), "upper": float(edges[b + 1]), "count": n,
+                    "confidence": float(confidence[mask].mean()) if n else 0.0,
+                    "accuracy": float(correct[mask].mean()) if n else 0.0})
+    return out
+
+
+def expected_calibration_error(bins: list[dict[str, float]]) -> float:
+    """ECE = sum over bins of (bin share) x |accuracy - confidence|."""
+    total = sum(b["count"] for b in bins)
+    return float(sum(b["count"] / total * abs(b["accuracy"] - b["confidence"])
+                     for b in bins if b["count"])) if total else 0.0
+
+
+def classification_metrics(log_proba: torch.Tensor, labels: np.ndarray, classes: Sequence[str],
+                           prefix: str) -> tuple[dict[str, float], dict[str, Any]]:
+    """Every quality number of one split as MLflow metrics, plus the full report.
+
+    Loss is the mean negative log-likelihood of the true class under the model's output
+    (cross-entropy for a single model; for an ensemble, of its combined probabilities).
+    """
+    from sklearn.metrics import classification_report, precision_recall_fscore_support
+
+    n_classes = len(classes)
+    lp = log_proba.double().numpy()
+    probs = np.exp(lp)
+    preds = lp.argmax(1)
+    nll = -lp[np.arange(len(labels)), labels]
+    correct = preds == labels
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, preds), 1)
+
+    metrics: dict[str, float] = {f"{prefix}loss": float(nll.mean()),
+                                 f"{prefix}acc": float(correct.mean())}
+    if n_classes >= 5:
+        top5 = np.argsort(-lp, axis=1)[:, :5]
+        metrics[f"{prefix}top5_acc"] = float((top5 == labels[:, None]).any(1).mean())
+    label_ids = list(range(n_classes))
+    for avg in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(labels, preds, labels=label_ids,
+                                                     average=avg, zero_division=0)
+        metrics.update({f"{prefix}precision_{avg}": float(p), f"{prefix}recall_{avg}": float(r),
+                        f"{prefix}f1_{avg}": float(f)})
+    per_class = []
+    for i, name in enumerate(classes):
+        mask = labels == i
+        n = int(mask.sum())
+        row = {"class": name, "count": n,
+               "accuracy": float(correct[mask].mean()) if n else None,
+               "loss": float(nll[mask].mean()) if n else None}
+        per_class.append(row)
+        if n:  # a class absent from the split has no accuracy; logging 0 would be a lie
+            metrics[f"{prefix}acc_{metric_key(name)}"] = row["accuracy"]
+            metrics[f"{prefix}loss_{metric_key(name)}"] = row["loss"]
+    bins = calibration_bins(probs.max(1), correct)
+    metrics[f"{prefix}ece"] = expected_calibration_error(bins)
+    report = {
+        "n": int(len(labels)), "classes": list(classes),
+        "metrics": {k.removeprefix(prefix): v for k, v in metrics.items()},
+        "per_class": per_class,
+        "confusion_matrix": confusion.tolist(),
+        "sklearn": classification_report(labels, preds, labels=label_ids,
+                                         target_names=list(classes), output_dict=True,
+                                         zero_division=0),
+        "calibration_bins": bins,
+    }
+    return metrics, report
+
+
+# --------------------------------------------------------------------------------------------
+# Cost
+# --------------------------------------------------------------------------------------------
+
+
+class PeakMemory:
+    """How much memory loading and running a model took, on its device.
+
+    CUDA: `torch.cuda.max_memory_allocated` (tensors only) since `start()`.
+    CPU (Linux): growth of the process's peak resident set (VmHWM) over its resident set at
+    `start()`; the peak is reset at `start()` through /proc/self/clear_refs, so an earlier,
+    bigger allocation in the same process does not hide this one. It counts weights,
+    activations and allocator overhead; DataLoader worker processes are not included.
+    Elsewhere: the growth of `ru_maxrss`, which cannot be reset (0 when an earlier peak was
+    higher). tracemalloc would see none of it: torch allocates outside Python's allocator.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.baseline = 0.0
+        self.method = ""
+
+    def start(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device) / 2**20
+            self.method = "cuda.max_memory_allocated"
+        elif _reset_hwm():
+            self.baseline = _proc_status_mb("VmRSS")
+            self.method = "VmHWM"
+        else:
+            self.baseline = _maxrss_mb()
+            self.method = "ru_maxrss"
+        return self
+
+    def peak_mb(self) -> float:
+        if self.method.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.baseline
+        if self.method == "VmHWM":
+            return max(0.0, _proc_status_mb("VmHWM") - self.baseline)
+        return max(0.0, _maxrss_mb() - self.baseline)
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return _proc_status_mb("VmHWM") > 0
+    except OSError:
+        return False
+
+
+def _proc_status_mb(key: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _maxrss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB else
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _state_size_bytes(model: Any) -> int:
+    nets = [m.model for m in getattr(model, "members", [])] or [model.model]
+    total = 0
+    for net in nets:
+        buffer = io.BytesIO()
+        torch.save(net.state_dict(), buffer)
+        total += buffer.getbuffer().nbytes
+    return total
+
+
+def measure_cost(model: Any, images: Sequence[Image.Image], batch_size: int,
+                 latency_runs: int = 30, throughput_batches: int = 3) -> dict[str, float]:
+    """Latency and throughput from decoded images to probabilities (preprocessing + forward).
+
+    Latency: `latency_runs` single-image calls (after warm-up), p50 and p95 in milliseconds.
+    Throughput: `throughput_batches` calls on a batch of `batch_size` images (the split's
+    images repeated if it has fewer). File reading and decoding are not included.
+    """
+    device = getattr(model, "device", torch.device("cpu"))
+    transforms = model.input_transforms()
+    nets = [m.model for m in getattr(model, "members", [])] or [model.model]
+
+    def run(batch: Sequence[Image.Image]) -> None:
+        inputs = [torch.stack([t(img) for img in batch]) for t in transforms]
+        model.score_batch(inputs)
+
+    latencies = []
+    for i in range(WARMUP_RUNS + latency_runs):
+        img = images[i % len(images)]
+        _sync(device)
+        started = time.perf_counter()
+        run([img])
+        _sync(device)
+        if i >= WARMUP_RUNS:
+            latencies.append((time.perf_counter() - started) * 1000)
+    batch = [images[i % len(images)] for i in range(batch_size)]
+    run(batch)  # warm-up at the batch size (allocator, kernels)
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(throughput_batches):
+        run(batch)
+    _sync(device)
+    elapsed = time.perf_counter() - started
+    return {"params_count": float(sum(count_parameters(n) for n in nets)),
+            "model_size_mb": _state_size_bytes(model) / 2**20,
+            "latency_ms_p50": float(np.percentile(latencies, 50)),
+            "latency_ms_p95": float(np.percentile(latencies, 95)),
+            "throughput_images_per_sec": batch_size * throughput_batches / max(elapsed, 1e-9)}
+
+
+# --------------------------------------------------------------------------------------------
+# Figures and files
+# --------------------------------------------------------------------------------------------
+
+
+def write_evaluation_files(folder: Path, predictions: Predictions, report: dict[str, Any],
+                           root: Path) -> list[Path]:
+    """classification_report.json, predictions.csv and the figures, into `folder`."""
+    from components import plots
+
+    folder.mkdir(parents=True, exist_ok=True)
+    classes = report["classes"]
+    confusion = np.array(report["confusion_matrix"])
+    probs = predictions.probs
+    preds = probs.argmax(1)
+    (folder / "classification_report.json").write_text(json.dumps(report, indent=2))
+    with (folder / "predictions.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "predicted", "confidence", "correct"])
+        for path, label, pred, p in zip(predictions.paths, predictions.labels, preds, probs,
+                                        strict=True):
+            writer.writerow([Path(os.path.relpath(path, root)).as_posix(), classes[label],
+                             classes[pred], f"{p[pred]:.6f}", int(pred == label)])
+    wrong = [i for i in range(len(preds)) if preds[i] != predictions.labels[i]]
+    wrong.sort(key=lambda i: -probs[i, preds[i]])  # most confidently wrong first
+    worst = [(predictions.paths[i], classes[predictions.labels[i]], classes[preds[i]],
+              float(probs[i, preds[i]])) for i in wrong[:MAX_MISCLASSIFIED]]
+    return [
+        plots.plot_confusion_matrix(confusion, classes, folder / "confusion_matrix.png"),
+        plots.plot_confusion_matrix(confusion, classes,
+                                    folder / "confusion_matrix_normalized.png", normalize=True),
+        plots.plot_per_class_accuracy(report["per_class"], folder / "per_class_accuracy.png"),
+        plots.plot_misclassified(worst, folder / "misclassified.png"),
+        plots.plot_reliability(report["calibration_bins"], report["metrics"]["ece"],
+                               folder / "reliability.png"),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# The `evaluate` step
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalParams:
+    """Parameters of `cnnflow evaluate` / `mlflow run . -e evaluate`, with their defaults."""
+
+    run_id: str = ""
+    model_uri: str = ""
+    split: str = "test"
+    batch_size: int = 0  # 0: auto_batch_size(device)
+    num_workers: int = 0
+    device: str = "run"
+    cost: bool = True
+    latency_runs: int = 30
+    register: bool = True
+    registered_model: str = ""
+    promote: bool = True
+    metric: str = "test_acc"
+    min_delta: float = 0.0
+
+    def validate(self) -> None:
+        if self.split not in ("val", "test"):
+            raise EvaluationError(f"split must be val or test (got '{self.split}')")
+        if self.batch_size < 0:
+            raise EvaluationError(f"batch_size must be >= 1, or 0 for auto (got "
+                                  f"{self.batch_size})")
+        if self.num_workers < 0:
+            raise EvaluationError(f"num_workers must be >= 0 (got {self.num_workers})")
+        if self.latency_runs < 1:
+            raise EvaluationError(f"latency_runs must be >= 1 (got {self.latency_runs})")
+        if self.min_delta < 0:
+            raise EvaluationError(f"min_delta must be >= 0 (got {self.min_delta})")
+
+
+def eval_defaults() -> dict[str, Any]:
+    """`name -> default` for the CLI and the MLproject consistency test."""
+    return {f.name: f.default for f in fields(EvalParams)}
+
+
+@dataclass
+class EvalOutcome:
+    run_id: str
+    run_name: str
+    split: str
+    metrics: dict[str, float]
+    report: dict[str, Any]
+    version: Any = None  # the registry version created (test split)
+    decision: registry.Decision | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def auto_batch_size(device: torch.device) -> int:
+    """64 on CUDA; 4 elsewhere. On 2 CPU cores at 224 px, batch 4 is 1.1-1.3x the per-image
+    loop and batch 16 no better than it (benchmarks/inference.py): activations outgrow the
+    caches, and blocks over 32 MB go back to the OS after every forward."""
+    return 64 if device.type == "cuda" else 4
+
+
+def eval_device(name: str, run: Run) -> tuple[torch.device, str]:
+    """`run`: the device the run trained on when this machine has it, else the best one."""
+    if name != "run":
+        return resolve_device(name), ""
+    trained_on = run.data.tags.get("cnnflow.device", "cpu")
+    try:
+        return resolve_device(trained_on), ""
+    except Exception:  # noqa: BLE001 - any missing device falls back the same way
+        device = resolve_device("auto")
+        return device, (f"run trained on {trained_on}, not available here: cost measured "
+                        f"on {device.type}")
+
+
+def check_classes(model: Any, splits: DatasetSplits, run_id: str) -> None:
+    if list(model.class_names) != list(splits.classes):
+        raise EvaluationError(f"the model's classes ({', '.join(model.class_names)}) differ "
+                              f"from run '{run_id}' manifest's ({', '.join(splits.classes)})")
+
+
+def score_predictions(predictions: Predictions, splits: DatasetSplits, split: str,
+                      figures_dir: Path | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """Metrics of one split's predictions (and the report files, when `figures_dir` is given)."""
+    metrics, report = classification_metrics(predictions.log_proba, predictions.labels,
+                                             splits.classes, f"{split}_")
+    if figures_dir is not None:
+        write_evaluation_files(figures_dir, predictions, report, splits.root)
+    return metrics, report
+
+
+def evaluate_model(model: Any, splits: DatasetSplits, split: str, run_id: str, *,
+                   batch_size: int = 4, num_workers: int = 0, figures_dir: Path | None = None,
+                   ) -> tuple[Predictions, dict[str, float], dict[str, Any]]:
+    """Predict one split and compute its metrics (and files, when `figures_dir` is given)."""
+    samples = split_samples(splits, split, run_id)
+    check_classes(model, splits, run_id)
+    predictions = predict_samples(model, samples, batch_size, num_workers)
+    metrics, report = score_predictions(predictions, splits, split, figures_dir)
+    return predictions, metrics, report
+
+
+def _preload() -> None:
+    """Import what loading, scoring and plotting need before the memory baseline is taken,
+    so `peak_memory_mb` measures the model, not a first import of sklearn or matplotlib."""
+    import mlflow.pyfunc  # noqa: F401
+    import sklearn.metrics  # noqa: F401
+
+    import components.ensemble  # noqa: F401
+    import components.plots  # noqa: F401
+    import components.serving  # noqa: F401
+
+
+def evaluate(params: EvalParams, tracking_uri: str,
+             log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> EvalOutcome:
+    """Evaluate one model on its run's split, log everything into that run, then register
+    (test split) and apply the promotion rule."""
+    params.validate()
+    client = tracking.connect(tracking_uri)
+    target = resolve_target(client, params.run_id, params.model_uri)
+    run, run_id = target.run, target.run_id
+    splits = run_splits(client, run)
+    samples = split_samples(splits, params.split, run_id)  # fail before loading anything
+    name = params.registered_model or registry.default_name(target.experiment)
+    register = params.register and params.split == "test"
+    if register:
+        registry.check_name(name)
+    device, note = eval_device(params.device, run)
+    notes = [note] if note else []
+    if params.register and not register:
+        notes.append("split=val: not registered (the registry compares test metrics)")
+
+    _preload()
+    memory = PeakMemory(device).start()
+    model = load_model(target.model_uri).to(device)
+    check_classes(model, splits, run_id)
+    log(f"evaluating {run.info.run_name} ({run_id}) on {params.split} "
+        f"({len(samples)} images, {device.type})")
+    batch_size = params.batch_size or auto_batch_size(device)
+    predictions = predict_samples(model, samples, batch_size, params.num_workers)
+    cost: dict[str, float] = {}
+    if params.cost:
+        images = [load_rgb(p) for p in predictions.paths[:params.latency_runs]]
+        cost = measure_cost(model, images, batch_size, params.latency_runs)
+        cost["peak_memory_mb"] = memory.peak_mb()
+    with tempfile.TemporaryDirectory(prefix="cnnflow-eval-") as tmp:
+        folder = Path(tmp) / params.split
+        metrics, report = score_predictions(predictions, splits, params.split, folder)
+        if cost:
+            report["cost"] = {**cost, "device": device.type, "batch_size": batch_size,
+                              "peak_memory_method": memory.method}
+            (folder / "classification_report.json").write_text(json.dumps(report, indent=2))
+            metrics.update(cost)
+        logged = dict(metrics)
+        if params.split == "val" and run.data.tags.get(tracking.STEP_TAG) == "train":
+            for key in _EPOCH_CURVES:
+                logged.pop(key, None)
+        tracking.log_metrics(client, run_id, logged)
+        client.set_tag(run_id, f"cnnflow.evaluated_{params.split}", device.type)
+        client.log_artifacts(run_id, str(folder), artifact_path=f"evaluation/{params.split}")
+
+    outcome = EvalOutcome(run_id, run.info.run_name, params.split, metrics, report, notes=notes)
+    if register:
+        version = registry.register_version(client, target.model_uri, run, name, metrics,
+                                            splits.digest(), splits.name)
+        outcome.version = version
+        if params.promote:
+            outcome.decision = registry.promote(client, name, version=None,
+                                                metric=params.metric,
+                                                min_delta=params.min_delta)
+    _tag_job_run(client, run_id, outcome)
+    return outcome
+
+
+def _tag_job_run(client: MlflowClient, evaluated: str, outcome: EvalOutcome) -> None:
+    """Under `mlflow run -e evaluate`, MLflow opened a run for the job itself: say what it did."""
+    job = os.environ.get("MLFLOW_RUN_ID")
+    if not job or job == evaluated:
+        return
+    tags = {tracking.STEP_TAG: "evaluate", "cnnflow.evaluated_run_id": evaluated,
+            "cnnflow.split": outcome.split}
+    if outcome.version is not None:
+        tags["cnnflow.registered_version"] = f"{outcome.version.name}/{outcome.version.version}"
+    tracking.log_params_and_tags(client, job, {}, tags)

@@ -1,0 +1,183 @@
+"""Per-file image work - content hash, header facts, small histograms, cache pixels - in parallel.
+
+`eda` and `preprocess` must read every file of a dataset, and a naive loop that fully decodes
+each image is slow on real photo folders. Here each file is read exactly once: its bytes are
+hashed (sha1, for exact-duplicate and leakage checks), size/mode/format come from the header
+(no decode), and pixels are decoded only as far as the caller needs them:
+
+- decode check only: JPEGs are decoded at 1/8 scale (`draft`), which still reads the whole
+  stream, so truncated files are caught exactly as a full decode would catch them;
+- histograms: JPEGs are decoded at reduced scale (`draft`, DCT scaling) to about
+  `HIST_SIDE` px, other formats are decoded fully and shrunk with `Image.reduce` (box filter)
+  before counting - colour distributions survive downscaling, the work drops 10-50x;
+- cache pixels: a full decode, `to_rgb`, then the exact resize `build_transform` applies, so a
+  cached image is bit-identical to one decoded on the fly.
+
+This module imports no torch, so worker processes (fork or spawn) start fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+_IN_MEMORY = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+HIST_SIDE = 64  # histograms are computed on images shrunk to about this size
+HIST_BINS = 256
+_AUTO_SERIAL_BELOW = 64  # with workers=-1, fewer files than this are read in-process
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency is composited on white, 16-bit is scaled down."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = arr.max() if arr.size else 0.0
+        if img.mode == "F" and top <= 1.0:
+            arr = arr * 255.0
+        elif top > 255.0:
+            arr = arr / (65535.0 if top <= 65535.0 else top) * 255.0
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_square(img: Image.Image, image_size: int) -> Image.Image:
+    """What torchvision's `Resize((s, s))` does to a PIL image (bilinear, antialiased).
+
+    `build_transform` resizes with `T.Resize`; the tensor cache resizes here, and a test pins
+    the two to identical pixels. On an image already `s`x`s`, PIL returns an unchanged copy,
+    so the transform re-applied to a cached image is a no-op.
+    """
+    return img.resize((image_size, image_size), Image.BILINEAR)
+
+
+@dataclass
+class FileFacts:
+    """What one read of a file tells: content hash, header facts, and optional pixels."""
+
+    path: str
+    n_bytes: int = 0
+    sha1: str = ""
+    format: str = ""
+    mode: str = ""
+    width: int = 0
+    height: int = 0
+    error: str = ""  # one line; empty when the image decodes
+    hist: np.ndarray | None = None  # (3, 256) float32, each channel sums to 1
+    pixels: np.ndarray | None = None  # (s, s, 3) uint8 when a cache size was asked for
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+def read_file(path: str | Path, histogram: bool = False, cache_size: int = 0) -> FileFacts:
+    """Hash, inspect and (as far as needed) decode one file; never raises for a bad image."""
+    facts = FileFacts(str(path))
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        facts.error = _one_line(f"cannot read file: {type(exc).__name__}: {exc}")
+        return facts
+    facts.n_bytes = len(data)
+    facts.sha1 = hashlib.sha1(data).hexdigest()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # palette/transparency and EXIF chatter
+            with Image.open(io.BytesIO(data)) as img:
+                facts.format, facts.mode = img.format or "", img.mode
+                facts.width, facts.height = img.size
+                if cache_size:
+                    img.load()
+                    facts.pixels = np.asarray(resize_square(to_rgb(img), cache_size),
+                                              dtype=np.uint8)
+                elif histogram:
+                    facts.hist = _small_histogram(img)
+                else:
+                    if img.format == "JPEG":
+                        img.draft(None, (1, 1))
+                    img.load()
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError ...)
+        message = _IN_MEMORY.sub("", str(exc))  # "<_io.BytesIO object at 0x..>": no information
+        facts.error = _one_line(f"cannot decode image: {type(exc).__name__}: {message}")
+        facts.hist = facts.pixels = None
+    return facts
+
+
+def _small_histogram(img: Image.Image) -> np.ndarray:
+    """Per-channel 256-bin histogram of the image shrunk to about HIST_SIDE px, normalised."""
+    if img.format == "JPEG":
+        img.draft("RGB", (HIST_SIDE, HIST_SIDE))  # DCT-domain downscale: decodes far less
+    img.load()
+    factor = max(1, min(img.size) // HIST_SIDE)
+    if factor > 1:
+        img = img.reduce(factor)
+    rgb = to_rgb(img)
+    counts = np.asarray(rgb.histogram(), dtype=np.float64).reshape(3, HIST_BINS)
+    return (counts / max(1, rgb.width * rgb.height)).astype(np.float32)
+
+
+def read_files(paths: Sequence[str | Path], *, histogram: bool = False, cache_size: int = 0,
+               workers: int = -1, progress: bool = False, desc: str = "reading images"
+               ) -> Iterator[FileFacts]:
+    """`read_file` over many files, in order, in worker processes, with a progress bar.
+
+    workers: -1 = one process per CPU core (in-process for fewer than 64 files, where
+    starting processes costs more than it saves); 0 = in this process; N = N processes.
+    """
+    fn = partial(read_file, histogram=histogram, cache_size=cache_size)
+    n_workers = resolve_workers(workers, len(paths))
+    bar = tqdm(total=len(paths), desc=desc, unit="img", file=sys.stderr, disable=not progress,
+               mininterval=0.5, leave=False)
+    try:
+        if n_workers == 0:
+            for path in paths:
+                yield fn(path)
+                bar.update()
+            return
+        chunk = max(1, min(64, len(paths) // (n_workers * 8)))
+        with ProcessPoolExecutor(max_workers=n_workers) as pool:
+            try:
+                for facts in pool.map(fn, paths, chunksize=chunk):
+                    yield facts
+                    bar.update()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    finally:
+        bar.close()
+
+
+def resolve_workers(workers: int, n_files: int) -> int:
+    """Worker processes to use for `n_files` files (0 = in-process); see `read_files`."""
+    if workers < -1:
+        raise ValueError(f"num_workers={workers} must be -1 (one per CPU core), 0 or more")
+    if workers == -1:
+        cores = os.cpu_count() or 1
+        return 0 if n_files < _AUTO_SERIAL_BELOW or cores == 1 else cores
+    return min(workers, max(1, n_files))
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())

@@ -1,0 +1,51 @@
+"""`cnnflow compare`: the experiment's models side by side, as a table, CSV and Markdown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from components.comparison import (
+    ComparisonError,
+    compare_runs,
+    report_stem,
+    sort_rows,
+    text_table,
+    useful_columns,
+    write_table,
+)
+from components.config import mask_text
+from components.services import ServiceError, check_tracking_server, tracking_uri
+from components.tracking import connect
+
+
+@click.command()
+@click.option("--experiment", default="digits", show_default=True,
+              help="MLflow experiment (the dataset's name unless train got --experiment).")
+@click.option("--sort", "sort", default="test_acc", show_default=True,
+              help="Column to sort by, better first (e.g. val_acc, latency_ms_p50).")
+@click.option("--reverse", is_flag=True, help="Reverse the sort order.")
+@click.option("--out", default="reports", show_default=True, type=click.Path(path_type=Path),
+              help="Folder for compare-<experiment>.csv and .md.")
+def compare_command(experiment: str, sort: str, reverse: bool, out: Path) -> None:
+    """Print and save a table of the experiment's training and ensemble runs."""
+    try:
+        uri = tracking_uri()
+        check_tracking_server(uri)
+        rows = sort_rows(compare_runs(connect(uri), experiment), sort, reverse)
+    except (ComparisonError, ServiceError) as exc:
+        raise click.ClickException(mask_text(str(exc).splitlines()[0])) from None
+    columns = useful_columns(rows)
+    if not rows:
+        click.echo(f"experiment '{experiment}' has no training or ensemble runs yet")
+    else:
+        click.echo(text_table(rows, [c for c in columns if c != "run_id"]))
+    csv_path, md_path = write_table(rows, out, report_stem(experiment), columns)
+    click.echo(f"wrote {csv_path} and {md_path}", err=True)
+
+
+compare_command.name = "compare"
+
+if __name__ == "__main__":
+    compare_command()

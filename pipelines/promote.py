@@ -1,0 +1,49 @@
+"""`cnnflow promote`: apply the promotion rule to the challenger, force it, or roll back."""
+
+from __future__ import annotations
+
+import click
+
+from components.config import mask_text
+from components.registry import RegistryError, default_name, promote, version_summary
+from components.services import ServiceError, check_tracking_server, tracking_uri
+from components.tracking import connect
+
+
+@click.command()
+@click.option("--registered-model", default="", help="Registered model name.")
+@click.option("--experiment", default="",
+              help="Or the experiment: the name is then <experiment>-classifier.")
+@click.option("--version", default="",
+              help="Make this version champion directly (rollback); skips the rule.")
+@click.option("--metric", default="test_acc", show_default=True,
+              help="Metric the rule compares (losses and costs: lower is better).")
+@click.option("--min-delta", default=0.0, show_default=True, type=float,
+              help="The challenger must beat the champion by at least this much.")
+@click.option("--force", is_flag=True, help="Promote the challenger whatever the rule says.")
+def promote_command(registered_model: str, experiment: str, version: str, metric: str,
+                    min_delta: float, force: bool) -> None:
+    """Move the `champion` alias by the rule: better on the same dataset split, or stay."""
+    name = registered_model or (default_name(experiment) if experiment else "")
+    try:
+        if not name:
+            raise RegistryError("pass --registered-model NAME or --experiment NAME")
+        if version and force:
+            raise RegistryError("--version already sets the champion; drop --force")
+        uri = tracking_uri()
+        check_tracking_server(uri)
+        client = connect(uri)
+        decision = promote(client, name, version=version or None, metric=metric,
+                           min_delta=min_delta, force=force)
+    except (RegistryError, ServiceError) as exc:
+        raise click.ClickException(mask_text(str(exc).splitlines()[0])) from None
+    click.echo(decision.line())
+    for row in version_summary(client, name)[:5]:
+        aliases = f" @{row['aliases'].replace(',', ' @')}" if row["aliases"] else ""
+        click.echo(f"  v{row['version']}{aliases}  run {row['run_id']}  {row['decision']}")
+
+
+promote_command.name = "promote"
+
+if __name__ == "__main__":
+    promote_command()

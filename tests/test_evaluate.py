@@ -1,0 +1,231 @@
+"""`cnnflow evaluate` and `cnnflow compare` against a real MLflow server and real models."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from sklearn.metrics import precision_recall_fscore_support
+
+from components.ensemble import ensemble_defaults
+from components.evaluation import eval_defaults
+from components.models import count_parameters
+from pipelines.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = {"confusion_matrix.png", "confusion_matrix_normalized.png", "per_class_accuracy.png",
+           "misclassified.png", "reliability.png", "classification_report.json",
+           "predictions.csv"}
+COST = ("params_count", "model_size_mb", "latency_ms_p50", "latency_ms_p95",
+        "throughput_images_per_sec", "peak_memory_mb")
+
+
+@pytest.fixture
+def client(trained_pair, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained_pair.uri)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    mlflow.set_tracking_uri(trained_pair.uri)
+    return MlflowClient(trained_pair.uri)
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    return lines[0]
+
+
+def manifest_split(client: MlflowClient, run_id: str, data: Path, split: str, tmp: Path):
+    local = client.download_artifacts(run_id, "data/manifest.csv", str(tmp))
+    with open(local) as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == split]
+    return [str(data / r["path"]) for r in rows], np.array([int(r["class_index"]) for r in rows])
+
+
+def versions(client: MlflowClient, name: str) -> list:
+    return client.search_model_versions(f"name = '{name}'")
+
+
+def test_evaluate_logs_correct_metrics_figures_cost_and_registers(client, trained_pair,
+                                                                  tmp_path):
+    run_id = trained_pair.runs["custom_cnn"]
+    result = invoke("evaluate", "--run-id", run_id, "--registered-model", "eval-main",
+                    "--latency-runs", "5")
+    assert result.exit_code == 0, result.output
+    assert "test_acc" in result.output and "eval-main v1" in result.output
+    run = client.get_run(run_id)
+    m = run.data.metrics
+
+    # Hand computation from the model's own predictions on the run's own test split.
+    paths, labels = manifest_split(client, run_id, trained_pair.data, "test", tmp_path)
+    model = mlflow.pyfunc.load_model(run.data.tags["cnnflow.model_uri"])
+    out = model.predict(paths)
+    classes = [f"k{i}" for i in range(6)]
+    probs = out[[f"prob_{c}" for c in classes]].to_numpy()
+    preds = probs.argmax(1)
+    assert m["test_acc"] == pytest.approx((preds == labels).mean())
+    assert m["test_loss"] == pytest.approx(-np.log(probs[np.arange(len(labels)), labels]).mean(),
+                                           rel=1e-4)
+    top5 = np.argsort(-probs, 1)[:, :5]
+    assert m["test_top5_acc"] == pytest.approx((top5 == labels[:, None]).any(1).mean())
+    for i, name in enumerate(classes):
+        mask = labels == i
+        assert m[f"test_acc_{name}"] == pytest.approx((preds[mask] == i).mean())
+        assert m[f"test_loss_{name}"] == pytest.approx(
+            -np.log(probs[mask, i]).mean(), rel=1e-4)
+    for avg in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(labels, preds, average=avg,
+                                                     labels=range(6), zero_division=0)
+        assert (m[f"test_precision_{avg}"], m[f"test_recall_{avg}"], m[f"test_f1_{avg}"]) == \
+            pytest.approx((p, r, f))
+    conf, correct = probs.max(1), preds == labels
+    bins = np.clip(np.ceil(conf * 15).astype(int) - 1, 0, 14)
+    ece = sum((bins == b).mean() * abs(correct[bins == b].mean() - conf[bins == b].mean())
+              for b in range(15) if (bins == b).any())
+    assert m["test_ece"] == pytest.approx(ece, abs=1e-6)
+
+    files = {Path(f.path).name for f in client.list_artifacts(run_id, "evaluation/test")}
+    assert FIGURES <= files
+    report = json.loads(Path(client.download_artifacts(
+        run_id, "evaluation/test/classification_report.json", str(tmp_path))).read_text())
+    expected = np.zeros((6, 6), dtype=int)
+    np.add.at(expected, (labels, preds), 1)
+    assert report["confusion_matrix"] == expected.tolist()
+    assert report["sklearn"]["accuracy"] == pytest.approx(m["test_acc"])
+
+    for key in COST:
+        assert m[key] > 0, key
+    assert m["params_count"] == count_parameters(model.unwrap_python_model().model)
+    assert m["latency_ms_p95"] >= m["latency_ms_p50"]
+    assert report["cost"]["device"] == "cpu"
+
+    # Registered as v1 of eval-main, tagged, challenger; the first version becomes champion.
+    (version,) = versions(client, "eval-main")
+    assert version.run_id == run_id and version.tags["cnnflow.run_id"] == run_id
+    assert version.tags["cnnflow.dataset_digest"] == run.data.tags["cnnflow.dataset_digest"]
+    assert float(version.tags["test_acc"]) == pytest.approx(m["test_acc"])
+    assert version.tags["cnnflow.model"] == "custom_cnn"
+    assert client.get_model_version_by_alias("eval-main", "champion").version == "1"
+    assert client.get_model_version_by_alias("eval-main", "challenger").version == "1"
+    assert version.tags["cnnflow.promotion"] == "promoted"
+
+    # The same model through its registry URI: same numbers, into the same run.
+    result = invoke("evaluate", "--model-uri", "models:/eval-main@champion", "--register",
+                    "false", "--cost", "false")
+    assert result.exit_code == 0, result.output
+    assert client.get_run(run_id).data.metrics["test_acc"] == pytest.approx(m["test_acc"])
+    assert len(versions(client, "eval-main")) == 1
+
+
+def test_val_split_is_prefixed_leaves_epoch_curves_alone_and_registers_nothing(client,
+                                                                               trained_pair):
+    run_id = trained_pair.runs["lenet5"]
+    before = sorted(x.step for x in client.get_metric_history(run_id, "val_loss"))
+    result = invoke("evaluate", "--run-id", run_id, "--split", "val", "--cost", "false",
+                    "--registered-model", "eval-val")
+    assert result.exit_code == 0, result.output
+    m = client.get_run(run_id).data.metrics
+    assert {"val_f1_macro", "val_top5_acc", "val_ece", "val_acc_k0"} <= set(m)
+    assert sorted(x.step for x in client.get_metric_history(run_id, "val_loss")) == before
+    files = {Path(f.path).name for f in client.list_artifacts(run_id, "evaluation/val")}
+    assert "confusion_matrix.png" in files
+    assert versions(client, "eval-val") == []
+
+
+def fake_run(client: MlflowClient, experiment: str, tags: dict[str, str],
+             params: dict[str, str] | None = None, manifest: list[dict] | None = None,
+             tmp: Path | None = None) -> str:
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    run = client.create_run(exp_id, tags=tags)
+    for k, v in (params or {}).items():
+        client.log_param(run.info.run_id, k, v)
+    if manifest is not None:
+        path = tmp / "manifest.csv"
+        with path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["path", "label", "class_index", "split"])
+            writer.writeheader()
+            writer.writerows(manifest)
+        client.log_artifact(run.info.run_id, str(path), artifact_path="data")
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def test_bad_input_is_one_line_and_changes_no_registry(client, trained_pair, tmp_path):
+    source = client.get_run(trained_pair.runs["custom_cnn"])
+    uri = source.data.tags["cnnflow.model_uri"]
+    no_model = fake_run(client, "bad-eval", {"cnnflow.step": "train"})
+    rows = [{"path": "k0/img000.png", "label": "k0", "class_index": 0, "split": "train"},
+            {"path": "k1/img000.png", "label": "k1", "class_index": 1, "split": "train"}]
+    empty_test = fake_run(client, "bad-eval", {"cnnflow.step": "train", "cnnflow.model_uri": uri},
+                          {"data": str(trained_pair.data)}, rows, tmp_path)
+    missing = fake_run(client, "bad-eval", {"cnnflow.step": "train", "cnnflow.model_uri": uri},
+                       {"data": str(trained_pair.data)},
+                       [{**rows[0], "split": "test", "path": "k0/gone.png"}], tmp_path)
+    cases = [
+        (["--run-id", "0123456789abcdef0123456789abcdef"], "does not exist"),
+        (["--run-id", no_model], "has no logged model"),
+        (["--model-uri", "models:/eval-bad@champion"], "has no alias 'champion'"),
+        (["--model-uri", "models:/eval-bad/7"], "has no version 7"),
+        (["--run-id", empty_test], "test split of run"),
+        (["--run-id", missing], "missing"),
+        ([], "exactly one of --run-id or --model-uri"),
+        (["--run-id", no_model, "--split", "train"], "split must be val or test"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(cli, ["evaluate", *args, "--registered-model", "eval-bad"])
+        assert message in error_line(result), (args, result.output)
+    with pytest.raises(MlflowException):  # the registered model was never created
+        client.get_registered_model("eval-bad")
+
+
+def test_compare_prints_sorts_and_writes_tables(client, trained_pair, tmp_path):
+    result = invoke("compare", "--experiment", "pair", "--sort", "val_acc", "--out",
+                    str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert "custom_cnn-v1" in result.output and "lenet5-v1" in result.output
+    with (tmp_path / "compare-pair.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    train_rows = [r for r in rows if r["step"] == "train"]
+    assert {r["run_id"] for r in train_rows} >= set(trained_pair.runs.values())
+    accs = [float(r["val_acc"]) for r in rows if r["val_acc"]]
+    assert accs == sorted(accs, reverse=True)
+    assert {"model", "version", "train_acc", "test_acc", "test_loss", "lr", "batch_size",
+            "latency_ms_p50"} <= set(rows[0])
+    md = (tmp_path / "compare-pair.md").read_text()
+    assert md.startswith("| run | model | version |") and "custom_cnn-v1" in md
+
+    result = invoke("compare", "--experiment", "pair", "--sort", "test_loss", "--reverse",
+                    "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["compare", "--experiment", "pair", "--sort", "nope",
+                                      "--out", str(tmp_path)])
+    assert "unknown column 'nope'" in error_line(result)
+    result = CliRunner().invoke(cli, ["compare", "--experiment", "no-such-exp", "--out",
+                                      str(tmp_path)])
+    assert "does not exist" in error_line(result)
+
+
+@pytest.mark.parametrize("entry, defaults", [("evaluate", eval_defaults()),
+                                             ("ensemble", ensemble_defaults())])
+def test_mlproject_entry_points_match_the_cli(entry, defaults):
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][entry]
+    declared = {name: p["default"] for name, p in spec["parameters"].items()}
+    assert declared.keys() == defaults.keys()
+    for name, default in defaults.items():
+        if isinstance(default, bool):
+            assert str(declared[name]).lower() == str(default).lower(), name
+        else:
+            assert type(default)(declared[name]) == default, name
+        assert f"--{name.replace('_', '-')} {{{name}}}" in spec["command"], name

@@ -19,6 +19,7 @@ from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 
 from components import registry, tracking
+from components.errors import CnnflowError
 
 # column -> its source: ("metric", names...), ("param", name), ("tag", name), ("info", attr)
 COLUMNS: dict[str, tuple[str, ...]] = {
@@ -60,7 +61,7 @@ _INTEGER = re.compile(r"^-?\d+$")
 _NUMBER = re.compile(r"^-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
-class ComparisonError(RuntimeError):
+class ComparisonError(CnnflowError, RuntimeError):
     """Bad compare input; one line saying what to do."""
 
 

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from components.config import data_cache_dir
+from components.errors import CnnflowError
 from components.images import to_rgb  # lives there: torch-free for worker processes
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -51,7 +52,7 @@ _STALE_TMP_SEC = 3600
 _THREADED_MIN_BYTES = 16 * 1024  # below this mean file size, threads cost more than they save
 
 
-class DataError(ValueError):
+class DataError(CnnflowError, ValueError):
     """Bad input data; the message is one line saying what is wrong and what to do."""
 
     def __init__(self, message: str) -> None:

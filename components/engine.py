@@ -23,8 +23,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from components.errors import CnnflowError
 
-class EngineError(RuntimeError):
+
+class EngineError(CnnflowError, RuntimeError):
     """A training problem the user can act on (bad option, unavailable device)."""
 
 

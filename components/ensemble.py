@@ -42,6 +42,7 @@ from components import evaluation, tracking
 from components.comparison import write_table
 from components.datasets import DatasetSplits
 from components.engine import resolve_device
+from components.errors import CnnflowError
 from components.serving import ImageClassifier, _items, log_proba, probability_frame
 
 VoteFn = Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]
@@ -49,7 +50,7 @@ VOTES: dict[str, VoteFn] = {}
 _HARD_TIE_BREAK = 1e-6
 
 
-class EnsembleError(RuntimeError):
+class EnsembleError(CnnflowError, RuntimeError):
     """Bad ensemble input (members, vote, weights); one line saying what to do."""
 
     def __init__(self, message: str) -> None:

@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 from components import registry, tracking
 from components.datasets import SPLITS, DatasetSplits, load_rgb, resolve_data
 from components.engine import resolve_device
+from components.errors import CnnflowError
 from components.models import count_parameters
 
 ECE_BINS = 15
@@ -58,7 +59,7 @@ _EPOCH_CURVES = ("val_loss", "val_acc")
 _METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(CnnflowError, RuntimeError):
     """Bad evaluation input (run, model, split, data); one line saying what to do."""
 
     def __init__(self, message: str) -> None:

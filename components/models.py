@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.errors import CnnflowError
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -55,7 +57,7 @@ _STATE_DICT_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".tar"}
 _PROBE_TIMEOUT_S = 5.0
 
 
-class ModelError(ValueError):
+class ModelError(CnnflowError, ValueError):
     """A bad model request (name, size, weights, freeze): the message says what to do instead."""
 
 

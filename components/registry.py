@@ -24,6 +24,8 @@ from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from components.errors import CnnflowError
+
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 DIGEST_TAG = "cnnflow.dataset_digest"
@@ -42,7 +44,7 @@ _ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
 _LOGGED_URI = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]+)$")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(CnnflowError, RuntimeError):
     """A registry request that cannot be honoured; one line saying what to do."""
 
     def __init__(self, message: str) -> None:

@@ -34,11 +34,12 @@ from components.config import (
     mask_uri,
     state_dir,
 )
+from components.errors import CnnflowError
 
 STOP_GRACE_SECONDS = 10.0
 
 
-class ServiceError(RuntimeError):
+class ServiceError(CnnflowError, RuntimeError):
     """A service cannot be started, stopped or reached; one line saying what to do about it."""
 
 

@@ -10,7 +10,7 @@ import dataclasses
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from components import tracking
 from components.config import mask_uri
 from components.datasets import DatasetSplits, class_weights, load_splits, make_loaders
 from components.engine import (
+    Callback,
     ConsoleCallback,
     FitResult,
     TrainConfig,
@@ -29,11 +30,12 @@ from components.engine import (
     seed_everything,
 )
 from components.engine import resolve_device as _resolve_device
+from components.errors import CnnflowError
 from components.models import create_model, model_normalization
 from components.preprocess import load_prepared
 
 
-class TrainingError(RuntimeError):
+class TrainingError(CnnflowError, RuntimeError):
     """A run-level problem (bad resume target, bad parameter) with a one-line message."""
 
 
@@ -129,12 +131,16 @@ def run_url(tracking_uri: str, exp_id: str, run_id: str) -> str:
 def train(params: TrainParams, tracking_uri: str, *, progress: bool | None = None,
           log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
           train_sample: Callable[[DatasetSplits], DatasetSplits] | None = None,
-          parent_run_id: str | None = None) -> TrainOutcome:
+          parent_run_id: str | None = None, callbacks: Sequence[Callback] = (),
+          run_tags: dict[str, str] | None = None) -> TrainOutcome:
     """Train one model as one MLflow run (or continue `params.resume`); returns where it went.
 
     Hooks for bagging (components.ensemble): `train_sample` swaps the train list the loaders
     read (a bootstrap sample) while the logged manifest and digest stay the dataset's own, so
     members stay comparable; `parent_run_id` nests the run under the ensemble's run.
+    Hooks for tuning / cross-validation: `callbacks` run after MLflow's each epoch (a pruning
+    callback raises there; an exception with `run_status` / `run_tags` attributes ends the
+    run with that status and those tags instead of FAILED); `run_tags` go on the new run.
     """
     client = tracking.connect(tracking_uri)
     progress = sys.stderr.isatty() if progress is None else progress
@@ -169,6 +175,8 @@ def train(params: TrainParams, tracking_uri: str, *, progress: bool | None = Non
     if resumed is not None:
         _check_same_data(client, params.resume, splits.digest())
     run_id, exp_id, run_name = _open_run(client, params, splits.name, parent_run_id)
+    if run_tags:
+        tracking.log_params_and_tags(client, run_id, {}, run_tags)
     callback = tracking.MLflowCallback(client, run_id)
     with tempfile.TemporaryDirectory(prefix="cnnflow-train-") as tmp:
         work = Path(tmp)
@@ -183,7 +191,7 @@ def train(params: TrainParams, tracking_uri: str, *, progress: bool | None = Non
                                run_name, work, source)
             result = fit(model, loaders["train"], loaders["val"], params.engine_config(progress),
                          work / "ckpt", class_weights=weights,
-                         callbacks=[ConsoleCallback(f"{run_name} "), callback],
+                         callbacks=[ConsoleCallback(f"{run_name} "), callback, *callbacks],
                          resume_from=resume_from)
             callback.flush()
             tracking.log_metrics(client, run_id, result.final_metrics())
@@ -198,7 +206,10 @@ def train(params: TrainParams, tracking_uri: str, *, progress: bool | None = Non
             _abort(client, callback, run_id, "KILLED", "interrupted by the user (Ctrl-C)")
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure must end the run
-            _abort(client, callback, run_id, "FAILED", f"{type(exc).__name__}: {exc}")
+            for key, value in getattr(exc, "run_tags", {}).items():
+                client.set_tag(run_id, key, value)
+            _abort(client, callback, run_id, getattr(exc, "run_status", "FAILED"),
+                   f"{type(exc).__name__}: {exc}")
             raise
     return TrainOutcome(run_id, run_name, exp_id, result, model_uri,
                         run_url(tracking_uri, exp_id, run_id))

@@ -18,6 +18,7 @@ COMMANDS = {
     "ensemble": "pipelines.ensemble:ensemble_command",
     "promote": "pipelines.promote:promote_command",
     "compare": "pipelines.compare:compare_command",
+    "tune": "pipelines.tune:tune_command",
     "up": "pipelines.services:up",
     "down": "pipelines.services:down",
     "status": "pipelines.services:status",

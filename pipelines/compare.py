@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from components.comparison import (
-    ComparisonError,
     compare_runs,
     report_stem,
     sort_rows,
@@ -15,9 +14,8 @@ from components.comparison import (
     useful_columns,
     write_table,
 )
-from components.config import mask_text
-from components.services import ServiceError, check_tracking_server, tracking_uri
 from components.tracking import connect
+from pipelines.options import reachable_tracking_uri, user_errors
 
 
 @click.command()
@@ -30,12 +28,9 @@ from components.tracking import connect
               help="Folder for compare-<experiment>.csv and .md.")
 def compare_command(experiment: str, sort: str, reverse: bool, out: Path) -> None:
     """Print and save a table of the experiment's training and ensemble runs."""
-    try:
-        uri = tracking_uri()
-        check_tracking_server(uri)
-        rows = sort_rows(compare_runs(connect(uri), experiment), sort, reverse)
-    except (ComparisonError, ServiceError) as exc:
-        raise click.ClickException(mask_text(str(exc).splitlines()[0])) from None
+    with user_errors():
+        rows = sort_rows(compare_runs(connect(reachable_tracking_uri()), experiment), sort,
+                         reverse)
     columns = useful_columns(rows)
     if not rows:
         click.echo(f"experiment '{experiment}' has no training or ensemble runs yet")

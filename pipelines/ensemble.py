@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import sys
-
 import click
 
 from components.comparison import text_table
-from components.config import mask_text
-from components.datasets import DataError
-from components.engine import EngineError
-from components.ensemble import EnsembleError, EnsembleParams, run_ensemble
-from components.evaluation import EvaluationError
-from components.models import ModelError
-from components.services import ServiceError, check_tracking_server, tracking_uri
-from components.training import TrainingError
+from components.ensemble import EnsembleParams, run_ensemble
+from pipelines.options import dataclass_options, reachable_tracking_uri, user_errors
 
 HELP = {
     "run_ids": "Member run ids, comma-separated (default: the experiment's top-k).",
@@ -41,34 +31,14 @@ HELP = {
     "seed": "Bagging: split seed (bootstrap i uses seed + 1 + i).",
 }
 
-USER_ERRORS = (EnsembleError, EvaluationError, DataError, ModelError, EngineError,
-               ServiceError, TrainingError, FileNotFoundError)
-
-
-def _options(func):
-    """One click option per EnsembleParams field, so defaults live in exactly one place."""
-    for field in reversed(dataclasses.fields(EnsembleParams)):
-        flag = "--" + field.name.replace("_", "-")
-        func = click.option(flag, field.name, type=type(field.default), default=field.default,
-                            show_default=True, help=HELP[field.name])(func)
-    return func
 
 
 @click.command()
-@_options
+@dataclass_options(EnsembleParams, HELP)
 def ensemble_command(**kwargs) -> None:
     """Soft-vote trained models (or bag new ones) into one logged, servable model."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    params = EnsembleParams(**kwargs)
-    uri = tracking_uri()
-    try:
-        check_tracking_server(uri)
-        outcome = run_ensemble(params, uri)
-    except USER_ERRORS as exc:
-        raise click.ClickException(mask_text(str(exc).splitlines()[0])) from None
-    except KeyboardInterrupt:
-        click.echo("interrupted: the run was marked KILLED", err=True)
-        sys.exit(130)
+    with user_errors():
+        outcome = run_ensemble(EnsembleParams(**kwargs), reachable_tracking_uri())
     columns = [c for c in ("member", "model", "weight", "val_acc", "val_loss", "test_acc",
                            "test_loss") if any(c in row for row in outcome.table)]
     click.echo(text_table(outcome.table, columns), err=True)

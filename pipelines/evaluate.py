@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-import os
-
 import click
 
-from components.config import mask_text
-from components.datasets import DataError
-from components.engine import EngineError
-from components.evaluation import EvalParams, EvaluationError, evaluate
-from components.models import ModelError
-from components.registry import RegistryError
-from components.services import ServiceError, check_tracking_server, tracking_uri
+from components.evaluation import EvalParams, evaluate
+from pipelines.options import dataclass_options, reachable_tracking_uri, user_errors
 
 HELP = {
     "run_id": "Run to evaluate (a train or ensemble run); or use --model-uri.",
@@ -31,31 +23,14 @@ HELP = {
     "min_delta": "The challenger must beat the champion by at least this much.",
 }
 
-USER_ERRORS = (EvaluationError, RegistryError, DataError, ModelError, EngineError,
-               ServiceError, FileNotFoundError)
-
-
-def _options(func):
-    """One click option per EvalParams field, so defaults live in exactly one place."""
-    for field in reversed(dataclasses.fields(EvalParams)):
-        flag = "--" + field.name.replace("_", "-")
-        func = click.option(flag, field.name, type=type(field.default), default=field.default,
-                            show_default=True, help=HELP[field.name])(func)
-    return func
 
 
 @click.command()
-@_options
+@dataclass_options(EvalParams, HELP)
 def evaluate_command(**kwargs) -> None:
     """Test metrics, figures and cost of a model, logged into its run; then registry."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    params = EvalParams(**kwargs)
-    uri = tracking_uri()
-    try:
-        check_tracking_server(uri)
-        outcome = evaluate(params, uri)
-    except USER_ERRORS as exc:
-        raise click.ClickException(mask_text(str(exc).splitlines()[0])) from None
+    with user_errors():
+        outcome = evaluate(EvalParams(**kwargs), reachable_tracking_uri())
     m, split = outcome.metrics, outcome.split
     line = (f"{outcome.run_name}  run {outcome.run_id}  {split}_acc {m[f'{split}_acc']:.4f}  "
             f"{split}_loss {m[f'{split}_loss']:.4f}")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Iterator
 
 
 def dataclass_options(params_cls: type, help_texts: dict[str, str]) -> Callable:
@@ -27,3 +30,33 @@ def click_option(flag: str, name: str, default: object, help_text: str) -> Calla
     extra = {"is_flag": False, "metavar": "true|false"} if kind is bool else {}
     return click.option(flag, name, type=kind, default=default, show_default=True,
                         help=help_text, **extra)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """What the user can fix becomes one masked line and exit 1; Ctrl-C exits 130.
+
+    The step itself has already ended its MLflow run FAILED or KILLED with the reason.
+    """
+    import click
+
+    from components.config import mask_text
+    from components.errors import CnnflowError
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        yield
+    except (CnnflowError, FileNotFoundError) as exc:
+        raise click.ClickException(mask_text(str(exc).splitlines()[0])) from None
+    except KeyboardInterrupt:
+        click.echo("interrupted: the run was marked KILLED", err=True)
+        sys.exit(130)
+
+
+def reachable_tracking_uri() -> str:
+    """The tracking server this command will use, checked first so a typo costs seconds."""
+    from components.services import check_tracking_server, tracking_uri
+
+    uri = tracking_uri()
+    check_tracking_server(uri)
+    return uri

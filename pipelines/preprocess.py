@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import click
 
-from components.config import mask_text
-from components.datasets import DataError
 from components.preprocess import PreprocessParams, run_preprocess
-from components.services import ServiceError, check_tracking_server, tracking_uri
-from pipelines.options import dataclass_options
+from pipelines.options import dataclass_options, reachable_tracking_uri, user_errors
 
 HELP = {
     "data": "`digits` (bundled) or a folder: root/<class>/* or root/{train,val,test}/<class>/*.",
@@ -25,25 +19,16 @@ HELP = {
     "num_workers": "Processes reading files: -1 = one per CPU core, 0 = this process only.",
 }
 
-USER_ERRORS = (DataError, ServiceError, FileNotFoundError)
 
 
 @click.command()
 @dataclass_options(PreprocessParams, HELP)
 def preprocess(**kwargs) -> None:
     """Split a dataset once, leak-free, into a manifest (and optional tensor cache) run."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     params = PreprocessParams(**kwargs)
-    uri = tracking_uri()
-    try:
+    with user_errors():
         params.validate()
-        check_tracking_server(uri)
-        outcome = run_preprocess(params, uri)
-    except USER_ERRORS as exc:
-        raise click.ClickException(mask_text(str(exc).splitlines()[0])) from None
-    except KeyboardInterrupt:
-        click.echo("interrupted (a run already started is marked KILLED)", err=True)
-        sys.exit(130)
+        outcome = run_preprocess(params, reachable_tracking_uri())
     m = outcome.metrics
     click.echo(f"{outcome.run_name}  run {outcome.run_id}  train {m['n_train']:.0f} "
                f"val {m['n_val']:.0f} test {m['n_test']:.0f}  moved {m['n_leakage_moved']:.0f}"

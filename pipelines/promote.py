@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import click
 
-from components.config import mask_text
 from components.registry import RegistryError, default_name, promote, version_summary
-from components.services import ServiceError, check_tracking_server, tracking_uri
 from components.tracking import connect
+from pipelines.options import reachable_tracking_uri, user_errors
 
 
 @click.command()
@@ -25,18 +24,14 @@ def promote_command(registered_model: str, experiment: str, version: str, metric
                     min_delta: float, force: bool) -> None:
     """Move the `champion` alias by the rule: better on the same dataset split, or stay."""
     name = registered_model or (default_name(experiment) if experiment else "")
-    try:
+    with user_errors():
         if not name:
             raise RegistryError("pass --registered-model NAME or --experiment NAME")
         if version and force:
             raise RegistryError("--version already sets the champion; drop --force")
-        uri = tracking_uri()
-        check_tracking_server(uri)
-        client = connect(uri)
+        client = connect(reachable_tracking_uri())
         decision = promote(client, name, version=version or None, metric=metric,
                            min_delta=min_delta, force=force)
-    except (RegistryError, ServiceError) as exc:
-        raise click.ClickException(mask_text(str(exc).splitlines()[0])) from None
     click.echo(decision.line())
     for row in version_summary(client, name)[:5]:
         aliases = f" @{row['aliases'].replace(',', ' @')}" if row["aliases"] else ""

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import sys
-
 import click
 
-from components.config import mask_text
-from components.datasets import DataError
-from components.engine import EngineError
-from components.models import ModelError
-from components.services import ServiceError, check_tracking_server, tracking_uri
-from components.training import TrainingError, TrainParams
+from components.training import TrainParams
 from components.training import train as run_training
+from pipelines.options import dataclass_options, reachable_tracking_uri, user_errors
 
 HELP = {
     "data": "`digits` (bundled) or a folder: root/<class>/* or root/{train,val,test}/<class>/*.",
@@ -50,34 +42,14 @@ HELP = {
     "resume": "Run id of an unfinished run to continue from its last checkpoint.",
 }
 
-USER_ERRORS = (DataError, ModelError, EngineError, ServiceError, TrainingError,
-               FileNotFoundError)
-
-
-def _options(func):
-    """One click option per TrainParams field, so defaults live in exactly one place."""
-    for field in reversed(dataclasses.fields(TrainParams)):
-        flag = "--" + field.name.replace("_", "-")
-        func = click.option(flag, field.name, type=type(field.default), default=field.default,
-                            show_default=True, help=HELP[field.name])(func)
-    return func
 
 
 @click.command()
-@_options
+@dataclass_options(TrainParams, HELP)
 def train(**kwargs) -> None:
     """Train one model; every epoch is logged to MLflow as it happens."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    params = TrainParams(**kwargs)
-    uri = tracking_uri()
-    try:
-        check_tracking_server(uri)
-        outcome = run_training(params, uri)
-    except USER_ERRORS as exc:
-        raise click.ClickException(mask_text(str(exc).splitlines()[0])) from None
-    except KeyboardInterrupt:
-        click.echo("interrupted: the run was marked KILLED", err=True)
-        sys.exit(130)
+    with user_errors():
+        outcome = run_training(TrainParams(**kwargs), reachable_tracking_uri())
     r = outcome.result
     early = ", stopped early" if r.stopped_early else ""
     click.echo(f"{outcome.run_name}  run {outcome.run_id}  best_val_acc {r.best_val_acc:.4f} "

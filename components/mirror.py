@@ -40,6 +40,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 
 from components.config import mask_text, mask_uri
+from components.errors import CnnflowError
 
 logger = logging.getLogger("cnnflow.mirror")
 
@@ -47,8 +48,9 @@ TRAININGS, EPOCHS, STATUS, SYNC = "trainings", "epochs", "status", "_sync"
 STATE_ID = "state"
 STEP_TAG = "cnnflow.step"
 ERROR_TAG = "cnnflow.error"
-# Data-preparation runs describe datasets, not models: they stay out of the mirror.
-EXCLUDED_STEPS = frozenset({"eda", "preprocess"})
+# Data-preparation runs describe datasets, not models, and the run `mlflow run -e sync` opens
+# for the sync job itself describes nothing: they stay out of the mirror.
+EXCLUDED_STEPS = frozenset({"eda", "preprocess", "sync"})
 # Per-epoch metrics (logged with step = epoch >= 1) that become `epochs` documents.
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_sec",
                  "train_images_per_sec")
@@ -58,7 +60,7 @@ BULK_HISTORY_MAX = 25000  # MLflow's cap on points per get-history-bulk answer
 BULK_HISTORY_RUNS = 100  # and on run ids per request
 
 
-class MirrorError(RuntimeError):
+class MirrorError(CnnflowError, RuntimeError):
     """MLflow or Mongo cannot be used for the mirror; one line, passwords masked."""
 
 
@@ -83,6 +85,7 @@ class PassReport:
     deleted: int = 0  # runs removed from the mirror
     reconciled: bool = False
     seconds: float = 0.0
+    read_seconds: float = 0.0  # of which reading MLflow (listing, registry, histories)
     changed_ids: list[str] = field(default_factory=list)
 
     def line(self) -> str:
@@ -394,8 +397,17 @@ def status_doc(run: Run, status: str, now: datetime) -> dict[str, Any]:
 def epoch_doc(run_id: str, epoch: int, row: dict[str, Any]) -> dict[str, Any]:
     doc = {"_id": f"{run_id}:{epoch}", "run_id": run_id, "epoch": epoch,
            **{k: row[k] for k in EPOCH_METRICS if k in row}}
-    doc["timestamp"] = _ms_to_dt(row.get("timestamp"))
+    if row.get("timestamp"):
+        doc["timestamp"] = _ms_to_dt(row["timestamp"])
     return doc
+
+
+def _upsert_by_id(doc: dict[str, Any]):
+    """An upsert keyed by `_id` that does not $set `_id` itself (immutable in MongoDB)."""
+    from pymongo import UpdateOne
+
+    return UpdateOne({"_id": doc["_id"]}, {"$set": {k: v for k, v in doc.items() if k != "_id"}},
+                     upsert=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,7 +427,6 @@ def _replace_unset(doc: dict[str, Any], fields: Iterable[str]) -> dict[str, Any]
 def _bulk(collection, ops: list, fresh_inserts: list[dict[str, Any]] | None = None) -> None:
     """Unordered bulk write; inserts that hit an existing key are redone as upserts, and a
     race with a concurrent sync (duplicate key on upsert) is retried once."""
-    from pymongo import UpdateOne
     from pymongo.errors import BulkWriteError
 
     if fresh_inserts:
@@ -427,9 +438,7 @@ def _bulk(collection, ops: list, fresh_inserts: list[dict[str, Any]] | None = No
             errors = exc.details.get("writeErrors", [])
             if any(e.get("code") != 11000 for e in errors):
                 raise
-            ops = ops + [UpdateOne({"_id": fresh_inserts[e["index"]]["_id"]},
-                                   {"$set": fresh_inserts[e["index"]]}, upsert=True)
-                         for e in errors]
+            ops = ops + [_upsert_by_id(fresh_inserts[e["index"]]) for e in errors]
     if not ops:
         return
     for attempt in (1, 2):
@@ -501,6 +510,7 @@ def sync_pass(client: MlflowClient, db, tracking_uri: str, options: SyncOptions,
             changed.append((run, status, fp))
 
     histories = HistoryReader(client, tracking_uri).read([r for r, _, _ in changed])
+    report.read_seconds = time.perf_counter() - started
     epoch_ops, fresh, training_ops, status_ops, sync_ops = [], [], [], [], []
     for run, status, fp in changed:
         run_id = run.info.run_id
@@ -514,7 +524,7 @@ def sync_pass(client: MlflowClient, db, tracking_uri: str, options: SyncOptions,
                 if seen is None:
                     fresh.append(doc)  # never mirrored: insert, cheaper than an upsert
                 else:
-                    epoch_ops.append(UpdateOne({"_id": doc["_id"]}, {"$set": doc}, upsert=True))
+                    epoch_ops.append(_upsert_by_id(doc))
         report.epochs += sum(1 for e in rows if full or e >= done)
         experiment = experiments.get(run.info.experiment_id, "")
         tdoc = training_doc(run, experiment, status, registry.get(run_id, []), tracking_uri)
@@ -610,6 +620,16 @@ def sync_once(tracking_uri: str, mongo_uri: str, options: SyncOptions) -> PassRe
         mongo.close()
 
 
+def tag_job_run(tracking_uri: str) -> None:
+    """Under `mlflow run -e sync`, MLflow opened a run for the job: tag it so it is not
+    mirrored as if it were a model (nothing to do when run as `cnnflow sync`)."""
+    import os
+
+    job = os.environ.get("MLFLOW_RUN_ID")
+    if job:
+        MlflowClient(tracking_uri).set_tag(job, STEP_TAG, "sync")
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return mask_text(f"{type(exc).__name__}: {text}"[:300])
@@ -630,8 +650,8 @@ def follow(tracking_uri: str, mongo_uri: str, options: SyncOptions, interval: fl
     while not stop():
         began = time.monotonic()
         try:
-            check_servers(tracking_uri, mongo_uri)
-            if mongo is None:
+            if mongo is None:  # first pass, or after an error: probe both, fail fast
+                check_servers(tracking_uri, mongo_uri)
                 mongo = connect_mongo(mongo_uri)
             opts = options if first else SyncOptions(**{**vars(options), "rebuild": False})
             report = sync_pass(client, database(mongo, mongo_uri), tracking_uri, opts)

@@ -74,6 +74,7 @@ class ServiceSpec:
     url: Callable[[str, int], str] | None = None
     health: Callable[[str, float], None] | None = None
     env: Mapping[str, str] = field(default_factory=dict)
+    optional: bool = False  # started only when named (`cnnflow up --with-sync`)
 
 
 SERVICES: dict[str, ServiceSpec] = {}
@@ -213,6 +214,23 @@ register(ServiceSpec(
     url=lambda host, port: f"mongodb://{_url_host(host)}:{port}",
     health=_mongo_ping,
 ))
+
+
+register(ServiceSpec(
+    name="sync",
+    label="Mongo mirror follower (cnnflow sync --follow)",
+    executable="cnnflow",
+    # No port: it runs as long as its process lives; it reads MLFLOW_TRACKING_URI / MONGO_URI,
+    # else the servers `up` recorded under CNNFLOW_HOME (set by _start).
+    args=lambda host, port, home: ["sync", "--follow"],
+    env={"MLFLOW_DISABLE_TELEMETRY": "true"},
+    optional=True,
+))
+
+
+def default_names() -> list[str]:
+    """What a bare `cnnflow up` starts: every service not marked optional."""
+    return [s.name for s in SERVICES.values() if not s.optional]
 
 
 # --------------------------------------------------------------------------- files and processes
@@ -471,7 +489,8 @@ def _start(spec: ServiceSpec, host: str, port: int | None, home: Path) -> tuple[
     url = spec.url(host, port) if spec.url is not None and port is not None else ""
     log = _log_file(home, spec.name)
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **spec.env}
+    # CNNFLOW_HOME: a follower started here finds the servers `up` recorded in this folder.
+    env = {**os.environ, **spec.env, "CNNFLOW_HOME": str(home)}
     with open(log, "ab") as out:
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
         out.write(f"--- cnnflow up {stamp}: {' '.join(command)}\n".encode())
@@ -499,7 +518,8 @@ def up(host: str = DEFAULT_HOST, mlflow_port: int = DEFAULT_MLFLOW_PORT,
     home = _home(home)
     home.mkdir(parents=True, exist_ok=True)
     port_of = {"mlflow": mlflow_port, "mongo": mongo_port, **(ports or {})}
-    specs = _select(names)
+    specs = _select(names) if names is not None else [
+        s for s in SERVICES.values() if not s.optional]
     done: dict[str, ServiceStatus] = {}
     # name -> (spec, pid, url, Popen when we started it now)
     waiting: dict[str, tuple[ServiceSpec, int, str, subprocess.Popen | None]] = {}

@@ -315,3 +315,18 @@ def log_dataset_input(client: MlflowClient, run_id: str, rows: list[dict[str, An
     input_tags = [InputTag(MLFLOW_DATASET_CONTEXT, "training")]
     input_tags += [InputTag(k, mask_uri(str(v))) for k, v in (tags or {}).items()]
     client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=input_tags)])
+
+
+@contextlib.contextmanager
+def not_adopting():
+    """Open new runs inside the block even under `mlflow run`.
+
+    `mlflow run` sets MLFLOW_RUN_ID for the step's own run (tune, cv); a run a step starts
+    besides its own (the retrained best model, the fold ensemble) must not adopt it.
+    """
+    saved = os.environ.pop("MLFLOW_RUN_ID", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["MLFLOW_RUN_ID"] = saved

@@ -73,6 +73,9 @@ class TrainParams:
     amp: str = "auto"
     num_workers: int = 2
     resume: str = ""
+    cv: int = 0
+    cv_ensemble: bool = False
+    extra_train: str = ""
 
     # Parameters that describe the run, not the result; a resumed run may change them.
     RUNTIME = ("device", "amp", "num_workers", "resume", "experiment")
@@ -91,24 +94,39 @@ class TrainParams:
             raise TrainingError(f"batch_size must be >= 1 (got {self.batch_size})")
         if self.num_workers < 0:
             raise TrainingError(f"num_workers must be >= 0 (got {self.num_workers})")
+        if self.cv < 0 or self.cv == 1:
+            raise TrainingError(f"cv must be 0 (off) or >= 2 folds (got {self.cv})")
+        if self.cv_ensemble and not self.cv:
+            raise TrainingError("cv_ensemble needs --cv K (K >= 2 folds to ensemble)")
+        if self.preprocess_run and (self.cv or self.extra_train):
+            raise TrainingError("cv and extra_train read the image folder: drop "
+                                "--preprocess-run, or use it without --cv / --extra-train")
         self.engine_config(progress=False).validate()
 
     def logged(self) -> dict[str, Any]:
         """Params of the run. An empty `preprocess_run` is left out: `mlflow run` logs an empty
         value itself (as "''"), and MLflow refuses a second, different value."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
+        return {f.name: _param_text(getattr(self, f.name)) for f in fields(self)
                 if f.name not in ("resume", "experiment")
-                and not (f.name == "preprocess_run" and not self.preprocess_run)}
+                and not (f.name in ("preprocess_run", "extra_train")
+                         and not getattr(self, f.name))}
 
     @classmethod
     def from_logged(cls, logged: dict[str, str], **runtime: Any) -> TrainParams:
         """Rebuild the parameters of an earlier run from its MLflow params (for resume)."""
         values: dict[str, Any] = {}
         for f in fields(cls):
-            if f.name in logged:
+            if f.name in logged and isinstance(f.default, bool):
+                values[f.name] = logged[f.name].lower() == "true"
+            elif f.name in logged:
                 values[f.name] = type(f.default)(logged[f.name])
         values.update(runtime)
         return cls(**values)
+
+
+def _param_text(value: Any) -> Any:
+    """Booleans as `mlflow run` logs MLproject values ("true"), so both agree."""
+    return str(value).lower() if isinstance(value, bool) else value
 
 
 @dataclass
@@ -163,6 +181,12 @@ def train(params: TrainParams, tracking_uri: str, *, progress: bool | None = Non
         image_size=params.image_size)
     mean, std = model_normalization(params.model)
     fit_splits = train_sample(splits) if train_sample else splits
+    extra = None
+    if params.extra_train:  # train split only; val/test look-alikes are dropped (no leakage)
+        from components.pseudolabel import extra_train_samples
+
+        extra = extra_train_samples(params.extra_train, splits)
+        fit_splits = dataclasses.replace(fit_splits, train=fit_splits.train + extra.samples)
     loaders = make_loaders(fit_splits, params.image_size, params.batch_size,
                            augmentation=params.augmentation, mean=mean, std=std,
                            num_workers=params.num_workers, seed=params.seed,
@@ -189,6 +213,8 @@ def train(params: TrainParams, tracking_uri: str, *, progress: bool | None = Non
             else:
                 _log_run_start(client, run_id, params, splits, device.type, weights_source,
                                run_name, work, source)
+                if extra is not None:
+                    _log_extra_train(client, run_id, extra, work)
             result = fit(model, loaders["train"], loaders["val"], params.engine_config(progress),
                          work / "ckpt", class_weights=weights,
                          callbacks=[ConsoleCallback(f"{run_name} "), callback, *callbacks],
@@ -278,6 +304,9 @@ def _load_resume(client, params: TrainParams) -> TrainParams:
     if run.info.status == "FINISHED":
         raise TrainingError(f"cannot resume: run '{params.resume}' already finished; "
                             "start a new run instead")
+    if "cnnflow.fold" in run.data.tags or "cnnflow.trial" in run.data.tags:
+        raise TrainingError(f"cannot resume: run '{params.resume}' is a cross-validation fold "
+                            "or a tuning trial; run train --cv / tune again instead")
     runtime = {k: getattr(params, k) for k in TrainParams.RUNTIME}
     return TrainParams.from_logged(run.data.params, **runtime)
 
@@ -342,6 +371,16 @@ def _log_run_start(client, run_id: str, params: TrainParams, splits, device: str
     _write_csv(data_dir / "skipped_files.csv",
                [{"path": p, "reason": r} for p, r in splits.skipped], ["path", "reason"])
     client.log_artifacts(run_id, str(data_dir), artifact_path="data")
+
+
+def _log_extra_train(client, run_id: str, extra: Any, work: Path) -> None:
+    """What --extra-train added (and excluded, with the reason) as data/extra_train.csv."""
+    tracking.log_metrics(client, run_id, {"n_extra_train": len(extra.samples),
+                                          "n_extra_excluded": extra.n_excluded})
+    (work / "extra").mkdir()
+    _write_csv(work / "extra" / "extra_train.csv", extra.rows,
+               ["path", "label", "sha1", "used", "reason"])
+    client.log_artifact(run_id, str(work / "extra" / "extra_train.csv"), artifact_path="data")
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], header: list[str] | None = None) -> None:

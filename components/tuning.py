@@ -20,9 +20,11 @@ import dataclasses
 import io
 import logging
 import math
+import random
 import re
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -175,7 +177,7 @@ def parse_space(text: str) -> tuple[Space, dict[str, Any]]:
         raise TuneError("empty search space: pass --space FILE.yaml or e.g. "
                         "--space 'lr: loguniform(1e-5, 1e-2); batch_size: [16, 32, 64]'")
     path = Path(source).expanduser()
-    if path.suffix.lower() in (".yaml", ".yml", ".json") or "\n" not in source and path.is_file():
+    if path.suffix.lower() in (".yaml", ".yml", ".json") or _is_file(path):
         if not path.is_file():
             raise TuneError(f"search space file {path} does not exist")
         source = path.read_text()
@@ -211,6 +213,14 @@ def parse_space(text: str) -> tuple[Space, dict[str, Any]]:
         raise TuneError("the search space has only fixed values: give at least one range "
                         "or list")
     return space, fixed
+
+
+def _is_file(path: Path) -> bool:
+    """False for inline text that cannot be a path (a long line, a newline inside)."""
+    try:
+        return "\n" not in str(path) and path.is_file()
+    except OSError:
+        return False
 
 
 def _distribution(name: str, spec: str) -> BaseDistribution:
@@ -379,17 +389,38 @@ def open_study(params: TuneParams, space: Space, study_name: str) -> optuna.Stud
         # Several workers on one SQLite file wait for the lock instead of failing at once.
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     try:
-        storage = optuna.storages.RDBStorage(url, **kwargs)
-        return optuna.create_study(
-            storage=storage, study_name=study_name, direction=params.direction,
-            load_if_exists=True, sampler=SAMPLERS[params.sampler](space, params.seed),
-            pruner=PRUNERS[params.pruner](params.trial_epochs or params.epochs))
+        study = _create_study(url, kwargs, params, space, study_name)
     except ValueError as exc:  # e.g. joining a study created with the other direction
         raise TuneError(f"cannot open study '{study_name}' in {mask_uri(url)}: "
                         f"{str(exc).splitlines()[0]}") from None
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy errors are many; one line each
         raise TuneError(f"cannot open Optuna storage {mask_uri(url)}: "
                         f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    existing = study.direction.name.lower()
+    if existing != params.direction:  # Optuna would silently keep the study's own direction
+        raise TuneError(f"study '{study_name}' in {mask_uri(url)} was created to {existing}; "
+                        f"pass --direction {existing} or another --study")
+    return study
+
+
+def _create_study(url: str, kwargs: dict[str, Any], params: TuneParams, space: Space,
+                  study_name: str, attempts: int = 3) -> optuna.Study:
+    """Workers started together race to create the schema and the study; the loser of
+    that race finds them on a retry, so a retry (not an error) is the right answer."""
+    for attempt in range(attempts):
+        try:
+            storage = optuna.storages.RDBStorage(url, **kwargs)
+            return optuna.create_study(
+                storage=storage, study_name=study_name, direction=params.direction,
+                load_if_exists=True, sampler=SAMPLERS[params.sampler](space, params.seed),
+                pruner=PRUNERS[params.pruner](params.trial_epochs or params.epochs))
+        except ValueError:
+            raise
+        except Exception:  # noqa: BLE001 - SQLAlchemy's integrity/operational errors
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 + random.random())
+    raise AssertionError("unreachable")
 
 
 def run_tune(params: TuneParams, tracking_uri: str,
@@ -402,11 +433,13 @@ def run_tune(params: TuneParams, tracking_uri: str,
     from components.datasets import load_splits
     splits = load_splits(params.data, val_ratio=params.val_ratio,
                          test_ratio=params.test_ratio, seed=params.seed, verify=False)
+    # A named (shared) study is opened first: a bad storage or direction creates no run.
+    study = open_study(params, space, params.study) if params.study else None
     run_id, _, run_name = tracking.open_step_run(client, "tune",
                                                  params.experiment or splits.name)
     study_name = params.study or f"tune-{run_id}"
     with tracking.ending_run(client, run_id):
-        study = open_study(params, space, study_name)
+        study = study or open_study(params, space, study_name)
         logged = {f.name: getattr(params, f.name) for f in fields(params)}
         logged["storage"] = mask_uri(params.storage_url())
         present = client.get_run(run_id).data.params  # `mlflow run` logged its -P values
@@ -526,6 +559,7 @@ def _write_figures(study: optuna.Study, folder: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
     from optuna.visualization import matplotlib as mpl_vis
 
     try:
@@ -541,9 +575,10 @@ def _write_figures(study: optuna.Study, folder: Path) -> list[str]:
                 logging.getLogger("optuna").setLevel(logging.ERROR)
                 ax = getattr(mpl_vis, fn)(study)
                 fig = _figure_of(ax)
-                fig.set_size_inches(9, 5)
-                fig.tight_layout()
-                fig.savefig(folder / f"{name}.png", dpi=100)
+                if not isinstance(ax, np.ndarray):  # multi-panel plots keep Optuna's layout
+                    fig.set_size_inches(9, 5)
+                    fig.tight_layout()
+                fig.savefig(folder / f"{name}.png", dpi=100, bbox_inches="tight")
                 plt.close(fig)
                 written.append(f"{name}.png")
                 if plotly_vis is not None:
@@ -581,10 +616,14 @@ def _retrain(client: MlflowClient, params: TuneParams, fixed: dict[str, Any],
     if "epochs" in best:  # epochs was tuned: it is part of the configuration
         train_params.epochs = int(best["epochs"])
     log(f"retraining the best configuration: {model} {best}")
-    trained = train(train_params, tracking_uri, progress=False, log=log,
-                    run_tags={"cnnflow.tuned_by": parent})
-    evaluated = evaluate(EvalParams(run_id=trained.run_id, cost=False, register=False,
-                                    num_workers=0), tracking_uri, log=log)
+    # Next to the tune run (not the dataset's default experiment), as a run of its own.
+    train_params.experiment = client.get_experiment(
+        client.get_run(parent).info.experiment_id).name
+    with tracking.not_adopting():
+        trained = train(train_params, tracking_uri, progress=False, log=log,
+                        run_tags={"cnnflow.tuned_by": parent})
+        evaluated = evaluate(EvalParams(run_id=trained.run_id, cost=False, register=False,
+                                        num_workers=0), tracking_uri, log=log)
     outcome.retrained_run_id = trained.run_id
     outcome.retrained_metrics = {k: v for k, v in evaluated.metrics.items()
                                  if k in ("test_acc", "test_loss")}

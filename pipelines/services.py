@@ -31,11 +31,16 @@ def _report(call: Callable[[], list[services.ServiceStatus]]) -> list[services.S
 @click.option("--mongo-port", default=DEFAULT_MONGO_PORT, show_default=True, type=int)
 @click.option("--timeout", default=90.0, show_default=True, type=float,
               help="Seconds to wait for each server to answer.")
+@click.option("--with-sync", is_flag=True,
+              help="Also start the Mongo mirror follower (`cnnflow sync --follow`).")
 def up(names: tuple[str, ...], host: str, mlflow_port: int, mongo_port: int,
-       timeout: float) -> None:
+       timeout: float, with_sync: bool) -> None:
     """Start the local servers not configured by MLFLOW_TRACKING_URI / MONGO_URI."""
+    selected = list(names) or None
+    if with_sync:
+        selected = list(dict.fromkeys([*(selected or services.default_names()), "sync"]))
     result = _report(lambda: services.up(host, mlflow_port, mongo_port, timeout,
-                                         names=names or None))
+                                         names=selected))
     for item in result:
         if item.name == "mlflow" and item.url:
             click.echo(f"MLflow UI: {item.url}")

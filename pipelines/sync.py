@@ -11,8 +11,9 @@ import sys
 import click
 
 from components.config import mask_uri
-from components.mirror import MirrorError, SyncOptions, follow, sync_once
+from components.mirror import SyncOptions, check_servers, follow, sync_once, tag_job_run
 from components.services import mongo_uri, tracking_uri
+from pipelines.options import user_errors
 
 
 def _flag(value: str) -> bool:
@@ -47,10 +48,11 @@ def sync_command(experiments: str, follow_: str, interval: float, dead_after: fl
         dead_after=dead_after, reconcile_every=reconcile_every, rebuild=_flag(rebuild))
     mlflow_uri, mongo = tracking_uri(), mongo_uri()
     if not _flag(follow_):
-        try:
+        with user_errors():
+            if os.environ.get("MLFLOW_RUN_ID"):  # tag the job's own run before it is listed
+                check_servers(mlflow_uri, mongo)
+                tag_job_run(mlflow_uri)
             report = sync_once(mlflow_uri, mongo, options)
-        except MirrorError as exc:
-            raise click.ClickException(str(exc)) from None
         click.echo(report.line())
         return
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -60,6 +62,9 @@ def sync_command(experiments: str, follow_: str, interval: float, dead_after: fl
     click.echo(f"following {mask_uri(mlflow_uri)} -> {mask_uri(mongo)} every {interval:g} s",
                err=True)
     try:
+        if os.environ.get("MLFLOW_RUN_ID"):
+            with user_errors():
+                tag_job_run(mlflow_uri)
         follow(mlflow_uri, mongo, options, interval=interval,
                log=lambda line: click.echo(line, err=True), stop=lambda: bool(stopping))
     except KeyboardInterrupt:

@@ -40,6 +40,10 @@ HELP = {
     "amp": "Mixed precision: auto (on for CUDA) | on | off.",
     "num_workers": "DataLoader worker processes.",
     "resume": "Run id of an unfinished run to continue from its last checkpoint.",
+    "cv": "Stratified K-fold cross-validation over train+val (test untouched); 0 = off.",
+    "cv_ensemble": "With --cv: also soft-vote the K fold models into one ensemble run.",
+    "extra_train": "Folder of extra labelled images (class sub-folders, e.g. from "
+                   "`cnnflow pseudo-label`) added to the train split only.",
 }
 
 
@@ -48,12 +52,31 @@ HELP = {
 @dataclass_options(TrainParams, HELP)
 def train(**kwargs) -> None:
     """Train one model; every epoch is logged to MLflow as it happens."""
+    params = TrainParams(**kwargs)
+    if params.cv:
+        _train_cv(params)
+        return
     with user_errors():
-        outcome = run_training(TrainParams(**kwargs), reachable_tracking_uri())
+        outcome = run_training(params, reachable_tracking_uri())
     r = outcome.result
     early = ", stopped early" if r.stopped_early else ""
     click.echo(f"{outcome.run_name}  run {outcome.run_id}  best_val_acc {r.best_val_acc:.4f} "
                f"(epoch {r.best_epoch}/{r.epochs_run}{early})  {outcome.url}")
+
+
+def _train_cv(params: TrainParams) -> None:
+    from components.crossval import run_cv
+
+    with user_errors():
+        outcome = run_cv(params, reachable_tracking_uri())
+    m = outcome.metrics
+    click.echo(f"{outcome.run_name}  run {outcome.run_id}  {len(outcome.folds)} folds  "
+               f"val_acc {m['cv_val_acc_mean']:.4f} ± {m['cv_val_acc_std']:.4f}  "
+               f"val_loss {m['cv_val_loss_mean']:.4f} ± {m['cv_val_loss_std']:.4f}  "
+               f"{outcome.url}")
+    if outcome.ensemble_run_id:
+        click.echo(f"fold ensemble run {outcome.ensemble_run_id} "
+                   f"(register it: cnnflow evaluate --run-id {outcome.ensemble_run_id})")
 
 
 if __name__ == "__main__":

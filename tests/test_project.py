@@ -19,7 +19,10 @@ def test_mlproject_train_parameters_match_the_cli_defaults():
     defaults = param_defaults()
     assert declared.keys() == defaults.keys()
     for name, default in defaults.items():
-        assert type(default)(declared[name]) == default, name
+        if isinstance(default, bool):  # MLproject passes "true"/"false" strings
+            assert str(declared[name]).lower() == str(default).lower(), name
+        else:
+            assert type(default)(declared[name]) == default, name
         assert f"--{name.replace('_', '-')} {{{name}}}" in train["command"], name
 
 
@@ -45,6 +48,27 @@ def test_mlproject_data_step_parameters_match_their_dataclasses():
         assert declared.keys() == defaults.keys(), step
         for name, default in defaults.items():
             if isinstance(default, bool):  # MLproject passes "true"/"false" strings
+                assert str(declared[name]).lower() == str(default).lower(), (step, name)
+            else:
+                assert type(default)(declared[name]) == default, (step, name)
+            assert f"--{name.replace('_', '-')} {{{name}}}" in entry["command"], (step, name)
+        assert f"python -m pipelines.{step}" in entry["command"]
+
+
+def test_mlproject_tune_and_pseudo_label_parameters_match_their_dataclasses():
+    import dataclasses
+
+    from components.pseudolabel import PseudoLabelParams
+    from components.tuning import TuneParams
+
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())
+    for step, params_cls in (("tune", TuneParams), ("pseudo_label", PseudoLabelParams)):
+        entry = spec["entry_points"][step]
+        declared = {name: p["default"] for name, p in entry["parameters"].items()}
+        defaults = {f.name: f.default for f in dataclasses.fields(params_cls)}
+        assert declared.keys() == defaults.keys(), step
+        for name, default in defaults.items():
+            if isinstance(default, bool):
                 assert str(declared[name]).lower() == str(default).lower(), (step, name)
             else:
                 assert type(default)(declared[name]) == default, (step, name)

@@ -1,0 +1,280 @@
+"""Confident pseudo-labelling, and adding the labelled images to training without leakage.
+
+The jellyfish seed grew a 900-image dataset by collecting images from the web and keeping
+only those a pretrained EfficientNetV2 labelled with >= 95 % confidence, taking care that
+val/test images never leaked into train. Here:
+
+- `run_pseudo_label` predicts every image of an unlabelled folder with a logged model (a
+  `models:/` URI or a run id), writes those at or above the threshold into a new dataset
+  folder in class layout (copies, hard links or symlinks) with `pseudo_labels.csv` (source
+  path, file, predicted class, confidence), lists the rest in `below_threshold.csv`, and logs
+  a `pseudo_label-vN` run with the counts per class.
+- `extra_train_samples` reads such a folder for `train --extra-train`: the images join the
+  train split only, and any whose content (sha1 of the file bytes, as `preprocess` hashes)
+  equals a val or test image of the run's split is excluded, so nothing leaks.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from components import evaluation, tracking
+from components.datasets import (
+    IMAGE_EXTENSIONS,
+    DatasetSplits,
+    list_images,
+    verify_images,
+)
+from components.engine import resolve_device
+from components.errors import CnnflowError
+
+
+class PseudoLabelError(CnnflowError, ValueError):
+    """Bad pseudo-labelling input; one line saying what to do."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+def file_sha1(path: str | Path) -> str:
+    """Content hash of the file bytes: the same hash `preprocess` uses for its leakage guard."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Placing files: a registry, so another way (e.g. reflinks) is one decorated function
+# --------------------------------------------------------------------------------------------
+
+PLACERS: dict[str, Callable[[Path, Path], None]] = {
+    "copy": lambda src, dst: shutil.copy2(src, dst),
+    "hardlink": lambda src, dst: os.link(src, dst),
+    "symlink": lambda src, dst: os.symlink(src.resolve(), dst),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# `train --extra-train`
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExtraTrain:
+    samples: list[tuple[str, int]]
+    rows: list[dict[str, Any]]  # one per file: path, label, sha1, used, reason
+
+    @property
+    def n_excluded(self) -> int:
+        return sum(not r["used"] for r in self.rows)
+
+
+def extra_train_samples(folder: str | Path, splits: DatasetSplits) -> ExtraTrain:
+    """Labelled images of `folder` (class sub-folders) for the train split only.
+
+    Classes must be among the run's classes. An image whose bytes equal a val or test
+    image's is excluded (it would let the model see the evaluation images); unreadable
+    files are excluded too. Both are listed with the reason.
+    """
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise PseudoLabelError(f"extra_train folder {root} does not exist or is not a folder")
+    listing = list_images(root)
+    if listing.presplit:
+        raise PseudoLabelError(f"extra_train folder {root} has a train/ folder: pass a folder "
+                               "of class sub-folders (its images all go to train)")
+    per_class = listing.files["all"]
+    unknown = sorted(set(per_class) - set(splits.classes))
+    if unknown:
+        raise PseudoLabelError(f"extra_train classes {', '.join(unknown)} are not classes of "
+                               f"the dataset ({', '.join(splits.classes)})")
+    held_out = {file_sha1(p) for p, _ in splits.val + splits.test}
+    index = {c: i for i, c in enumerate(splits.classes)}
+    paths = [p for cls in sorted(per_class) for p in per_class[cls]]
+    bad = dict(verify_images(paths))
+    samples: list[tuple[str, int]] = []
+    rows: list[dict[str, Any]] = []
+    for cls in sorted(per_class):
+        for path in per_class[cls]:
+            sha1 = file_sha1(path)
+            reason = bad.get(str(path), "")
+            if not reason and sha1 in held_out:
+                reason = "same content as a val/test image (leakage)"
+            rows.append({"path": str(path), "label": cls, "sha1": sha1, "used": not reason,
+                         "reason": reason})
+            if not reason:
+                samples.append((str(path), index[cls]))
+    return ExtraTrain(samples, rows)
+
+
+# --------------------------------------------------------------------------------------------
+# The `pseudo-label` step
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PseudoLabelParams:
+    """Parameters of `cnnflow pseudo-label`, with their defaults."""
+
+    model: str = ""
+    images: str = ""
+    out: str = ""
+    threshold: float = 0.95
+    mode: str = "copy"
+    experiment: str = ""
+    batch_size: int = 0
+    num_workers: int = 0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if not self.model:
+            raise PseudoLabelError("pass --model: a models:/ URI or the run id of a trained "
+                                   "model")
+        if not (0.0 < self.threshold <= 1.0):
+            raise PseudoLabelError(f"threshold must be in (0, 1] (got {self.threshold})")
+        if self.mode not in PLACERS:
+            raise PseudoLabelError(f"unknown mode '{self.mode}': use one of "
+                                   f"{', '.join(sorted(PLACERS))}")
+        if self.batch_size < 0 or self.num_workers < 0:
+            raise PseudoLabelError("batch_size and num_workers must be >= 0")
+        images = Path(self.images).expanduser()
+        if not self.images or not images.is_dir():
+            raise PseudoLabelError(f"images folder '{self.images}' does not exist: pass a "
+                                   "folder of unlabelled images")
+        out = self.out_dir()
+        if out.exists() and any(out.iterdir()):
+            raise PseudoLabelError(f"output folder {out} is not empty: pass a new --out")
+        if out.resolve().is_relative_to(images.resolve()):
+            raise PseudoLabelError(f"output folder {out} is inside the images folder: pass "
+                                   "an --out elsewhere")
+
+    def out_dir(self) -> Path:
+        """Default: `<images>-pseudo` next to the images folder."""
+        if self.out:
+            return Path(self.out).expanduser()
+        images = Path(self.images).expanduser().resolve()
+        return images.with_name(f"{images.name}-pseudo")
+
+
+def pseudo_label_defaults() -> dict[str, Any]:
+    return {f.name: f.default for f in fields(PseudoLabelParams)}
+
+
+@dataclass
+class PseudoLabelOutcome:
+    run_id: str
+    run_name: str
+    out: Path
+    n_images: int
+    n_confident: int
+    n_below: int
+    per_class: dict[str, int] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _unlabelled_images(folder: Path) -> list[Path]:
+    """Every image file under `folder` (any depth, hidden entries ignored), sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(Path(dirpath) / name)
+    return sorted(found, key=lambda p: p.as_posix())
+
+
+def run_pseudo_label(params: PseudoLabelParams, tracking_uri: str,
+                     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
+                     ) -> PseudoLabelOutcome:
+    """Label confidently predicted images into a new class-layout folder; log the run."""
+    params.validate()
+    client = tracking.connect(tracking_uri)
+    is_uri = params.model.startswith("models:/")
+    target = evaluation.resolve_target(client, run_id="" if is_uri else params.model,
+                                       model_uri=params.model if is_uri else "")
+    images_dir = Path(params.images).expanduser().resolve()
+    paths = _unlabelled_images(images_dir)
+    skipped = verify_images(paths)
+    bad = {p for p, _ in skipped}
+    paths = [p for p in paths if str(p) not in bad]
+    if not paths:
+        raise PseudoLabelError(f"no readable images in {images_dir}")
+    device = resolve_device(params.device)
+    model = evaluation.load_model(target.model_uri).to(device)
+    run_id, _, run_name = tracking.open_step_run(client, "pseudo_label",
+                                                 params.experiment or target.experiment)
+    out = params.out_dir()
+    with tracking.ending_run(client, run_id):
+        log(f"pseudo-labelling {len(paths)} images with {target.model_uri} ({device.type})")
+        predictions = evaluation.predict_samples(
+            model, [(str(p), 0) for p in paths],
+            params.batch_size or evaluation.auto_batch_size(device), params.num_workers)
+        probs = predictions.probs
+        classes = list(model.class_names)
+        confident, below = [], []
+        for path, row in zip(paths, probs, strict=True):
+            best = int(row.argmax())
+            entry = {"path": str(path), "predicted": classes[best],
+                     "confidence": float(row[best])}
+            (confident if row[best] >= params.threshold else below).append(entry)
+        per_class = dict.fromkeys(classes, 0)
+        out.mkdir(parents=True, exist_ok=True)
+        for entry in confident:
+            src = Path(entry["path"])
+            dst = _free_name(out / entry["predicted"], src, images_dir)
+            PLACERS[params.mode](src, dst)
+            entry["file"] = dst.relative_to(out).as_posix()
+            per_class[entry["predicted"]] += 1
+        _write_csv(out / "pseudo_labels.csv", confident,
+                   ["path", "file", "predicted", "confidence"])
+        _write_csv(out / "below_threshold.csv", below, ["path", "predicted", "confidence"])
+        _write_csv(out / "skipped_files.csv", [{"path": p, "reason": r} for p, r in skipped],
+                   ["path", "reason"])
+        logged = {f.name: getattr(params, f.name) for f in fields(params)}
+        logged["out"] = str(out)
+        present = client.get_run(run_id).data.params
+        tracking.log_params_and_tags(
+            client, run_id, {k: v for k, v in logged.items() if k not in present},
+            {"cnnflow.model_uri_used": target.model_uri,
+             "cnnflow.source_run_id": target.run_id})
+        metrics = {"n_images": len(paths), "n_confident": len(confident),
+                   "n_below_threshold": len(below), "n_skipped": len(skipped),
+                   **{f"n_confident_{evaluation.metric_key(c)}": n
+                      for c, n in per_class.items()}}
+        tracking.log_metrics(client, run_id, metrics)
+        for name in ("pseudo_labels.csv", "below_threshold.csv", "skipped_files.csv"):
+            client.log_artifact(run_id, str(out / name), artifact_path="pseudo_label")
+    return PseudoLabelOutcome(run_id, run_name, out, len(paths), len(confident), len(below),
+                              per_class, skipped)
+
+
+def _free_name(folder: Path, src: Path, root: Path) -> Path:
+    """`<class>/<name>`, or `<class>/<sub_dir_name>` when two sources share a file name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dst = folder / src.name
+    if not dst.exists() and not dst.is_symlink():
+        return dst
+    flat = "_".join(src.relative_to(root).parts)
+    dst = folder / flat
+    n = 1
+    while dst.exists() or dst.is_symlink():
+        dst = folder / f"{n}_{flat}"
+        n += 1
+    return dst
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], header: list[str]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)

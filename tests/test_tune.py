@@ -117,6 +117,7 @@ def test_trials_are_nested_runs_best_params_logged_and_pruned_trial_killed(
     files = {f.path for f in tracking.list_artifacts(parent.info.run_id, "tune/figures")}
     assert "tune/figures/optimization_history.png" in files
     assert "tune/figures/slice.png" in files
+    assert "tune/figures/optimization_history.html" in files  # interactive, via plotly
     table = tracking.download_artifacts(parent.info.run_id, "tune/trials.csv", str(tmp_path))
     assert len(Path(table).read_text().strip().splitlines()) == 1 + 3
     # --retrain-best: a normal (not nested) training run with the best params, evaluated.

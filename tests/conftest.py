@@ -186,3 +186,30 @@ def trained_pair(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory):
                                  patience=0, augmentation="none")
             runs[model] = train(params, mlflow_server, progress=False, log=lambda s: None).run_id
     return SimpleNamespace(data=data, experiment="pair", runs=runs, uri=mlflow_server)
+
+
+# --------------------------------------------------------------------------------------------
+# MLflow helpers shared by the step tests
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tracking(mlflow_server: str, monkeypatch: pytest.MonkeyPatch):
+    """A client on the session's MLflow server, which the commands under test also use."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    return MlflowClient(mlflow_server)
+
+
+def runs_of(client, experiment: str) -> list:
+    """The experiment's runs, oldest first (none when it does not exist yet)."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def history(client, run_id: str, metric: str) -> list[tuple[int, float]]:
+    """(step, value) pairs of one metric, in step order."""
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, metric))

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from mlflow import MlflowClient
+from conftest import runs_of
 
 from components.crossval import make_folds
 from components.datasets import load_splits
@@ -18,17 +18,6 @@ FAST = ["--image-size", "16", "--batch-size", "8", "--num-workers", "0", "--weig
         "--augmentation", "none", "--patience", "0", "--epochs", "1"]
 
 
-@pytest.fixture
-def tracking(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    return MlflowClient(mlflow_server)
-
-
-def runs_of(client: MlflowClient, experiment: str):
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
 
 def test_folds_are_stratified_disjoint_and_reproducible(image_folder):

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import MESSY_EXPECTED, write_image
-from mlflow import MlflowClient
+from conftest import MESSY_EXPECTED, runs_of, write_image
 
 from components import eda
 from components.datasets import SPLITS, load_splits
@@ -19,17 +18,6 @@ from pipelines.cli import cli
 FIGURES = {"class_counts.png", "image_sizes.png", "rgb_histograms.png", "samples.png"}
 
 
-@pytest.fixture
-def tracking(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    return MlflowClient(mlflow_server)
-
-
-def runs_of(client: MlflowClient, experiment: str):
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
 
 def run_eda(*args: str):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_image_folder, write_image
+from conftest import history, make_image_folder, write_image
 from mlflow import MlflowClient
 
 from components.datasets import SPLITS, ImageDataset, build_transform, load_splits, make_loaders
@@ -26,11 +26,6 @@ BIN = Path(sys.executable).parent
 TRAIN_FAST = ["--image-size", "16", "--batch-size", "8", "--num-workers", "0", "--weights",
               "none", "--augmentation", "none", "--epochs", "2", "--patience", "0"]
 
-
-@pytest.fixture
-def tracking(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    return MlflowClient(mlflow_server)
 
 
 def runs_of(client: MlflowClient, experiment: str, step: str | None = None):
@@ -58,9 +53,6 @@ def manifest(client: MlflowClient, run_id: str, tmp: Path) -> list[dict[str, str
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
 
-
-def history(client: MlflowClient, run_id: str, metric: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, metric))
 
 
 def flat_folder_with_duplicates(root: Path) -> Path:

@@ -10,8 +10,7 @@ import mlflow
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import write_image
-from mlflow import MlflowClient
+from conftest import runs_of, write_image
 
 from components.datasets import load_splits
 from pipelines.cli import cli
@@ -21,22 +20,11 @@ FAST = ["--image-size", "16", "--batch-size", "8", "--num-workers", "0", "--weig
 COLOURS = [(220, 30, 30), (30, 200, 40), (30, 60, 220)]
 
 
-@pytest.fixture
-def tracking(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    return MlflowClient(mlflow_server)
-
 
 def read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
 
-
-def runs_of(client: MlflowClient, experiment: str):
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
 
 def test_threshold_splits_images_and_csvs_are_right(tracking, trained_pair, tmp_path):

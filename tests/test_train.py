@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import history, runs_of
 from mlflow import MlflowClient
 
 from pipelines.cli import cli
@@ -24,25 +25,11 @@ FAST = ["--image-size", "16", "--batch-size", "8", "--num-workers", "0", "--weig
         "--augmentation", "light"]
 
 
-@pytest.fixture
-def tracking(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    return MlflowClient(mlflow_server)
-
 
 def run_cli(*args: str):
     return CliRunner().invoke(cli, ["train", *args], catch_exceptions=False)
 
 
-def runs_of(client: MlflowClient, experiment: str):
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
-
-
-def history(client: MlflowClient, run_id: str, metric: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, metric))
 
 
 def subprocess_env(tracking_uri: str) -> dict[str, str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 from click.testing import CliRunner
+from conftest import runs_of
 from mlflow import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
@@ -22,17 +23,6 @@ FAST = ["--image-size", "16", "--num-workers", "0", "--weights", "none", "--augm
         "none", "--patience", "0", "--epochs", "2"]
 
 
-@pytest.fixture
-def tracking(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    return MlflowClient(mlflow_server)
-
-
-def runs_of(client: MlflowClient, experiment: str):
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
 
 class _PruneSecondTrial(optuna.pruners.BasePruner):

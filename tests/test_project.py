@@ -74,3 +74,9 @@ def test_mlproject_tune_and_pseudo_label_parameters_match_their_dataclasses():
                 assert type(default)(declared[name]) == default, (step, name)
             assert f"--{name.replace('_', '-')} {{{name}}}" in entry["command"], (step, name)
         assert f"python -m pipelines.{step}" in entry["command"]
+
+
+def test_readme_documents_every_train_parameter():
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in param_defaults() if f"| `{name}` |" not in readme]
+    assert missing == []

@@ -127,6 +127,8 @@ def ensure_indexes(db) -> None:
                             name="run_epoch")
     db[TRAININGS].create_index([("experiment", ASCENDING), ("start_time", ASCENDING)],
                                name="experiment_start")
+    # The dashboard's time filter and newest-first tables select on start_time alone.
+    db[TRAININGS].create_index([("start_time", ASCENDING)], name="start")
     db[SYNC].create_index([("experiment_id", ASCENDING)], name="experiment")
 
 

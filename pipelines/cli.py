@@ -19,6 +19,7 @@ COMMANDS = {
     "promote": "pipelines.promote:promote_command",
     "compare": "pipelines.compare:compare_command",
     "sync": "pipelines.sync:sync_command",
+    "dashboard": "pipelines.dashboard:dashboard_command",
     "tune": "pipelines.tune:tune_command",
     "pseudo-label": "pipelines.pseudo_label:pseudo_label_command",
     "up": "pipelines.services:up",

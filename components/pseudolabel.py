@@ -166,10 +166,6 @@ class PseudoLabelParams:
         return images.with_name(f"{images.name}-pseudo")
 
 
-def pseudo_label_defaults() -> dict[str, Any]:
-    return {f.name: f.default for f in fields(PseudoLabelParams)}
-
-
 @dataclass
 class PseudoLabelOutcome:
     run_id: str

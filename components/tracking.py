@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag, ViewType
 
 from components.config import mask_uri
-from components.engine import Callback, TrainConfig
+from components.engine import Callback
 
 STEP_TAG = "cnnflow.step"
 MODEL_TAG = "cnnflow.model"
@@ -49,9 +49,10 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     return exp.experiment_id
 
 
-def next_version(client: MlflowClient, exp_id: str, model: str) -> int:
-    """N in `<model>-vN`: one more than the highest version of that model in the experiment."""
-    runs = client.search_runs([exp_id], filter_string=f"tags.`{MODEL_TAG}` = '{model}'",
+def next_version(client: MlflowClient, exp_id: str, name: str, tag: str = MODEL_TAG) -> int:
+    """N in `<name>-vN`: one more than the highest version of the runs whose `tag` is `name`
+    (a model's runs by `cnnflow.model`, a step's by `cnnflow.step`), deleted runs included."""
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{tag}` = '{name}'",
                               run_view_type=ViewType.ALL, max_results=50000)
     versions = [int(r.data.tags.get(VERSION_TAG, 0)) for r in runs
                 if str(r.data.tags.get(VERSION_TAG, "")).isdigit()]
@@ -232,12 +233,6 @@ def log_history(client: MlflowClient, run_id: str, history: list[dict[str, float
     client.log_artifact(run_id, str(out_dir / "curves.png"), artifact_path="figures")
 
 
-def config_params(config: TrainConfig) -> dict[str, Any]:
-    """The engine's knobs as params, minus those that do not change the result."""
-    params = {k: v for k, v in vars(config).items() if k not in ("progress",)}
-    return params
-
-
 # --------------------------------------------------------------------------------------------
 # Runs of the data steps (eda, preprocess) and the dataset input of training runs
 # --------------------------------------------------------------------------------------------
@@ -253,11 +248,7 @@ def open_step_run(client: MlflowClient, step: str, experiment: str,
     adopted = os.environ.get("MLFLOW_RUN_ID")
     exp_id = (client.get_run(adopted).info.experiment_id if adopted
               else experiment_id(client, experiment))
-    runs = client.search_runs([exp_id], filter_string=f"tags.`{STEP_TAG}` = '{step}'",
-                              run_view_type=ViewType.ALL, max_results=50000)
-    versions = [int(r.data.tags[VERSION_TAG]) for r in runs
-                if str(r.data.tags.get(VERSION_TAG, "")).isdigit()]
-    version = max(versions, default=0) + 1
+    version = next_version(client, exp_id, step, tag=STEP_TAG)
     name = f"{step}-v{version}"
     all_tags = {STEP_TAG: step, VERSION_TAG: version, **(tags or {})}
     if adopted:

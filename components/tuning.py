@@ -354,11 +354,6 @@ class TuneParams:
         return f"sqlite:///{folder / 'optuna.db'}"
 
 
-def tune_defaults() -> dict[str, Any]:
-    """`name -> default` for the CLI and the MLproject consistency test."""
-    return {f.name: f.default for f in fields(TuneParams)}
-
-
 def _models(text: str) -> list[str]:
     models = [m.strip() for m in str(text).split(",") if m.strip()]
     if not models:

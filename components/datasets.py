@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import transforms as T
 
 from components.config import data_cache_dir
@@ -698,8 +698,8 @@ def make_loaders(splits: DatasetSplits, image_size: int, batch_size: int,
                  augmentation: str = "none", mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, num_workers: int = 2, seed: int = 42,
                  device_type: str = "cpu", arrays: Mapping[str, Path] | None = None,
-                 array_rows: Mapping[str, Sequence[int]] | None = None
-                 ) -> dict[str, DataLoader | None]:
+                 array_rows: Mapping[str, Sequence[int]] | None = None,
+                 rank: int = 0, world_size: int = 1) -> dict[str, DataLoader | None]:
     """DataLoaders for train/val/test; a split with no images maps to None (key always present).
 
     Train order depends only on `seed`; drop_last avoids a 1-sample batch breaking BatchNorm.
@@ -707,6 +707,9 @@ def make_loaders(splits: DatasetSplits, image_size: int, batch_size: int,
     replaces decoding files for those splits; batches are identical either way.
     `array_rows` maps a split to the cache row of each sample when the samples are a
     resampled list (bagging) rather than the cached split itself.
+    With `world_size` > 1 (DistributedDataParallel) each rank reads its own shard: train
+    through a DistributedSampler (reshuffled per epoch by the engine's `set_epoch`), val/test
+    through an unpadded ShardSampler so reduced metrics count every sample exactly once.
     """
     if batch_size < 1:
         raise DataError(f"batch_size={batch_size} must be at least 1")
@@ -725,13 +728,22 @@ def make_loaders(splits: DatasetSplits, image_size: int, batch_size: int,
                                                  transform, (array_rows or {}).get(split))
         else:
             dataset = ImageDataset(samples, transform)
-        workers = min(num_workers, math.ceil(len(samples) / batch_size))
+        sampler: Sampler[int] | None = None
+        per_rank = len(samples)
+        if world_size > 1:
+            from components.distributed import ShardSampler
+
+            sampler = (DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed)
+                       if train else ShardSampler(len(samples), rank, world_size))
+            per_rank = len(sampler)
+        workers = min(num_workers, math.ceil(max(per_rank, 1) / batch_size))
         loaders[split] = DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             generator=torch.Generator().manual_seed(seed + SPLITS.index(split)),
-            drop_last=train and len(samples) > batch_size,
+            drop_last=train and per_rank > batch_size,
             num_workers=workers,
             worker_init_fn=seed_worker if workers > 0 else None,
             persistent_workers=workers > 0,

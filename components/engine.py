@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from components.distributed import is_main, sum_across_ranks, sync_buffers, world
 from components.errors import CnnflowError
 
 
@@ -180,7 +181,11 @@ def _use_amp(config: TrainConfig, device: torch.device) -> bool:
 
 def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device,
              amp: bool = False, channels_last: bool = False) -> tuple[float, float]:
-    """Mean loss and accuracy over a loader, without gradients."""
+    """Mean loss and accuracy over a loader, without gradients.
+
+    Under DistributedDataParallel each rank passes its shard of the split; the sums are
+    reduced across ranks, so every rank returns the single-process numbers for the full split.
+    """
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
     with torch.inference_mode():
@@ -194,6 +199,7 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device:
             total_loss += criterion(logits.float(), labels).item() * labels.size(0)
             correct += (logits.argmax(1) == labels).sum().item()
             seen += labels.size(0)
+    total_loss, correct, seen = sum_across_ranks([total_loss, correct, seen], device)
     return total_loss / max(seen, 1), correct / max(seen, 1)
 
 
@@ -225,7 +231,9 @@ def _train_one_epoch(model, loader, criterion, optimizer, scaler, scheduler_per_
         correct += (logits.argmax(1) == labels).sum().item()
         seen += labels.size(0)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
-    return total_loss / max(seen, 1), correct / max(seen, 1), seen
+    # Means over every rank's samples (seen is the global count, for images/sec).
+    total_loss, correct, seen = sum_across_ranks([total_loss, correct, seen], device)
+    return total_loss / max(seen, 1), correct / max(seen, 1), int(seen)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -244,6 +252,10 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
 
     `resume_from` is a `last.pt` written by an earlier call: training continues at the next
     epoch with the same optimiser, scheduler, early-stopping state and history.
+
+    With a live process group (torchrun) the model is wrapped in DistributedDataParallel and
+    metrics are reduced across ranks, so every rank takes the same early-stopping and
+    scheduler decisions; only rank 0 writes checkpoints and calls `callbacks`.
     """
     config.validate()
     device = resolve_device(config.device)
@@ -259,6 +271,13 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise EngineError("the model has no trainable parameters: use a different --freeze")
+    net = model  # what trains; `model` stays unwrapped for evaluation and checkpoints
+    if world()[1] > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    main = is_main()
+    if not main:
+        callbacks = ()
     optimizer = OPTIMIZERS[config.optimizer](params, config)
     scheduler = SCHEDULERS[config.scheduler](optimizer, config, len(train_loader))
     per_batch = scheduler if config.scheduler in PER_BATCH_SCHEDULERS else None
@@ -298,12 +317,15 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         torch.manual_seed(config.seed + epoch)
         if isinstance(getattr(train_loader, "generator", None), torch.Generator):
             train_loader.generator.manual_seed(config.seed + epoch)
+        if hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)  # DistributedSampler: new shard order
         lr = optimizer.param_groups[0]["lr"]
         started = time.perf_counter()
         train_loss, train_acc, seen = _train_one_epoch(
-            model, train_loader, criterion, optimizer, scaler, per_batch, device, amp,
-            channels_last, config.progress, f"epoch {epoch}/{config.epochs}")
+            net, train_loader, criterion, optimizer, scaler, per_batch, device, amp,
+            channels_last, config.progress and main, f"epoch {epoch}/{config.epochs}")
         train_time = time.perf_counter() - started
+        sync_buffers(model)
         val_loss, val_acc = evaluate(model, val_loader, eval_criterion, device, amp, channels_last)
         if not math.isfinite(val_loss):
             raise NonFiniteLossError(f"validation loss became {val_loss} at epoch {epoch}: "
@@ -326,6 +348,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
             bad_epochs += 1
         result.stopped_early = bool(config.patience) and bad_epochs >= config.patience
         done = result.stopped_early or epoch >= config.epochs
+        if not main:
+            continue
 
         state = {"epoch": epoch, "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict() if scheduler is not None else {},

@@ -17,7 +17,7 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
-from components import tracking
+from components import distributed, tracking
 from components.config import mask_uri
 from components.datasets import DatasetSplits, class_weights, load_splits, make_loaders
 from components.engine import (
@@ -72,6 +72,7 @@ class TrainParams:
     device: str = "auto"
     amp: str = "auto"
     num_workers: int = 2
+    nproc: int = 1
     resume: str = ""
     cv: int = 0
     cv_ensemble: bool = False
@@ -101,6 +102,10 @@ class TrainParams:
         if self.preprocess_run and (self.cv or self.extra_train):
             raise TrainingError("cv and extra_train read the image folder: drop "
                                 "--preprocess-run, or use it without --cv / --extra-train")
+        distributed.check_nproc(self.nproc, self.device)
+        if self.nproc > 1 and (self.resume or self.cv or self.preprocess_run):
+            raise TrainingError("nproc > 1 trains a new run from the image folder: drop "
+                                "--resume / --cv / --preprocess-run, or use --nproc 1")
         self.engine_config(progress=False).validate()
 
     def logged(self) -> dict[str, Any]:
@@ -159,20 +164,56 @@ def train(params: TrainParams, tracking_uri: str, *, progress: bool | None = Non
     Hooks for tuning / cross-validation: `callbacks` run after MLflow's each epoch (a pruning
     callback raises there; an exception with `run_status` / `run_tags` attributes ends the
     run with that status and those tags instead of FAILED); `run_tags` go on the new run.
+    Under torchrun (WORLD_SIZE > 1) every rank trains its shard with DistributedDataParallel;
+    only rank 0 touches MLflow, and the other ranks return an outcome with empty run ids.
     """
+    world_size = distributed.env_world_size()
+    if world_size > 1:
+        if params.nproc not in (1, world_size):
+            raise TrainingError(f"nproc={params.nproc} but torchrun started {world_size} "
+                                "processes: pass the same number to both")
+        if train_sample or parent_run_id or callbacks:
+            raise TrainingError("bagging, tuning and cross-validation train one process per "
+                                "run: drop torchrun / --nproc")
+        params = dataclasses.replace(params, nproc=world_size)
     client = tracking.connect(tracking_uri)
     progress = sys.stderr.isatty() if progress is None else progress
     resumed = _load_resume(client, params) if params.resume else None
     if resumed is not None:
         params = resumed
     params.validate()
+    if world_size == 1:
+        if params.nproc > 1:  # the processes come from the launcher, not from this call
+            raise TrainingError(f"nproc={params.nproc} needs worker processes: use "
+                                "`cnnflow train --nproc N` or torchrun")
+        return _train(client, params, tracking_uri, progress, log, train_sample,
+                      parent_run_id, callbacks, run_tags, resumed)
+    device = _resolve_device(distributed.device_for_rank(params.device))
+    distributed.init_process_group(device.type)
+    try:
+        quiet = log if distributed.is_main() else lambda s: None
+        return _train(client, params, tracking_uri, progress, quiet, train_sample,
+                      parent_run_id, callbacks, run_tags, resumed)
+    finally:
+        distributed.destroy_process_group()
+
+
+def _train(client, params: TrainParams, tracking_uri: str, progress: bool,
+           log: Callable[[str], None],
+           train_sample: Callable[[DatasetSplits], DatasetSplits] | None,
+           parent_run_id: str | None, callbacks: Sequence[Callback],
+           run_tags: dict[str, str] | None, resumed: TrainParams | None) -> TrainOutcome:
+    """`train` after validation, in one process or as one rank of a process group."""
 
     # Everything that can fail on bad input happens before a run exists.
     params, splits, arrays, source = _load_data(client, params, log)
     if not splits.val:
         raise TrainingError(f"dataset '{splits.name}' has no validation images: use "
                             "--val-ratio > 0 or add a val/ folder")
-    device = _resolve_device(params.device)
+    device = _resolve_device(distributed.device_for_rank(params.device))
+    config = params.engine_config(progress)
+    if distributed.world()[1] > 1:  # this rank's GPU (cuda:LOCAL_RANK), not plain `cuda`
+        config.device = str(device)
     weights = class_weights(splits, params.class_weights)
     seed_everything(params.seed)  # before the model exists: its initial weights are seeded too
     model, weights_source = create_model(
@@ -191,11 +232,17 @@ def train(params: TrainParams, tracking_uri: str, *, progress: bool | None = Non
                            augmentation=params.augmentation, mean=mean, std=std,
                            num_workers=params.num_workers, seed=params.seed,
                            device_type=device.type, arrays=arrays,
-                           array_rows=_cache_rows(splits, fit_splits) if arrays else None)
+                           array_rows=_cache_rows(splits, fit_splits) if arrays else None,
+                           rank=distributed.world()[0], world_size=distributed.world()[1])
     log(f"data: {splits.name} ({len(splits.classes)} classes; train {len(splits.train)}, "
         f"val {len(splits.val)}, test {len(splits.test)}; skipped {len(splits.skipped)} files; "
         f"read from the {source})")
 
+    if not distributed.is_main():  # a worker rank: train its shard, leave MLflow to rank 0
+        with tempfile.TemporaryDirectory(prefix="cnnflow-train-") as tmp:
+            result = fit(model, loaders["train"], loaders["val"], config, Path(tmp),
+                         class_weights=weights)
+        return TrainOutcome("", "", "", result, "", "")
     if resumed is not None:
         _check_same_data(client, params.resume, splits.digest())
     run_id, exp_id, run_name = _open_run(client, params, splits.name, parent_run_id)
@@ -215,7 +262,7 @@ def train(params: TrainParams, tracking_uri: str, *, progress: bool | None = Non
                                run_name, work, source)
                 if extra is not None:
                     _log_extra_train(client, run_id, extra, work)
-            result = fit(model, loaders["train"], loaders["val"], params.engine_config(progress),
+            result = fit(model, loaders["train"], loaders["val"], config,
                          work / "ckpt", class_weights=weights,
                          callbacks=[ConsoleCallback(f"{run_name} "), callback, *callbacks],
                          resume_from=resume_from)

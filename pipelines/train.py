@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
+
 import click
 
+from components.distributed import env_world_size
 from components.training import TrainParams
 from components.training import train as run_training
 from pipelines.options import dataclass_options, reachable_tracking_uri, user_errors
@@ -39,6 +44,8 @@ HELP = {
     "device": "auto | cpu | cuda | cuda:N | mps.",
     "amp": "Mixed precision: auto (on for CUDA) | on | off.",
     "num_workers": "DataLoader worker processes.",
+    "nproc": "Training processes (DistributedDataParallel via torchrun: gloo on CPU, one GPU "
+             "each with NCCL); batch_size is per process.",
     "resume": "Run id of an unfinished run to continue from its last checkpoint.",
     "cv": "Stratified K-fold cross-validation over train+val (test untouched); 0 = off.",
     "cv_ensemble": "With --cv: also soft-vote the K fold models into one ensemble run.",
@@ -53,15 +60,42 @@ HELP = {
 def train(**kwargs) -> None:
     """Train one model; every epoch is logged to MLflow as it happens."""
     params = TrainParams(**kwargs)
+    if params.nproc > 1 and env_world_size() == 1:
+        _launch(params)
+        return
     if params.cv:
         _train_cv(params)
         return
     with user_errors():
         outcome = run_training(params, reachable_tracking_uri())
+    if not outcome.run_id:  # a worker rank of a --nproc run: rank 0 reports
+        return
     r = outcome.result
     early = ", stopped early" if r.stopped_early else ""
     click.echo(f"{outcome.run_name}  run {outcome.run_id}  best_val_acc {r.best_val_acc:.4f} "
                f"(epoch {r.best_epoch}/{r.epochs_run}{early})  {outcome.url}")
+
+
+def _launch(params: TrainParams) -> None:
+    """Re-run this command under torchrun, N processes on this machine; exit with its code.
+
+    Validated here first, so a bad value is one line and no worker starts.
+    """
+    with user_errors():
+        params.validate()
+        reachable_tracking_uri()
+    args = []
+    for field in dataclasses.fields(TrainParams):
+        if field.name == "nproc":  # workers read WORLD_SIZE; torchrun would take --nproc
+            continue
+        value = getattr(params, field.name)
+        args += [f"--{field.name.replace('_', '-')}",
+                 str(value).lower() if isinstance(value, bool) else str(value)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={params.nproc}", "-m", "pipelines.train", *args]
+    code = subprocess.run(command).returncode
+    if code:
+        sys.exit(code)
 
 
 def _train_cv(params: TrainParams) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -44,11 +43,6 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: import the check
 MODELS = ("custom_cnn", "lenet5", "resnet18", "resnet50", "vgg16", "mobilenetv2")
 STATUSES = ("completed",) * 8 + ("failed", "killed")
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -205,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         home = Path(tmp) / "services"
         print("starting secantusd-py ...", file=sys.stderr, flush=True)
         [started] = services.up(names=["mongo"], home=home, timeout=120,
-                                ports={"mongo": free_port()})
+                                ports={"mongo": services.free_port()})
         try:
             client = connect_mongo(started.url, timeout=10)
             db = client["dashboard_bench"]

@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import io
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -48,11 +47,6 @@ TARGET_FULL_RATIO = 5.0
 TARGET_NOCHANGE_S = 0.5
 TARGET_UPDATE_S = 1.0
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -167,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         home = Path(tmp) / "services"
         print("starting a local MLflow server and secantusd-py ...", file=sys.stderr, flush=True)
         started = services.up(names=["mlflow", "mongo"], home=home, timeout=120,
-                              ports={"mlflow": free_port(), "mongo": free_port()})
+                              ports={"mlflow": services.free_port(), "mongo": services.free_port()})
         urls = {s.name: s.url for s in started}
         try:
             client = MlflowClient(urls["mlflow"])

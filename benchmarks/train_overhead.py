@@ -31,7 +31,6 @@ import argparse
 import io
 import os
 import re
-import socket
 import statistics
 import sys
 import tempfile
@@ -117,12 +116,6 @@ def machine_cpu() -> float:
     busy = sum(values[:8]) - values[3] - values[4]  # all but idle and iowait (guest is in user)
     return busy / os.sysconf("SC_CLK_TCK")
 
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -353,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: other processes use {busy:.1f} of {os.cpu_count()} CPUs; wall times "
                   "will be noisy (see the 'others' column)", file=sys.stderr, flush=True)
         print("starting a local MLflow server ...", file=sys.stderr, flush=True)
-        [server] = services.up(names=["mlflow"], ports={"mlflow": free_port()}, home=home,
+        [server] = services.up(names=["mlflow"], ports={"mlflow": services.free_port()}, home=home,
                                timeout=120)
         try:
             splits = load_splits(args.data, seed=args.seed)  # generates digits on first use

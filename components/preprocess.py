@@ -25,7 +25,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -46,6 +45,7 @@ from components.datasets import (
     check_ratios,
     list_images,
     load_splits,
+    remove_stale_tmp,
     resolve_data,
 )
 from components.images import read_files
@@ -53,7 +53,6 @@ from components.images import read_files
 MANIFEST_COLUMNS = ("path", "label", "class_index", "split", "sha1", "width", "height")
 KEEP_LEAKED_IN = ("test", "val", "train")  # a leaked image stays in the first split listed
 MIN_IMAGE_SIZE = 8
-_STALE_TMP_SEC = 3600
 
 
 @dataclass
@@ -329,7 +328,7 @@ def run_preprocess(params: PreprocessParams, tracking_uri: str, *, progress: boo
     progress = sys.stderr.isatty() if progress is None else progress
     base = prepared_dir()
     base.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(base)
+    remove_stale_tmp(base, ".tmp-*")
     work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=base))
     try:
         plan = plan_split(params, work / "scratch", progress=progress, log=log)
@@ -356,17 +355,6 @@ def run_preprocess(params: PreprocessParams, tracking_uri: str, *, progress: boo
         f"skipped {len(s.skipped)}; moved {len(plan.moved)} leaked image(s)"
         + (f"; cache {plan.image_size} px" if plan.image_size else ""))
     return PreprocessOutcome(run_id, run_name, exp_id, s.digest(), m)
-
-
-def _remove_stale_tmp(base: Path) -> None:
-    """Drop work folders of interrupted runs (old enough not to be in progress)."""
-    now = time.time()
-    for tmp in base.glob(".tmp-*"):
-        try:
-            if now - tmp.stat().st_mtime > _STALE_TMP_SEC:
-                shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:
-            pass
 
 
 # --------------------------------------------------------------------------------------------

@@ -135,6 +135,14 @@ def _short_reason(exc: BaseException, timeout: float) -> str:
     return mask_text(first[:160])
 
 
+def free_port(host: str = DEFAULT_HOST) -> int:
+    """A TCP port nothing listens on right now (the OS picks it): for servers that tests and
+    benchmarks start beside a user's own."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
     """Fail early, with one readable line, when an http(s) tracking server is not up.
 

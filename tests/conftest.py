@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from components.services import free_port  # noqa: F401 - tests import it from here
+
 # Class colours differ strongly so a tiny model learns them in one or two epochs.
 _PALETTE = [(220, 30, 30), (30, 200, 40), (30, 60, 220), (230, 210, 30), (200, 40, 200)]
 
@@ -74,14 +76,6 @@ def image_folder(tmp_path: Path):
 
 # --------------------------------------------------------------------------- real servers
 
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

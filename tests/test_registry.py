@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 
 from components import registry
 from components.registry import RegistryError, decide, lower_is_better, register_version
+from components.services import free_port
 from pipelines.cli import cli
 
 BIN = Path(sys.executable).parent
@@ -140,13 +141,6 @@ def test_registering_is_all_or_nothing(client, trained_pair, monkeypatch):
         add_version(client, trained_pair, "half-done", "D", test_acc=0.6)
     assert [v.version for v in client.search_model_versions("name = 'half-done'")] == ["1"]
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_served_champion_answers_http_with_classes_and_probabilities(client, trained_pair):

@@ -76,6 +76,23 @@ def resolve_data(data: str) -> tuple[str, Path]:
     return root.name, root
 
 
+def folder_fingerprint(data: str) -> str:
+    """sha256 over every file's relative path, size and modification time under the dataset.
+
+    Cheap (no file is read) and changes when any file is added, removed or rewritten: the
+    pipeline's test of "same input" before it reuses an earlier eda or preprocess run.
+    """
+    _, root = resolve_data(data)
+    lines = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            stat = (Path(folder) / name).stat()
+            rel = (Path(folder) / name).relative_to(root).as_posix()
+            lines.append(f"{rel}\t{stat.st_size}\t{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+
+
 def _existing_dir(path: Path) -> Path:
     root = path.expanduser()
     if not root.exists():

@@ -245,3 +245,39 @@ def plot_sample_grid(samples: dict[str, list[Any]], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Experiment report figures (components/report.py)
+# --------------------------------------------------------------------------------------------
+
+COST_METRICS = (("latency_ms_p50", "latency p50 (ms)"), ("model_size_mb", "model size (MB)"),
+                ("params_count", "parameters"))
+
+
+def plot_cost(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Latency p50, model size and parameter count per model side by side: what accuracy costs.
+
+    `rows` hold `run` plus the metrics of COST_METRICS (None where a run has no value: an
+    empty bar slot, so every panel lists the same models in the same order).
+    """
+    sns.set_theme(style="whitegrid")
+    names = [str(r["run"]) for r in rows]
+    colours = sns.color_palette("viridis", max(1, len(names)))
+    fig, axes = plt.subplots(1, len(COST_METRICS),
+                             figsize=(max(10.0, 1.1 * len(names) * len(COST_METRICS)), 4))
+    for ax, (metric, label) in zip(axes, COST_METRICS, strict=True):
+        values = [r.get(metric) for r in rows]
+        ax.bar(range(len(names)), [v or 0.0 for v in values], color=colours)
+        for i, v in enumerate(values):
+            text = "n/a" if v is None else (f"{v:,.0f}" if metric == "params_count"
+                                            else f"{v:.3g}")
+            ax.text(i, v or 0.0, text, ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 2 else 0,
+                      ha="right" if len(names) > 2 else "center")
+        ax.set_title(label)
+    fig.suptitle("cost per model (lower is cheaper)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

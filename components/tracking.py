@@ -321,3 +321,43 @@ def not_adopting():
     finally:
         if saved is not None:
             os.environ["MLFLOW_RUN_ID"] = saved
+
+
+@contextlib.contextmanager
+def adopting(run_id: str):
+    """Let the step called inside the block adopt `run_id` as its own run.
+
+    The same hand-over `mlflow run` does with MLFLOW_RUN_ID: the pipeline creates each child
+    run (parent link, step key) and the step fills it in as if MLflow had started it.
+    """
+    saved = os.environ.get("MLFLOW_RUN_ID")
+    os.environ["MLFLOW_RUN_ID"] = run_id
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_RUN_ID", None)
+        else:
+            os.environ["MLFLOW_RUN_ID"] = saved
+
+
+def code_version() -> str:
+    """The git commit of the code, with a digest of uncommitted changes when the tree is dirty,
+    or the installed package version outside a repository: what 'same code' means for reuse."""
+    import hashlib
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], check=True,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        diff = subprocess.run(["git", "-C", str(root), "diff", "HEAD", "--", "components",
+                               "pipelines"], check=True, capture_output=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"cnnflow-{version('cnnflow')}"
+        except PackageNotFoundError:
+            return "unknown"
+    return f"{commit}-dirty-{hashlib.sha1(diff).hexdigest()[:12]}" if diff else commit

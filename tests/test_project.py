@@ -55,14 +55,17 @@ def test_mlproject_data_step_parameters_match_their_dataclasses():
         assert f"python -m pipelines.{step}" in entry["command"]
 
 
-def test_mlproject_tune_and_pseudo_label_parameters_match_their_dataclasses():
+def test_mlproject_tune_pseudo_label_and_main_parameters_match_their_dataclasses():
     import dataclasses
 
+    from components.pipeline import PipelineParams
     from components.pseudolabel import PseudoLabelParams
     from components.tuning import TuneParams
 
     spec = yaml.safe_load((ROOT / "MLproject").read_text())
-    for step, params_cls in (("tune", TuneParams), ("pseudo_label", PseudoLabelParams)):
+    for step, params_cls, module in (("tune", TuneParams, "tune"),
+                                     ("pseudo_label", PseudoLabelParams, "pseudo_label"),
+                                     ("main", PipelineParams, "run")):
         entry = spec["entry_points"][step]
         declared = {name: p["default"] for name, p in entry["parameters"].items()}
         defaults = {f.name: f.default for f in dataclasses.fields(params_cls)}
@@ -73,7 +76,7 @@ def test_mlproject_tune_and_pseudo_label_parameters_match_their_dataclasses():
             else:
                 assert type(default)(declared[name]) == default, (step, name)
             assert f"--{name.replace('_', '-')} {{{name}}}" in entry["command"], (step, name)
-        assert f"python -m pipelines.{step}" in entry["command"]
+        assert f"python -m pipelines.{module}" in entry["command"]
 
 
 def test_readme_documents_every_train_parameter():

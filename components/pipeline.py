@@ -1,0 +1,570 @@
+"""The `main` pipeline: eda -> preprocess -> train each model -> evaluate each -> ensemble ->
+promote -> sync -> report, as child runs of one parent run (MLflow's multistep pattern).
+
+Every step gets a key: a digest of its parameters, the code version (git commit) and its
+input (the data folder's fingerprint, or the run ids it consumes). A finished run with that
+key is reused instead of re-run, so a re-launched pipeline picks up at the first step that
+did not finish; an interrupted parent run is re-opened, and a killed training run resumes
+from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Run, ViewType
+from mlflow.exceptions import MlflowException
+
+from components import registry, tracking
+from components.config import mask_uri
+from components.errors import CnnflowError
+
+PIPELINE_STEP = "pipeline"
+KEY_TAG = "cnnflow.step_key"
+PARENT_TAG = "mlflow.parentRunId"
+NAME_TAG = "cnnflow.pipeline_step"  # which of the pipeline's steps a child run is
+STEPS_ARTIFACT = "pipeline/steps.json"
+
+
+class PipelineError(CnnflowError, RuntimeError):
+    """A pipeline parameter or state the user can fix, in one line."""
+
+
+@dataclass
+class PipelineParams:
+    """Parameters of `cnnflow run` / `mlflow run . -e main`, with their defaults."""
+
+    data: str = "digits"
+    experiment: str = ""
+    models: str = "custom_cnn,resnet50,vgg16,mobilenetv2"
+    weights: str = "auto"
+    freeze: str = "none"
+    image_size: int = 32
+    batch_size: int = 32
+    epochs: int = 10
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    augmentation: str = "light"
+    patience: int = 10
+    val_ratio: float = 0.2
+    test_ratio: float = 0.2
+    seed: int = 42
+    cache: bool = True
+    top_k: int = 3
+    vote: str = "soft"
+    metric: str = "test_acc"
+    min_delta: float = 0.0
+    sync: bool = True
+    report: bool = True
+    reports_dir: str = "reports"
+    device: str = "auto"
+    num_workers: int = 2
+    force: bool = False
+
+    # How the pipeline runs, not what it computes: left out of the pipeline's key.
+    RUNTIME = ("experiment", "sync", "report", "reports_dir", "device", "num_workers", "force")
+
+    def model_list(self) -> list[str]:
+        return [m for m in self.models.replace(" ", ",").split(",") if m]
+
+    def validate(self) -> None:
+        """Every step's checks up front: a typo must not surface after an hour of training."""
+        from components.eda import EdaParams
+        from components.ensemble import get_vote
+        from components.models import get_spec
+
+        models = self.model_list()
+        if not models:
+            raise PipelineError("models is empty: pass a comma-separated list, e.g. "
+                                "--models custom_cnn,resnet18")
+        if len(set(models)) != len(models):
+            raise PipelineError(f"a model is listed twice in --models '{self.models}': list "
+                                "each model once")
+        for model in models:
+            get_spec(model)
+        if self.top_k < 0 or self.top_k == 1:
+            raise PipelineError(f"top_k must be 0 (no ensemble) or >= 2 (got {self.top_k})")
+        get_vote(self.vote)
+        if self.min_delta < 0:
+            raise PipelineError(f"min_delta must be >= 0 (got {self.min_delta})")
+        EdaParams(data=self.data, val_ratio=self.val_ratio, test_ratio=self.test_ratio).validate()
+        self.preprocess_params("").validate()
+        for model in models:
+            self.train_params(model, "").validate()
+
+    def preprocess_params(self, experiment: str) -> Any:
+        from components.preprocess import PreprocessParams
+
+        return PreprocessParams(
+            data=self.data, experiment=experiment,
+            train_ratio=round(1.0 - self.val_ratio - self.test_ratio, 10),
+            val_ratio=self.val_ratio, test_ratio=self.test_ratio, seed=self.seed,
+            cache=self.cache, image_size=self.image_size)
+
+    def train_params(self, model: str, preprocess_run: str, experiment: str = "") -> Any:
+        from components.training import TrainParams
+
+        return TrainParams(
+            data=self.data, experiment=experiment, model=model, weights=self.weights,
+            freeze=self.freeze, image_size=self.image_size, batch_size=self.batch_size,
+            epochs=self.epochs, optimizer=self.optimizer, lr=self.lr,
+            augmentation=self.augmentation, patience=self.patience, val_ratio=self.val_ratio,
+            test_ratio=self.test_ratio, preprocess_run=preprocess_run, seed=self.seed,
+            device=self.device, num_workers=self.num_workers)
+
+    def logged(self) -> dict[str, Any]:
+        return {f.name: _text(getattr(self, f.name)) for f in fields(self)
+                if f.name not in ("experiment", "force")}
+
+    def key_inputs(self) -> dict[str, Any]:
+        return {k: v for k, v in self.logged().items() if k not in self.RUNTIME}
+
+
+def pipeline_defaults() -> dict[str, Any]:
+    """`name -> default` for the CLI and the MLproject consistency test."""
+    return {f.name: f.default for f in fields(PipelineParams)}
+
+
+def _text(value: Any) -> Any:
+    return str(value).lower() if isinstance(value, bool) else value
+
+
+def step_key(step: str, inputs: dict[str, Any], code: str) -> str:
+    """What makes two runs of a step interchangeable: the step, its inputs, the code."""
+    text = json.dumps({"step": step, "inputs": inputs, "code": code}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+@dataclass
+class StepRecord:
+    """One step of one pipeline run: which MLflow run holds it and whether it was reused."""
+
+    step: str
+    name: str
+    run_id: str
+    run_name: str
+    reused: bool
+    seconds: float = 0.0
+    summary: str = ""
+
+
+@dataclass
+class PipelineOutcome:
+    run_id: str
+    run_name: str
+    experiment_id: str
+    experiment: str
+    url: str
+    steps: list[StepRecord]
+    table: list[dict[str, Any]]
+    champion_uri: str
+    resumed: bool = False
+    report: Any = None
+    notes: list[str] = field(default_factory=list)
+
+
+TABLE_COLUMNS = ["model", "run", "val_acc", "test_acc", "latency_ms_p50", "model_size_mb",
+                 "promoted"]
+
+
+class Pipeline:
+    """One invocation of the pipeline: the parent run and the steps it runs or reuses."""
+
+    def __init__(self, params: PipelineParams, tracking_uri: str, mongo_uri: str,
+                 log: Callable[[str], None], progress: bool) -> None:
+        self.params = params
+        self.uri = tracking_uri
+        self.mongo_uri = mongo_uri
+        self.log = log
+        self.progress = progress
+        self.client: MlflowClient = tracking.connect(tracking_uri)
+        self.code = tracking.code_version()
+        self.records: list[StepRecord] = []
+        self.total = 0
+        self.exp_id = ""
+        self.parent = ""
+
+    # ---------------------------------------------------------------------------- finding runs
+
+    def _search(self, filter_string: str, max_results: int = 1) -> list[Run]:
+        return self.client.search_runs([self.exp_id], filter_string=filter_string,
+                                       run_view_type=ViewType.ACTIVE_ONLY,
+                                       order_by=["attributes.start_time DESC"],
+                                       max_results=max_results)
+
+    def _finished(self, key: str) -> Run | None:
+        if self.params.force:
+            return None
+        found = self._search(f"tags.`{KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'")
+        return found[0] if found else None
+
+    # ---------------------------------------------------------------------------- the parent
+
+    def open_parent(self, experiment: str, key: str) -> tuple[str, str, bool]:
+        """Re-open the last unfinished pipeline run with this key (resume), or start one."""
+        import os
+
+        self.exp_id = tracking.experiment_id(self.client, experiment)
+        if not os.environ.get("MLFLOW_RUN_ID") and not self.params.force:
+            last = self._search(f"tags.`{tracking.STEP_TAG}` = '{PIPELINE_STEP}' and "
+                                f"tags.`{KEY_TAG}` = '{key}'")
+            if last and last[0].info.status != "FINISHED":
+                run = last[0]
+                self._close_orphans(run.info.run_id)
+                self.client.update_run(run.info.run_id, status="RUNNING")
+                with contextlib.suppress(MlflowException):
+                    self.client.delete_tag(run.info.run_id, tracking.ERROR_TAG)
+                return run.info.run_id, run.info.run_name, True
+        run_id, _, name = tracking.open_step_run(self.client, PIPELINE_STEP, experiment,
+                                                 {KEY_TAG: key, "cnnflow.code_version": self.code})
+        present = self.client.get_run(run_id).data.params  # `mlflow run -e main` logged -P
+        tracking.log_params_and_tags(self.client, run_id, {
+            k: v for k, v in self.params.logged().items() if k not in present}, {})
+        return run_id, name, False
+
+    def _close_orphans(self, parent: str) -> None:
+        """Children a killed pipeline left RUNNING end KILLED, so none is mistaken for live."""
+        for run in self._search(f"tags.`{PARENT_TAG}` = '{parent}' and "
+                                "attributes.status = 'RUNNING'", max_results=1000):
+            tracking.finish_run(self.client, run.info.run_id, "KILLED",
+                                "the pipeline stopped while this step ran")
+
+    # ---------------------------------------------------------------------------- one step
+
+    def step(self, step: str, name: str, inputs: dict[str, Any],
+             work: Callable[[str], tuple[str, str]],
+             still_valid: Callable[[Run], bool] = lambda run: True) -> StepRecord:
+        """Reuse the finished run with this step's key, or create a child run and `work(child)`.
+
+        `work` fills the child in (adopting it, as under `mlflow run`) and returns
+        (summary line, run id holding the result) - usually the child itself.
+        """
+        key = step_key(step, inputs, self.code)
+        index = len(self.records) + 1
+        label = f"[{index}/{self.total}] {step}" + (f" {name}" if name != step else "")
+        found = self._finished(key)
+        if found is not None and still_valid(found):
+            record = StepRecord(step, name, found.info.run_id, found.info.run_name or "",
+                                True, summary=_reused_summary(step, found))
+            self.log(f"{label}: reused {record.run_name} ({record.run_id}) {record.summary}")
+            self.records.append(record)
+            return record
+        self.log(f"{label}: running")
+        start = time.monotonic()
+        child = self._resumable(step, key) or self.client.create_run(
+            self.exp_id, tags={PARENT_TAG: self.parent, KEY_TAG: key,
+                               tracking.STEP_TAG: step, NAME_TAG: name}).info.run_id
+        try:
+            with tracking.adopting(child):
+                summary, run_id = work(child)
+        except BaseException as exc:
+            self._end_unfinished(child, exc)
+            raise
+        if self.client.get_run(child).info.status == "RUNNING":
+            tracking.finish_run(self.client, child, "FINISHED")
+        run = self.client.get_run(run_id)
+        record = StepRecord(step, name, run_id, run.info.run_name or "", False,
+                            time.monotonic() - start, summary)
+        self.log(f"{label}: ran in {record.seconds:.1f} s -> {record.run_name} ({run_id}) "
+                 f"{summary}")
+        self.records.append(record)
+        return record
+
+    def _resumable(self, step: str, key: str) -> str | None:
+        """A killed training run of this key with a checkpoint: continue it, not start over."""
+        if step != "train" or self.params.force:
+            return None
+        for run in self._search(f"tags.`{KEY_TAG}` = '{key}' and attributes.status = 'KILLED'"):
+            names = {f.path for f in self.client.list_artifacts(run.info.run_id, "checkpoints")}
+            if "checkpoints/last.pt" in names:
+                self.client.set_tag(run.info.run_id, PARENT_TAG, self.parent)
+                return run.info.run_id
+        return None
+
+    def _end_unfinished(self, run_id: str, exc: BaseException) -> None:
+        try:
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+                reason = ("interrupted by the user (Ctrl-C)" if status == "KILLED"
+                          else f"{type(exc).__name__}: {exc}")
+                tracking.finish_run(self.client, run_id, status, " ".join(reason.split()))
+        except Exception:  # noqa: BLE001 - never hide the step's own failure
+            pass
+
+
+# What the terminal shows for a reused step: the number that step is about.
+SUMMARY_METRIC = {"eda": "n_images", "train": "best_val_acc", "evaluate": "test_acc",
+                  "ensemble": "test_acc", "sync": "runs_listed"}
+
+
+def _reused_summary(step: str, run: Run) -> str:
+    metric = SUMMARY_METRIC.get(step)
+    if metric in run.data.metrics:
+        return f"{metric} {run.data.metrics[metric]:.4g}"
+    return run.data.tags.get("cnnflow.decision_reason", "")
+
+
+# -------------------------------------------------------------------------------- the steps
+
+
+def run_pipeline(params: PipelineParams, tracking_uri: str, mongo_uri: str = "", *,
+                 progress: bool | None = None,
+                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
+                 ) -> PipelineOutcome:
+    """Run (or resume) the whole pipeline; returns its parent run, steps and final table."""
+    from components.datasets import folder_fingerprint, resolve_data
+
+    params.validate()
+    if params.sync and not mongo_uri:
+        raise PipelineError("sync=true needs a MongoDB URI: start it with `cnnflow up`, set "
+                            "MONGO_URI, or pass --sync false")
+    dataset, _ = resolve_data(params.data)
+    experiment = params.experiment or dataset
+    progress = sys.stderr.isatty() if progress is None else progress
+    p = Pipeline(params, tracking_uri, mongo_uri, log, progress)
+    data_digest = folder_fingerprint(params.data)
+    key = step_key(PIPELINE_STEP, {**params.key_inputs(), "data_digest": data_digest}, p.code)
+    models = params.model_list()
+    ensemble = params.top_k >= 2 and len(models) >= 2
+    p.total = 2 + 2 * len(models) + (2 if ensemble else 0) + 1 + int(params.sync)
+    p.parent, run_name, resumed = p.open_parent(experiment, key)
+    url = _experiment_url(tracking_uri, p.exp_id, p.parent)
+    log(f"pipeline {run_name} ({p.parent}){' resumed' if resumed else ''}: "
+        f"{', '.join(models)} on {dataset}; code {p.code[:12]}; {url}")
+    client = p.client
+    try:
+        with tracking.ending_run(client, p.parent):
+            client.set_tag(p.parent, "cnnflow.data_digest", data_digest)
+            outcome = _steps(p, experiment, data_digest, models, ensemble)
+            outcome.run_name, outcome.url, outcome.resumed = run_name, url, resumed
+            _log_outcome(p, outcome)
+            if params.report:
+                from components.report import build_report
+
+                outcome.report = build_report(tracking_uri, experiment,
+                                              reports_dir=params.reports_dir,
+                                              pipeline_run_id=p.parent, log=log)
+    except BaseException:
+        _write_steps(p)  # what ran and what was reused before the failure
+        raise
+    return outcome
+
+
+def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
+           ensemble: bool) -> PipelineOutcome:
+    from components.eda import EdaParams, run_eda
+    from components.evaluation import EvalParams, evaluate
+    from components.preprocess import run_preprocess
+    from components.training import train
+
+    params, client = p.params, p.client
+
+    def eda(child: str) -> tuple[str, str]:
+        out = run_eda(EdaParams(data=params.data, experiment=experiment,
+                                reports_dir=params.reports_dir, val_ratio=params.val_ratio,
+                                test_ratio=params.test_ratio, seed=params.seed),
+                      p.uri, progress=p.progress, log=p.log)
+        return f"{int(out.metrics['n_images'])} images, {len(out.findings)} findings", child
+
+    eda_params = EdaParams(data=params.data, val_ratio=params.val_ratio,
+                           test_ratio=params.test_ratio, seed=params.seed)
+    p.step("eda", "eda", {**eda_params.logged(), "data_digest": data_digest}, eda)
+
+    prep_params = params.preprocess_params(experiment)
+
+    def preprocess(child: str) -> tuple[str, str]:
+        out = run_preprocess(prep_params, p.uri, progress=p.progress, log=p.log)
+        return f"split digest {out.digest[:12]}", child
+
+    prep = p.step("preprocess", "preprocess",
+                  {**prep_params.logged(), "data_digest": data_digest}, preprocess)
+
+    trained: dict[str, str] = {}
+    for model in models:
+        tp = params.train_params(model, prep.run_id, experiment)
+
+        def fit(child: str, tp=tp) -> tuple[str, str]:
+            if client.get_run(child).data.tags.get(tracking.VERSION_TAG):  # killed: resume it
+                from components.training import TrainParams
+
+                with tracking.not_adopting():
+                    out = train(TrainParams(resume=child, device=tp.device,
+                                            num_workers=tp.num_workers), p.uri,
+                                progress=p.progress, log=p.log)
+            else:
+                out = train(tp, p.uri, progress=p.progress, log=p.log)
+            r = out.result
+            return (f"best_val_acc {r.best_val_acc:.4f} (epoch {r.best_epoch}/{r.epochs_run})",
+                    out.run_id)
+
+        inputs = {k: v for k, v in tp.logged().items() if k not in type(tp).RUNTIME}
+        trained[model] = p.step("train", model, inputs, fit).run_id
+
+    name = registry.default_name(experiment)
+    versions: dict[str, str] = {}  # model (or "ensemble") -> registered version
+
+    def evaluation_step(label: str, run_id: str) -> None:
+        def run(child: str) -> tuple[str, str]:
+            tracking.open_step_run(client, "evaluate", experiment,
+                                   {"cnnflow.evaluated_run_id": run_id})
+            out = evaluate(EvalParams(run_id=run_id, registered_model=name, promote=False,
+                                      metric=params.metric), p.uri, log=p.log)
+            keep = {k: out.metrics[k] for k in ("test_acc", "test_loss", "latency_ms_p50",
+                                                "model_size_mb") if k in out.metrics}
+            tracking.log_metrics(client, child, keep)
+            return (f"test_acc {out.metrics['test_acc']:.4f}; registered {name} "
+                    f"v{out.version.version}", child)
+
+        def registered(run: Run) -> bool:
+            try:
+                registry.get_version(client, name, _registered_version(run))
+            except CnnflowError:
+                return False
+            return True
+
+        record = p.step("evaluate", label, {"run_id": run_id, "registered_model": name,
+                                            "metric": params.metric}, run, registered)
+        versions[label] = _registered_version(client.get_run(record.run_id))
+
+    for model in models:
+        evaluation_step(model, trained[model])
+
+    ensemble_run = ""
+    if ensemble:
+        from components.ensemble import EnsembleParams, run_ensemble
+
+        ranked = sorted(models, key=lambda m: -client.get_run(trained[m]).data.metrics.get(
+            "best_val_acc", 0.0))
+        members = [trained[m] for m in ranked[:params.top_k]]
+
+        def combine(child: str) -> tuple[str, str]:
+            out = run_ensemble(EnsembleParams(run_ids=",".join(members), experiment=experiment,
+                                              vote=params.vote, device=params.device,
+                                              num_workers=0), p.uri, log=p.log)
+            return (f"{len(members)} members ({', '.join(ranked[:params.top_k])}); "
+                    f"test_acc {out.metrics.get('test_acc', float('nan')):.4f}", child)
+
+        ensemble_run = p.step("ensemble", "ensemble",
+                              {"members": members, "vote": params.vote}, combine).run_id
+        evaluation_step("ensemble", ensemble_run)
+
+    def promote(child: str) -> tuple[str, str]:
+        tracking.open_step_run(client, "promote", experiment)
+        best = _best_version(client, name, versions, params.metric)
+        client.set_registered_model_alias(name, registry.CHALLENGER, best)
+        decision = registry.promote(client, name, metric=params.metric,
+                                    min_delta=params.min_delta)
+        tracking.log_params_and_tags(client, child, {}, {
+            "cnnflow.candidate_version": best, "cnnflow.decision": decision.action,
+            "cnnflow.decision_reason": decision.reason,
+            "cnnflow.champion_version": _champion_version(client, name)})
+        return decision.line(), child
+
+    p.step("promote", "promote", {"versions": versions, "registered_model": name,
+                                  "metric": params.metric, "min_delta": params.min_delta},
+           promote)
+    champion = _champion_version(client, name)
+
+    if params.sync:
+        from components.mirror import SyncOptions, sync_once
+
+        def mirror(child: str) -> tuple[str, str]:
+            tracking.open_step_run(client, "sync", experiment)
+            report = sync_once(p.uri, p.mongo_uri, SyncOptions(experiments=[experiment]))
+            tracking.log_metrics(client, child, {"runs_listed": report.listed,
+                                                 "runs_written": report.changed,
+                                                 "epochs_written": report.epochs})
+            return report.line(), child
+
+        p.step("sync", "sync", {"runs": sorted(r.run_id for r in p.records),
+                                "champion": champion, "mongo": mask_uri(p.mongo_uri)}, mirror)
+
+    champion_uri = f"models:/{name}@{registry.CHAMPION}" if champion else ""
+    table = _final_table(client, name, trained, ensemble_run, champion)
+    return PipelineOutcome(p.parent, "", p.exp_id, experiment, "", list(p.records), table,
+                           champion_uri)
+
+
+def _registered_version(run: Run) -> str:
+    """N of the `name/N` an evaluate step run records (what `evaluate` tags its job run with)."""
+    return run.data.tags.get("cnnflow.registered_version", "").rpartition("/")[2]
+
+
+def _best_version(client: MlflowClient, name: str, versions: dict[str, str],
+                  metric: str) -> str:
+    """The candidate with the best `metric` among this pipeline's versions (ties: the first)."""
+    scored = []
+    for label, version in versions.items():
+        value = registry.get_version(client, name, version).tags.get(metric)
+        if value is not None:
+            scored.append((float(value), label, version))
+    if not scored:
+        raise PipelineError(f"no registered version of {name} has {metric}: pass a metric "
+                            f"evaluate logs, e.g. --metric test_acc")
+    lower = registry.lower_is_better(metric)
+    best = min(scored, key=lambda s: s[0]) if lower else max(scored, key=lambda s: s[0])
+    return best[2]
+
+
+def _champion_version(client: MlflowClient, name: str) -> str:
+    version = registry.get_alias(client, name, registry.CHAMPION)
+    return version.version if version is not None else ""
+
+
+def _final_table(client: MlflowClient, name: str, trained: dict[str, str], ensemble_run: str,
+                 champion: str) -> list[dict[str, Any]]:
+    """model, run, val/test accuracy, latency, size, and which row is the champion now."""
+    champion_run = registry.get_version(client, name, champion).run_id if champion else ""
+    rows = []
+    for model, run_id in [*trained.items(), *([("ensemble", ensemble_run)] if ensemble_run
+                                              else [])]:
+        run = client.get_run(run_id)
+        m = run.data.metrics
+        rows.append({"model": model, "run": run.info.run_name, "run_id": run_id,
+                     "val_acc": m.get("best_val_acc", m.get("val_acc")),
+                     "test_acc": m.get("test_acc"), "latency_ms_p50": m.get("latency_ms_p50"),
+                     "model_size_mb": m.get("model_size_mb"),
+                     "promoted": "champion" if run_id == champion_run else ""})
+    return rows
+
+
+def _log_outcome(p: Pipeline, outcome: PipelineOutcome) -> None:
+    reused = sum(r.reused for r in outcome.steps)
+    tracking.log_metrics(p.client, p.parent, {"steps_run": len(outcome.steps) - reused,
+                                              "steps_reused": reused})
+    tags = {f"cnnflow.run.{r.step}" + (f".{r.name}" if r.name != r.step else ""): r.run_id
+            for r in outcome.steps}
+    if outcome.champion_uri:
+        tags["cnnflow.champion_uri"] = outcome.champion_uri
+    tracking.log_params_and_tags(p.client, p.parent, {}, tags)
+    _write_steps(p)
+
+
+def _write_steps(p: Pipeline) -> None:
+    """`pipeline/steps.json` on the parent: each step's run and whether it was reused."""
+    if not p.parent:
+        return
+    try:
+        with tempfile.TemporaryDirectory(prefix="cnnflow-pipeline-") as tmp:
+            path = Path(tmp) / "steps.json"
+            path.write_text(json.dumps([asdict(r) for r in p.records], indent=2))
+            p.client.log_artifact(p.parent, str(path), artifact_path="pipeline")
+    except MlflowException:
+        pass  # the server went away: the steps are still findable by their parent tag
+
+
+def _experiment_url(tracking_uri: str, exp_id: str, run_id: str) -> str:
+    from components.training import run_url
+
+    return run_url(tracking_uri, exp_id, run_id)

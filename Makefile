@@ -3,9 +3,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_MODELS ?= custom_cnn lenet5 resnet18 mobilenetv2
+DEMO_MODELS ?= custom_cnn,lenet5,resnet18,mobilenetv2
 DEMO_ARGS ?= --data digits --weights none --image-size 32 --epochs 8 --batch-size 32 --num-workers 0
-DEMO_SUMMARY := .cnnflow/demo-runs.txt
+DEMO_SUMMARY := .cnnflow/demo-summary.txt
+RUN_ENV := MLFLOW_DISABLE_TELEMETRY=true
 
 .PHONY: setup demo test lint clean chromium
 
@@ -16,17 +17,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+# The main job: servers + mirror follower, then the whole pipeline on the bundled digits.
+# Run it again and every step is reused; `cnnflow run --force true` re-runs them.
 demo: $(STAMP)
-	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/cnnflow up
-	@rm -f $(DEMO_SUMMARY)
-	@for model in $(DEMO_MODELS); do \
-	  echo "== training $$model"; \
-	  line=$$(MLFLOW_DISABLE_TELEMETRY=true $(BIN)/cnnflow train --model $$model $(DEMO_ARGS)) || exit 1; \
-	  echo "$$line" | tee -a $(DEMO_SUMMARY); \
-	done
-	@echo; echo "Runs (name, run id, best validation accuracy, MLflow link):"; cat $(DEMO_SUMMARY)
-	@echo; $(BIN)/cnnflow status mlflow
-	@echo "Browse and compare the runs in the MLflow UI above; stop the servers with: $(BIN)/cnnflow down"
+	$(RUN_ENV) $(BIN)/cnnflow up --with-sync
+	$(RUN_ENV) $(BIN)/cnnflow run --models $(DEMO_MODELS) $(DEMO_ARGS) > $(DEMO_SUMMARY)
+	@cat $(DEMO_SUMMARY)
+	@echo
+	@echo "MLflow UI:  $$($(BIN)/cnnflow status mlflow | awk '{print $$3}')"
+	@echo "Dashboard:  $(BIN)/cnnflow dashboard   (then open http://127.0.0.1:8501)"
+	@echo "Champion:   $$(sed -n 's/^champion: //p' $(DEMO_SUMMARY))"
+	@echo "Report:     reports/digits/report.html"
+	@echo "Stop the servers with: $(BIN)/cnnflow down"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -79,6 +79,7 @@ def _value(text: str | None) -> Any:
 def _registry_labels(client: MlflowClient, run_ids: list[str]) -> dict[str, str]:
     """run id -> 'name v3 @champion' for every registry version made from that run."""
     labels: dict[str, list[str]] = {}
+    aliases_of = registry.AliasLookup(client)
     for start in range(0, len(run_ids), 100):
         chunk = run_ids[start:start + 100]
         quoted = ",".join(f"'{r}'" for r in chunk)
@@ -87,7 +88,7 @@ def _registry_labels(client: MlflowClient, run_ids: list[str]) -> dict[str, str]
         except MlflowException:
             return {}
         for v in versions:
-            alias = "".join(f" @{a}" for a in sorted(v.aliases or []))
+            alias = "".join(f" @{a}" for a in aliases_of(v.name, v.version))
             labels.setdefault(v.run_id, []).append(f"{v.name} v{v.version}{alias}")
     return {k: "; ".join(sorted(v)) for k, v in labels.items()}
 

@@ -41,6 +41,7 @@ from mlflow.entities import Run, ViewType
 
 from components.config import mask_text, mask_uri
 from components.errors import CnnflowError
+from components.registry import AliasLookup
 
 logger = logging.getLogger("cnnflow.mirror")
 
@@ -191,6 +192,7 @@ def _mirrored(run: Run) -> bool:
 def _registry(client: MlflowClient) -> dict[str, list[dict[str, Any]]]:
     """run id -> its registry versions (name, version, aliases): one listing per pass."""
     found: dict[str, list[dict[str, Any]]] = {}
+    aliases_of = AliasLookup(client)
     token = None
     try:
         while True:
@@ -199,7 +201,7 @@ def _registry(client: MlflowClient) -> dict[str, list[dict[str, Any]]]:
                 if v.run_id:
                     found.setdefault(v.run_id, []).append(
                         {"name": v.name, "version": int(v.version),
-                         "aliases": sorted(getattr(v, "aliases", []) or [])})
+                         "aliases": aliases_of(v.name, v.version)})
             token = page.token
             if not token:
                 break

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -213,8 +214,6 @@ class Pipeline:
 
     def open_parent(self, experiment: str, key: str) -> tuple[str, str, bool]:
         """Re-open the last unfinished pipeline run with this key (resume), or start one."""
-        import os
-
         self.exp_id = tracking.experiment_id(self.client, experiment)
         if not os.environ.get("MLFLOW_RUN_ID") and not self.params.force:
             last = self._search(f"tags.`{tracking.STEP_TAG}` = '{PIPELINE_STEP}' and "
@@ -304,8 +303,8 @@ class Pipeline:
 
 
 # What the terminal shows for a reused step: the number that step is about.
-SUMMARY_METRIC = {"eda": "n_images", "train": "best_val_acc", "evaluate": "test_acc",
-                  "ensemble": "test_acc", "sync": "runs_listed"}
+SUMMARY_METRIC = {"eda": "n_images", "preprocess": "n_train", "train": "best_val_acc",
+                  "evaluate": "test_acc", "ensemble": "test_acc", "sync": "runs_listed"}
 
 
 def _reused_summary(step: str, run: Run) -> str:
@@ -330,9 +329,10 @@ def run_pipeline(params: PipelineParams, tracking_uri: str, mongo_uri: str = "",
         raise PipelineError("sync=true needs a MongoDB URI: start it with `cnnflow up`, set "
                             "MONGO_URI, or pass --sync false")
     dataset, _ = resolve_data(params.data)
-    experiment = params.experiment or dataset
     progress = sys.stderr.isatty() if progress is None else progress
     p = Pipeline(params, tracking_uri, mongo_uri, log, progress)
+    experiment = _experiment_name(p.client, params.experiment or dataset,
+                                  explicit=bool(params.experiment))
     data_digest = folder_fingerprint(params.data)
     key = step_key(PIPELINE_STEP, {**params.key_inputs(), "data_digest": data_digest}, p.code)
     models = params.model_list()
@@ -499,6 +499,18 @@ def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
 def _registered_version(run: Run) -> str:
     """N of the `name/N` an evaluate step run records (what `evaluate` tags its job run with)."""
     return run.data.tags.get("cnnflow.registered_version", "").rpartition("/")[2]
+
+
+def _experiment_name(client: MlflowClient, name: str, explicit: bool) -> str:
+    """Under `mlflow run -e main` the parent run exists already: its experiment is ours."""
+    adopted = os.environ.get("MLFLOW_RUN_ID")
+    if not adopted:
+        return name
+    actual = client.get_experiment(client.get_run(adopted).info.experiment_id).name
+    if explicit and actual != name:
+        raise PipelineError(f"-P experiment={name} but mlflow run started the run in "
+                            f"experiment '{actual}': pass the same name to --experiment-name")
+    return actual
 
 
 def _best_version(client: MlflowClient, name: str, versions: dict[str, str],

@@ -304,15 +304,43 @@ def _write_decision(client: MlflowClient, decision: Decision) -> None:
         client.set_model_version_tag(decision.name, decision.version, key, value)
 
 
+def version_aliases(client: MlflowClient, name: str) -> dict[str, list[str]]:
+    """version -> its aliases, asked of the registered model: the versions that
+    `search_model_versions` returns carry no aliases."""
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        return {}
+    found: dict[str, list[str]] = {}
+    for alias, version in (model.aliases or {}).items():
+        found.setdefault(str(version), []).append(alias)
+    return {v: sorted(a) for v, a in found.items()}
+
+
+class AliasLookup:
+    """`version_aliases` for many versions, one registry request per model name."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self.client = client
+        self.by_name: dict[str, dict[str, list[str]]] = {}
+
+    def __call__(self, name: str, version: str | int) -> list[str]:
+        if name not in self.by_name:
+            self.by_name[name] = version_aliases(self.client, name)
+        return self.by_name[name].get(str(version), [])
+
+
 def version_summary(client: MlflowClient, name: str) -> list[dict[str, Any]]:
     """Every version of `name` with its aliases, run and decision (newest first)."""
     try:
         versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException:
         return []
+    aliases = version_aliases(client, name)
     rows = []
     for v in sorted(versions, key=lambda v: -int(v.version)):
-        rows.append({"version": int(v.version), "aliases": ",".join(v.aliases or []),
+        rows.append({"version": int(v.version),
+                     "aliases": ",".join(aliases.get(str(v.version), [])),
                      "run_id": v.run_id, "decision": v.tags.get(DECISION_TAG, ""),
                      "reason": v.tags.get(REASON_TAG, "")})
     return rows

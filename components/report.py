@@ -465,41 +465,8 @@ def _comparison_rows(client: MlflowClient, experiment: str, sel: Selection
     if sel.ensemble is not None:
         order.append(sel.ensemble.info.run_id)
     by_id = {r["run_id"]: r for r in comparison.compare_runs(client, experiment)}
-    rows = [{ours: by_id[rid].get(theirs) for ours, theirs in TABLE_COLUMNS.items()}
+    return [{ours: by_id[rid].get(theirs) for ours, theirs in TABLE_COLUMNS.items()}
             for rid in order if rid in by_id]
-    aliases: dict[str, dict[str, list[str]]] = {}
-    for row in rows:
-        row["registry"] = _with_aliases(client, row.get("registry") or "", aliases)
-    return rows
-
-
-def version_aliases(client: MlflowClient, name: str) -> dict[str, list[str]]:
-    """version -> its aliases. The registered model is asked: MLflow's search_model_versions
-    (which compare_runs and version_summary use) returns versions without their aliases."""
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException:
-        return {}
-    found: dict[str, list[str]] = {}
-    for alias, version in (model.aliases or {}).items():
-        found.setdefault(str(version), []).append(alias)
-    return {v: sorted(a) for v, a in found.items()}
-
-
-def _with_aliases(client: MlflowClient, label: str,
-                  cache: dict[str, dict[str, list[str]]]) -> str:
-    """'name v3; other v1' -> 'name v3 @champion; other v1' (aliases from the registry)."""
-    parts = []
-    for part in filter(None, (p.strip() for p in label.split(";"))):
-        m = re.match(r"^(?P<name>.+) v(?P<version>\d+)(?: @.*)?$", part)
-        if m is None:
-            parts.append(part)
-            continue
-        if m["name"] not in cache:
-            cache[m["name"]] = version_aliases(client, m["name"])
-        tags = "".join(f" @{a}" for a in cache[m["name"]].get(m["version"], []))
-        parts.append(f"{m['name']} v{m['version']}{tags}")
-    return "; ".join(parts)
 
 
 def _models_section(doc: Document, figs: _Figures, rows: list[dict[str, Any]],
@@ -627,9 +594,7 @@ def _registry_section(doc: Document, client: MlflowClient, experiment: str) -> N
         return
     doc.para(f"Registered model `{model_name}`, newest version first.")
     names: dict[str, str] = {}
-    aliases = version_aliases(client, model_name)
     for row in rows:
-        row["aliases"] = ",".join(aliases.get(str(row["version"]), [])) or row["aliases"]
         rid = row.get("run_id") or ""
         if rid and rid not in names:
             run = _get_run(client, rid)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,16 @@ import pytest
 from PIL import Image
 
 from components.services import free_port  # noqa: F401 - tests import it from here
+
+BIN = Path(sys.executable).parent  # the venv's bin: python, mlflow, cnnflow, torchrun
+
+
+def subprocess_env(tracking_uri: str, **extra: str) -> dict[str, str]:
+    """The environment for a command a test starts: the venv's bin first on PATH, this
+    tracking server, unbuffered output, plus `extra` variables."""
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PYTHONUNBUFFERED="1", **extra)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
 
 # Class colours differ strongly so a tiny model learns them in one or two epochs.
 _PALETTE = [(220, 30, 30), (30, 200, 40), (30, 60, 220), (230, 210, 30), (200, 40, 200)]

@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import free_port, history, runs_of
+from conftest import BIN, free_port, history, runs_of, subprocess_env
 from torch import nn
 
 from pipelines.cli import cli
 
-BIN = Path(sys.executable).parent
 FAST = ["--image-size", "16", "--batch-size", "4", "--num-workers", "0", "--weights", "none",
         "--augmentation", "none", "--model", "custom_cnn"]
 
 
 def _env(tracking_uri: str) -> dict[str, str]:
-    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PYTHONUNBUFFERED="1")
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env = subprocess_env(tracking_uri)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     return env

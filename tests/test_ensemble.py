@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import BIN, subprocess_env
 from mlflow import MlflowClient
 
 from components.ensemble import (
@@ -190,17 +191,14 @@ def test_bagging_trains_nested_members_on_bootstrap_samples(client, image_folder
 
 
 def test_mlflow_run_entry_points_ensemble_then_evaluate(client, trained_pair):
-    import os
     import subprocess
-    import sys
 
-    root, bin_dir = Path(__file__).resolve().parents[1], Path(sys.executable).parent
-    env = dict(os.environ, MLFLOW_TRACKING_URI=trained_pair.uri,
-               PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    root = Path(__file__).resolve().parents[1]
+    env = subprocess_env(trained_pair.uri)
     ids = ",".join(trained_pair.runs.values())
 
     def mlflow_run(*args: str) -> None:
-        proc = subprocess.run([str(bin_dir / "mlflow"), "run", str(root), "--env-manager",
+        proc = subprocess.run([str(BIN / "mlflow"), "run", str(root), "--env-manager",
                                "local", *args], capture_output=True, text=True, env=env,
                               timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ from uuid import uuid4
 
 import pytest
 from click.testing import CliRunner
-from conftest import free_port
+from conftest import BIN, free_port, subprocess_env
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from pymongo import MongoClient
@@ -21,7 +20,6 @@ from components import mirror, services
 from components.mirror import EPOCHS, STATUS, SYNC, TRAININGS, SyncOptions, sync_once, sync_pass
 from pipelines.cli import cli
 
-BIN = Path(sys.executable).parent
 EPOCH_KEYS = ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_sec"]
 
 
@@ -404,8 +402,7 @@ def test_mlflow_run_entry_point_matches_the_cli_and_is_not_mirrored(mlflow_serve
     client = MlflowClient(mlflow_server)
     exp = new_experiment(client)
     run_id = make_run(client, exp, "train", epochs=1)
-    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, MONGO_URI=db_uri)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env = subprocess_env(mlflow_server, MONGO_URI=db_uri)
     proc = subprocess.run(
         [str(BIN / "mlflow"), "run", str(root), "-e", "sync", "--env-manager", "local",
          "--experiment-name", exp, "-P", f"experiments={exp}"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from uuid import uuid4
 
 import pytest
 from click.testing import CliRunner
-from conftest import free_port, make_image_folder, runs_of
+from conftest import BIN, free_port, make_image_folder, runs_of, subprocess_env
 from mlflow import MlflowClient
 from pymongo import MongoClient
 
@@ -91,6 +90,12 @@ def test_main_runs_every_step_under_one_parent_then_reuses_them(tiny, env, tmp_p
     mirrored = {d["_id"] for d in db[TRAININGS].find({}, {"_id": 1})}
     assert {r.info.run_id for r in trains.values()} <= mirrored
     assert parent.info.run_id not in mirrored
+    versions = db[TRAININGS].find_one({"_id": champion.run_id})["registry"]["versions"]
+    [mirrored_version] = [v for v in versions if v["version"] == int(champion.version)]
+    assert "champion" in mirrored_version["aliases"]
+    compared = CliRunner(env=env).invoke(cli, ["compare", "--experiment", experiment,
+                                                 "--out", str(tmp_path)])
+    assert f"{name} v{champion.version} @challenger @champion" in compared.output
     # The report is the parent's artifact.
     logged = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/report.html"} <= logged
@@ -122,9 +127,9 @@ def test_killed_after_training_resumes_at_evaluate(tiny, env, tmp_path):
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = f"kill-{uuid4().hex[:6]}"
     args = run_args(tiny, experiment, tmp_path, "--sync", "false")
+    child_env = subprocess_env(env["MLFLOW_TRACKING_URI"], MONGO_URI=env["MONGO_URI"])
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.run", *args], cwd=ROOT,
-                            env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
@@ -183,3 +188,24 @@ def test_missing_folder_and_unreachable_mongo_fail_before_any_run(tiny, env, tmp
     [line] = result.output.strip().splitlines()
     assert "not reachable" in line and "s3cret" not in line and "--sync false" in line
     assert runs_of(client, experiment) == []
+
+
+def test_mlflow_run_main_entry_point_adopts_the_parent_run(tiny, env):
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = f"mlproject-main-{uuid4().hex[:6]}"
+    params = {"data": tiny, "models": ",".join(MODELS), "weights": "none", "image_size": 16,
+              "epochs": 1, "batch_size": 8, "num_workers": 0, "augmentation": "none",
+              "sync": "false", "report": "false"}
+    command = [str(BIN / "mlflow"), "run", str(ROOT), "-e", "main",
+               "--env-manager", "local", "--experiment-name", experiment]
+    for key, value in params.items():
+        command += ["-P", f"{key}={value}"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env=subprocess_env(env["MLFLOW_TRACKING_URI"], MONGO_URI=env["MONGO_URI"],
+                                             MLFLOW_DISABLE_TELEMETRY="true"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [parent] = pipelines(client, experiment)
+    assert parent.info.status == "FINISHED" and parent.data.params["models"] == ",".join(MODELS)
+    kids = children(client, parent.info.run_id)
+    assert len(kids) == STEPS - 1  # no sync step
+    assert client.get_model_version_by_alias(f"{experiment}-classifier", "champion")

@@ -7,14 +7,13 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import history, make_image_folder, write_image
+from conftest import BIN, history, make_image_folder, subprocess_env, write_image
 from mlflow import MlflowClient
 
 from components.datasets import SPLITS, ImageDataset, build_transform, load_splits, make_loaders
@@ -22,7 +21,6 @@ from components.preprocess import PreprocessParams, plan_split, prepared_dir, wr
 from pipelines.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 TRAIN_FAST = ["--image-size", "16", "--batch-size", "8", "--num-workers", "0", "--weights",
               "none", "--augmentation", "none", "--epochs", "2", "--patience", "0"]
 
@@ -271,8 +269,7 @@ def test_a_failure_inside_the_run_ends_it_failed(tracking, image_folder, monkeyp
 
 def test_mlflow_run_entry_points(mlflow_server, image_folder, tmp_path):
     data = image_folder({"a": 8, "b": 8})
-    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env = subprocess_env(mlflow_server)
     proc = subprocess.run(
         [str(BIN / "mlflow"), "run", str(ROOT), "-e", "preprocess", "--env-manager", "local",
          "--experiment-name", "pp-mlproject", "-P", f"data={data}", "-P", "cache=true",

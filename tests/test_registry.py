@@ -6,14 +6,13 @@ import base64
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import mlflow
 import pytest
 import requests
 from click.testing import CliRunner
+from conftest import BIN, subprocess_env
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -21,8 +20,6 @@ from components import registry
 from components.registry import RegistryError, decide, lower_is_better, register_version
 from components.services import free_port
 from pipelines.cli import cli
-
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
@@ -147,8 +144,7 @@ def test_served_champion_answers_http_with_classes_and_probabilities(client, tra
     add_version(client, trained_pair, "served", "D", test_acc=0.5)
     registry.promote(client, "served")
     port = free_port()
-    env = dict(os.environ, MLFLOW_TRACKING_URI=trained_pair.uri,
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = subprocess_env(trained_pair.uri)
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "models", "serve", "-m", "models:/served@champion",
          "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],

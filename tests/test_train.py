@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,13 +11,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import history, runs_of
+from conftest import BIN, history, runs_of, subprocess_env
 from mlflow import MlflowClient
 
 from pipelines.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 EPOCH_METRICS = ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_sec",
                  "train_images_per_sec"]
 FAST = ["--image-size", "16", "--batch-size", "8", "--num-workers", "0", "--weights", "none",
@@ -28,14 +26,6 @@ FAST = ["--image-size", "16", "--batch-size", "8", "--num-workers", "0", "--weig
 
 def run_cli(*args: str):
     return CliRunner().invoke(cli, ["train", *args], catch_exceptions=False)
-
-
-
-
-def subprocess_env(tracking_uri: str) -> dict[str, str]:
-    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PYTHONUNBUFFERED="1")
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    return env
 
 
 def test_two_epoch_run_logs_everything_and_is_reproducible(tracking, image_folder):

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import optuna
 import pytest
 from click.testing import CliRunner
-from conftest import runs_of
+from conftest import BIN, runs_of, subprocess_env
 from mlflow import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
@@ -18,7 +16,6 @@ from components import tuning
 from components.tuning import TuneError, parse_space
 from pipelines.cli import cli
 
-BIN = Path(sys.executable).parent
 FAST = ["--image-size", "16", "--num-workers", "0", "--weights", "none", "--augmentation",
         "none", "--patience", "0", "--epochs", "2"]
 
@@ -121,7 +118,7 @@ def test_trials_are_nested_runs_best_params_logged_and_pruned_trial_killed(
 def test_two_workers_share_one_study(mlflow_server, image_folder, tmp_path):
     data = image_folder({"red": 6, "green": 6})
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
-    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, PYTHONUNBUFFERED="1")
+    env = subprocess_env(mlflow_server)
     cmd = [str(BIN / "cnnflow"), "tune", "--data", str(data), "--experiment", "shared",
            "--n-trials", "2", "--space", "lr: loguniform(1e-3, 1e-1)", "--pruner", "none",
            "--storage", storage, "--study", "shared", *FAST[:-2], "--epochs", "1"]

@@ -328,14 +328,21 @@ def write_report(scan: DatasetScan, summary: EdaSummary, out_dir: Path,
             plots.plot_sample_grid(samples, tmp / FIGURES["samples"])
         (tmp / "report.md").write_text(_markdown(scan, summary, run_note,
                                                  {p.name for p in tmp.iterdir()}))
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return sorted(out_dir.iterdir())
 
 
-def _replace_dir(new: Path, target: Path) -> None:
+def replace_dir(new: Path, target: Path) -> None:
+    """Swap a finished output folder into place, so readers never see a half-written one.
+
+    `new` comes from mkdtemp (mode 0700): it gets the mode a plain mkdir would have given.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(new, 0o777 & ~umask)
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}-old-{os.getpid()}-{time.time_ns()}")

@@ -654,7 +654,7 @@ def _write(client: MlflowClient, tracking_uri: str, experiment: str, sel: Select
            folder: Path, converter: str | None, pdf: str, log: Callable[[str], None],
            run_id: str, run_name: str) -> ReportOutcome:
     """Build in a sibling temp folder, log it, then swap it into place: all or nothing."""
-    from components.eda import _replace_dir
+    from components.eda import replace_dir
 
     made = [p for p in (folder.parent, *folder.parent.parents) if not p.exists()]
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -682,7 +682,7 @@ def _write(client: MlflowClient, tracking_uri: str, experiment: str, sel: Select
                 log(f"report: no PDF: {note}")
                 (tmp / "report.pdf").unlink(missing_ok=True)
         client.log_artifacts(run_id, str(tmp), artifact_path="report")
-        _replace_dir(tmp, folder)
+        replace_dir(tmp, folder)
         replaced = True
     finally:
         if tmp.exists():

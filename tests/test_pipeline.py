@@ -11,7 +11,7 @@ from uuid import uuid4
 
 import pytest
 from click.testing import CliRunner
-from conftest import BIN, free_port, make_image_folder, runs_of, subprocess_env
+from conftest import BIN, free_port, history, make_image_folder, runs_of, subprocess_env
 from mlflow import MlflowClient
 from pymongo import MongoClient
 
@@ -123,25 +123,31 @@ def test_main_runs_every_step_under_one_parent_then_reuses_them(tiny, env, tmp_p
     assert "train custom_cnn: running" in changed.output
 
 
-def test_killed_after_training_resumes_at_evaluate(tiny, env, tmp_path):
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    experiment = f"kill-{uuid4().hex[:6]}"
-    args = run_args(tiny, experiment, tmp_path, "--sync", "false")
+def kill_when(args: list[str], env: dict[str, str], ready) -> None:
+    """Start `cnnflow run` in a process and SIGKILL it (no clean-up at all) once `ready()`."""
     child_env = subprocess_env(env["MLFLOW_TRACKING_URI"], MONGO_URI=env["MONGO_URI"])
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.run", *args], cwd=ROOT,
                             env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            done = [r for r in runs_of(client, experiment)
-                    if r.data.tags.get("cnnflow.step") == "train" and r.info.status == "FINISHED"]
-            if len(done) == len(MODELS):
-                break
+        while time.monotonic() < deadline and proc.poll() is None and not ready():
             time.sleep(0.05)
         assert proc.poll() is None, "the pipeline ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)  # no clean-up at all: runs are left RUNNING
+        proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
+
+
+def train_runs(client: MlflowClient, experiment: str) -> list:
+    return [r for r in runs_of(client, experiment) if r.data.tags.get("cnnflow.step") == "train"]
+
+
+def test_killed_after_training_resumes_at_evaluate(tiny, env, tmp_path):
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = f"kill-{uuid4().hex[:6]}"
+    args = run_args(tiny, experiment, tmp_path, "--sync", "false")
+    kill_when(args, env, lambda: len([r for r in train_runs(client, experiment)
+                                      if r.info.status == "FINISHED"]) == len(MODELS))
     [parent] = pipelines(client, experiment)
     assert parent.info.status == "RUNNING"
 
@@ -159,6 +165,31 @@ def test_killed_after_training_resumes_at_evaluate(tiny, env, tmp_path):
     assert not [r for r in runs if r.info.status == "RUNNING"]  # orphans were closed
     assert len([r for r in runs if r.data.tags.get("cnnflow.step") == "train"]) == len(MODELS)
     assert client.get_model_version_by_alias(f"{experiment}-classifier", "champion")
+
+
+def test_a_training_run_killed_mid_way_continues_from_its_checkpoint(tiny, env, tmp_path):
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = f"midway-{uuid4().hex[:6]}"
+    epochs = 40
+    args = run_args(tiny, experiment, tmp_path, "--models", "custom_cnn", "--epochs",
+                    str(epochs), "--patience", "0", "--sync", "false", "--report", "false")
+
+    def two_epochs_logged() -> bool:
+        runs = train_runs(client, experiment)
+        return bool(runs) and len(history(client, runs[0].info.run_id, "val_loss")) >= 2
+
+    kill_when(args, env, two_epochs_logged)
+    [killed] = train_runs(client, experiment)
+    done = len(history(client, killed.info.run_id, "val_loss"))
+    assert killed.info.status == "RUNNING" and done < epochs
+
+    result = invoke(env, *args)
+    assert result.exit_code == 0, result.output
+    assert f"resuming custom_cnn-v1 ({killed.info.run_id}) after epoch" in result.output
+    [run] = train_runs(client, experiment)  # the same run, finished, each epoch logged once
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert [step for step, _ in history(client, run.info.run_id, "val_loss")] == \
+        list(range(1, epochs + 1))
 
 
 @pytest.mark.parametrize("extra, message", [

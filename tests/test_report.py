@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import tempfile
 from html.parser import HTMLParser
@@ -76,6 +77,9 @@ def _parse(path: Path) -> _Collector:
 def test_report_has_every_section_figure_and_model(experiment, tracking, tmp_path):
     out = build_report(experiment.uri, EXPERIMENT, reports_dir=tmp_path, pdf="false", **quiet)
     assert out.folder == tmp_path / EXPERIMENT and out.pdf is None
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.folder.stat().st_mode & 0o777 == 0o777 & ~umask  # as readable as a mkdir
     md = out.markdown.read_text()
     for heading in ("# Experiment report: report-exp", "## Dataset", "## Models compared",
                     "## Training curves", "## Cost", "## Confusion matrices", "## Registry"):

@@ -25,11 +25,13 @@ quiet = {"log": lambda s: None}
 
 @pytest.fixture(scope="module")
 def experiment(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory):
-    """eda, two tiny trained + evaluated (registered, promoted) models and their ensemble."""
+    """eda, two tiny trained + evaluated (registered, promoted) models, their ensemble and a
+    two-trial tuning study."""
     from components.eda import EdaParams, run_eda
     from components.ensemble import EnsembleParams, run_ensemble
     from components.evaluation import EvalParams, evaluate
     from components.training import TrainParams, train
+    from components.tuning import TuneParams, run_tune
 
     root = tmp_path_factory.mktemp("report")
     data = make_image_folder(root / "rep3", {"red": 8, "green": 8, "blue": 8})
@@ -49,10 +51,15 @@ def experiment(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory):
                                 device="cpu"), mlflow_server, **quiet)
         ens = run_ensemble(EnsembleParams(run_ids=",".join(runs.values()), device="cpu",
                                           num_workers=0), mlflow_server, **quiet)
+        tune = run_tune(TuneParams(space="lr: [0.001, 0.01]", data=str(data),
+                                   experiment=EXPERIMENT, n_trials=2, epochs=1, sampler="grid",
+                                   pruner="none", weights="none", image_size=16,
+                                   augmentation="none", num_workers=0), mlflow_server, **quiet)
     client = MlflowClient(mlflow_server)
     names = {m: client.get_run(r).info.run_name for m, r in runs.items()}
     return SimpleNamespace(uri=mlflow_server, runs=runs, names=names, eda=eda.run_id,
-                           ensemble=ens.run_id, ensemble_name=ens.run_name)
+                           ensemble=ens.run_id, ensemble_name=ens.run_name,
+                           tune=tune.run_name)
 
 
 class _Collector(HTMLParser):
@@ -82,8 +89,11 @@ def test_report_has_every_section_figure_and_model(experiment, tracking, tmp_pat
     assert out.folder.stat().st_mode & 0o777 == 0o777 & ~umask  # as readable as a mkdir
     md = out.markdown.read_text()
     for heading in ("# Experiment report: report-exp", "## Dataset", "## Models compared",
-                    "## Training curves", "## Cost", "## Confusion matrices", "## Registry"):
+                    "## Training curves", "## Cost", "## Confusion matrices", "## Tuning",
+                    f"### {experiment.tune}", "## Registry"):
         assert heading in md, heading
+    tuning = md.split("## Tuning")[1].split("## Registry")[0]
+    assert "best val_loss" in tuning and "| lr |" in tuning and "figures/tune-" in tuning
     refs = re.findall(r"\]\((figures/[^)]+\.png)\)", md)
     assert refs and all((out.folder / r).is_file() for r in refs)
     assert {p.name for p in out.figures} == {Path(r).name for r in refs}

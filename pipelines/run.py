@@ -58,7 +58,12 @@ def run_command(**kwargs) -> None:
                 check_mongo(mongo)
         except ServiceError as exc:  # checked before hours of training, not after
             raise ServiceError(f"{exc}, or pass --sync false") from None
-        outcome = run_pipeline(params, uri, mongo)
+        try:
+            outcome = run_pipeline(params, uri, mongo)
+        except KeyboardInterrupt:
+            click.echo("re-run the same command to resume at the first unfinished step",
+                       err=True)
+            raise
     steps = outcome.steps
     reused = sum(s.reused for s in steps)
     click.echo(f"\n{outcome.run_name}: {len(steps) - reused} steps ran, {reused} reused  "

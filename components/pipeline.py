@@ -29,6 +29,7 @@ from mlflow.exceptions import MlflowException
 from components import registry, tracking
 from components.config import mask_uri
 from components.errors import CnnflowError
+from components.training import TrainParams as Train
 
 PIPELINE_STEP = "pipeline"
 KEY_TAG = "cnnflow.step_key"
@@ -43,23 +44,24 @@ class PipelineError(CnnflowError, RuntimeError):
 
 @dataclass
 class PipelineParams:
-    """Parameters of `cnnflow run` / `mlflow run . -e main`, with their defaults."""
+    """Parameters of `cnnflow run` / `mlflow run . -e main`, with their defaults (the
+    training ones are `cnnflow train`'s, so both commands train the same model by default)."""
 
-    data: str = "digits"
+    data: str = Train.data
     experiment: str = ""
     models: str = "custom_cnn,resnet50,vgg16,mobilenetv2"
-    weights: str = "auto"
-    freeze: str = "none"
-    image_size: int = 32
-    batch_size: int = 32
-    epochs: int = 10
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    augmentation: str = "light"
-    patience: int = 10
-    val_ratio: float = 0.2
-    test_ratio: float = 0.2
-    seed: int = 42
+    weights: str = Train.weights
+    freeze: str = Train.freeze
+    image_size: int = Train.image_size
+    batch_size: int = Train.batch_size
+    epochs: int = Train.epochs
+    optimizer: str = Train.optimizer
+    lr: float = Train.lr
+    augmentation: str = Train.augmentation
+    patience: int = Train.patience
+    val_ratio: float = Train.val_ratio
+    test_ratio: float = Train.test_ratio
+    seed: int = Train.seed
     cache: bool = True
     top_k: int = 3
     vote: str = "soft"
@@ -68,8 +70,8 @@ class PipelineParams:
     sync: bool = True
     report: bool = True
     reports_dir: str = "reports"
-    device: str = "auto"
-    num_workers: int = 2
+    device: str = Train.device
+    num_workers: int = Train.num_workers
     force: bool = False
 
     # How the pipeline runs, not what it computes: left out of the pipeline's key.
@@ -112,10 +114,8 @@ class PipelineParams:
             val_ratio=self.val_ratio, test_ratio=self.test_ratio, seed=self.seed,
             cache=self.cache, image_size=self.image_size)
 
-    def train_params(self, model: str, preprocess_run: str, experiment: str = "") -> Any:
-        from components.training import TrainParams
-
-        return TrainParams(
+    def train_params(self, model: str, preprocess_run: str, experiment: str = "") -> Train:
+        return Train(
             data=self.data, experiment=experiment, model=model, weights=self.weights,
             freeze=self.freeze, image_size=self.image_size, batch_size=self.batch_size,
             epochs=self.epochs, optimizer=self.optimizer, lr=self.lr,
@@ -396,19 +396,16 @@ def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
 
         def fit(child: str, tp=tp) -> tuple[str, str]:
             if client.get_run(child).data.tags.get(tracking.VERSION_TAG):  # killed: resume it
-                from components.training import TrainParams
-
                 with tracking.not_adopting():
-                    out = train(TrainParams(resume=child, device=tp.device,
-                                            num_workers=tp.num_workers), p.uri,
-                                progress=p.progress, log=p.log)
+                    resume = Train(resume=child, device=tp.device, num_workers=tp.num_workers)
+                    out = train(resume, p.uri, progress=p.progress, log=p.log)
             else:
                 out = train(tp, p.uri, progress=p.progress, log=p.log)
             r = out.result
             return (f"best_val_acc {r.best_val_acc:.4f} (epoch {r.best_epoch}/{r.epochs_run})",
                     out.run_id)
 
-        inputs = {k: v for k, v in tp.logged().items() if k not in type(tp).RUNTIME}
+        inputs = {k: v for k, v in tp.logged().items() if k not in Train.RUNTIME}
         trained[model] = p.step("train", model, inputs, fit).run_id
 
     name = registry.default_name(experiment)

@@ -12,6 +12,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 
+def _save(fig: Any, path: Path) -> Path:
+    """Every figure is written the same way and closed at once (a report draws dozens)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(history: list[dict[str, float]], path: Path) -> Path:
     """Train vs. validation loss and accuracy per epoch: the overfitting check the seeds did."""
     sns.set_theme(style="whitegrid")
@@ -23,10 +31,7 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> Path:
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy" if metric == "acc" else "loss")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,10 +62,7 @@ def plot_confusion_matrix(matrix, classes: list[str], path: Path,
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("confusion matrix" + (" (normalised per true class)" if normalize else ""))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_per_class_accuracy(per_class: list[dict], path: Path) -> Path:
@@ -77,10 +79,7 @@ def plot_per_class_accuracy(per_class: list[dict], path: Path) -> Path:
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("accuracy")
     ax.set_title("per-class accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_misclassified(items: list[tuple[str, str, str, float]], path: Path,
@@ -92,9 +91,7 @@ def plot_misclassified(items: list[tuple[str, str, str, float]], path: Path,
         fig, ax = plt.subplots(figsize=(4, 1.5))
         ax.axis("off")
         ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        return _save(fig, path)
     cols = min(columns, len(items))
     rows = -(-len(items) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
@@ -104,10 +101,7 @@ def plot_misclassified(items: list[tuple[str, str, str, float]], path: Path,
         ax.imshow(load_rgb(image))
         ax.set_title(f"true: {true}\npred: {pred} ({conf:.0%})", fontsize=9, color="firebrick")
     fig.suptitle("most confident mistakes")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_reliability(bins: list[dict], ece: float, path: Path) -> Path:
@@ -128,10 +122,7 @@ def plot_reliability(bins: list[dict], ece: float, path: Path) -> Path:
     ax.set_ylabel("accuracy")
     ax.set_title(f"reliability diagram (ECE {ece:.3f})")
     ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,10 +152,7 @@ def plot_class_counts(counts: dict[str, dict[str, int]], path: Path) -> Path:
     sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), title="split")
     if n_classes > 8:
         ax.tick_params(axis="x", rotation=60)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_image_sizes(sizes: list[tuple[int, int]], path: Path) -> Path:
@@ -185,10 +173,7 @@ def plot_image_sizes(sizes: list[tuple[int, int]], path: Path) -> Path:
                          "side": ["width"] * len(sizes) + ["height"] * len(sizes)})
     sns.histplot(long, x="pixels", hue="side", ax=axes[1], element="step", discrete=False)
     axes[1].set_title("width and height")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_rgb_histograms(histograms: dict[str, Any], path: Path, max_classes: int = 30) -> Path:
@@ -218,10 +203,7 @@ def plot_rgb_histograms(histograms: dict[str, Any], path: Path, max_classes: int
     for ax in list(axes.flat)[len(names):]:
         ax.set_visible(False)
     fig.suptitle("mean RGB histogram per class (pixel share per value 0-255)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_sample_grid(samples: dict[str, list[Any]], path: Path) -> Path:
@@ -241,10 +223,7 @@ def plot_sample_grid(samples: dict[str, list[Any]], path: Path) -> Path:
                 ax.imshow(samples[name][c])
             if c == 0:
                 ax.set_ylabel(str(name), rotation=0, ha="right", va="center")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +256,4 @@ def plot_cost(rows: list[dict[str, Any]], path: Path) -> Path:
                       ha="right" if len(names) > 2 else "center")
         ax.set_title(label)
     fig.suptitle("cost per model (lower is cheaper)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -370,15 +370,14 @@ def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
 
     params, client = p.params, p.client
 
+    eda_params = EdaParams(data=params.data, experiment=experiment,
+                           reports_dir=params.reports_dir, val_ratio=params.val_ratio,
+                           test_ratio=params.test_ratio, seed=params.seed)
+
     def eda(child: str) -> tuple[str, str]:
-        out = run_eda(EdaParams(data=params.data, experiment=experiment,
-                                reports_dir=params.reports_dir, val_ratio=params.val_ratio,
-                                test_ratio=params.test_ratio, seed=params.seed),
-                      p.uri, progress=p.progress, log=p.log)
+        out = run_eda(eda_params, p.uri, progress=p.progress, log=p.log)
         return f"{int(out.metrics['n_images'])} images, {len(out.findings)} findings", child
 
-    eda_params = EdaParams(data=params.data, val_ratio=params.val_ratio,
-                           test_ratio=params.test_ratio, seed=params.seed)
     p.step("eda", "eda", {**eda_params.logged(), "data_digest": data_digest}, eda)
 
     prep_params = params.preprocess_params(experiment)

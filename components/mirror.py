@@ -51,8 +51,10 @@ STEP_TAG = "cnnflow.step"
 ERROR_TAG = "cnnflow.error"
 # Data-preparation runs describe datasets, not models, and the run `mlflow run -e sync` opens
 # for the sync job itself describes nothing: they stay out of the mirror.
-# Runs that hold no model and no test metrics: data steps and bookkeeping runs.
-EXCLUDED_STEPS = frozenset({"eda", "preprocess", "sync", "pipeline", "promote", "report"})
+# Runs that hold no model: data steps and bookkeeping runs (an evaluate job run's metrics are
+# in the evaluated run's document already).
+EXCLUDED_STEPS = frozenset({"eda", "preprocess", "sync", "pipeline", "evaluate", "promote",
+                            "report"})
 # Per-epoch metrics (logged with step = epoch >= 1) that become `epochs` documents.
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_sec",
                  "train_images_per_sec")

@@ -90,15 +90,14 @@ def test_mirror_matches_mlflow_for_each_kind_and_is_idempotent(mlflow_server, db
                           extra_metrics={"best_val_acc": 0.9, "epochs_run": 3}),
         "ensemble": make_run(client, exp, "ensemble", model="ensemble",
                              extra_metrics={"test_acc": 0.95, "test_loss": 0.2}),
-        "evaluate": make_run(client, exp, "evaluate", model=""),
         "failed": make_run(client, exp, "train", epochs=1, status="FAILED",
                            error="RuntimeError: loss became nan"),
         "killed": make_run(client, exp, "train", epochs=2, status="KILLED"),
         "silent": make_run(client, exp, "train", epochs=2, status="RUNNING", start_ms=old),
         "live": make_run(client, exp, "train", epochs=1, status="RUNNING"),
     }
-    make_run(client, exp, "eda")
-    make_run(client, exp, "preprocess")
+    for bookkeeping in ("eda", "preprocess", "evaluate", "pipeline", "promote", "report"):
+        make_run(client, exp, bookkeeping, model="")
     options = SyncOptions(experiments=[exp], dead_after=60)
     report = sync_once(mlflow_server, db_uri, options)
     assert report.changed == len(ids)
@@ -107,7 +106,7 @@ def test_mirror_matches_mlflow_for_each_kind_and_is_idempotent(mlflow_server, db
     assert db[STATUS].count_documents({}) == len(ids)
     assert db[EPOCHS].count_documents({}) == 3 + 1 + 2 + 2 + 1
 
-    expected_status = {"train": "completed", "ensemble": "completed", "evaluate": "completed",
+    expected_status = {"train": "completed", "ensemble": "completed",
                        "failed": "failed", "killed": "killed", "silent": "died",
                        "live": "in_progress"}
     for kind, run_id in ids.items():

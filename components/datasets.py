@@ -84,7 +84,7 @@ def folder_fingerprint(data: str) -> str:
     """
     _, root = resolve_data(data)
     lines = []
-    for folder, dirs, files in os.walk(root):
+    for folder, dirs, files in os.walk(root, followlinks=True):  # as the scanner reads them
         dirs.sort()
         for name in sorted(files):
             stat = (Path(folder) / name).stat()

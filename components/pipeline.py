@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,9 @@ class PipelineParams:
         get_vote(self.vote)
         if self.min_delta < 0:
             raise PipelineError(f"min_delta must be >= 0 (got {self.min_delta})")
+        if self.metric not in registry.VERSION_METRICS:
+            raise PipelineError(f"metric '{self.metric}' is not one evaluate records on a "
+                                f"version: choose one of {', '.join(registry.VERSION_METRICS)}")
         EdaParams(data=self.data, val_ratio=self.val_ratio, test_ratio=self.test_ratio).validate()
         self.preprocess_params("").validate()
         for model in models:
@@ -172,7 +175,6 @@ class PipelineOutcome:
     champion_uri: str
     resumed: bool = False
     report: Any = None
-    notes: list[str] = field(default_factory=list)
 
 
 TABLE_COLUMNS = ["model", "run", "val_acc", "test_acc", "latency_ms_p50", "model_size_mb",
@@ -215,16 +217,23 @@ class Pipeline:
     def open_parent(self, experiment: str, key: str) -> tuple[str, str, bool]:
         """Re-open the last unfinished pipeline run with this key (resume), or start one."""
         self.exp_id = tracking.experiment_id(self.client, experiment)
-        if not os.environ.get("MLFLOW_RUN_ID") and not self.params.force:
-            last = self._search(f"tags.`{tracking.STEP_TAG}` = '{PIPELINE_STEP}' and "
-                                f"tags.`{KEY_TAG}` = '{key}'")
-            if last and last[0].info.status != "FINISHED":
-                run = last[0]
-                self._close_orphans(run.info.run_id)
-                self.client.update_run(run.info.run_id, status="RUNNING")
-                with contextlib.suppress(MlflowException):
-                    self.client.delete_tag(run.info.run_id, tracking.ERROR_TAG)
-                return run.info.run_id, run.info.run_name, True
+        last = self._search(f"tags.`{tracking.STEP_TAG}` = '{PIPELINE_STEP}' and "
+                            f"tags.`{KEY_TAG}` = '{key}'")
+        unfinished = last[0] if last and last[0].info.status != "FINISHED" else None
+        if unfinished is not None:
+            self._close_orphans(unfinished.info.run_id)
+        if unfinished is not None and not os.environ.get("MLFLOW_RUN_ID") \
+                and not self.params.force:
+            run_id = unfinished.info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            with contextlib.suppress(MlflowException):
+                self.client.delete_tag(run_id, tracking.ERROR_TAG)
+            return run_id, unfinished.info.run_name, True
+        if unfinished is not None and unfinished.info.status == "RUNNING":
+            # `mlflow run` brought its own parent (or --force): the killed one is over, and
+            # its killed training runs can still be resumed under the new parent.
+            tracking.finish_run(self.client, unfinished.info.run_id, "KILLED",
+                                "the pipeline stopped; a later run took over")
         run_id, _, name = tracking.open_step_run(self.client, PIPELINE_STEP, experiment,
                                                  {KEY_TAG: key, "cnnflow.code_version": self.code})
         present = self.client.get_run(run_id).data.params  # `mlflow run -e main` logged -P
@@ -264,14 +273,10 @@ class Pipeline:
         child = self._resumable(step, key) or self.client.create_run(
             self.exp_id, tags={PARENT_TAG: self.parent, KEY_TAG: key,
                                tracking.STEP_TAG: step, NAME_TAG: name}).info.run_id
-        try:
-            with tracking.adopting(child):
-                summary, run_id = work(child)
-        except BaseException as exc:
-            self._end_unfinished(child, exc)
-            raise
-        if self.client.get_run(child).info.status == "RUNNING":
-            tracking.finish_run(self.client, child, "FINISHED")
+        # A step that ends its own run (train, eda...) has set FINISHED already; one that does
+        # not (evaluate, promote, sync) is ended here; a failure ends it FAILED / KILLED.
+        with tracking.ending_run(self.client, child), tracking.adopting(child):
+            summary, run_id = work(child)
         run = self.client.get_run(run_id)
         record = StepRecord(step, name, run_id, run.info.run_name or "", False,
                             time.monotonic() - start, summary)
@@ -290,16 +295,6 @@ class Pipeline:
                 self.client.set_tag(run.info.run_id, PARENT_TAG, self.parent)
                 return run.info.run_id
         return None
-
-    def _end_unfinished(self, run_id: str, exc: BaseException) -> None:
-        try:
-            if self.client.get_run(run_id).info.status == "RUNNING":
-                status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-                reason = ("interrupted by the user (Ctrl-C)" if status == "KILLED"
-                          else f"{type(exc).__name__}: {exc}")
-                tracking.finish_run(self.client, run_id, status, " ".join(reason.split()))
-        except Exception:  # noqa: BLE001 - never hide the step's own failure
-            pass
 
 
 # What the terminal shows for a reused step: the number that step is about.
@@ -405,6 +400,7 @@ def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
                     out.run_id)
 
         inputs = {k: v for k, v in tp.logged().items() if k not in Train.RUNTIME}
+        inputs["weights"] = _weights_input(model, tp.weights)
         trained[model] = p.step("train", model, inputs, fit).run_id
 
     name = registry.default_name(experiment)
@@ -429,8 +425,8 @@ def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
                 return False
             return True
 
-        record = p.step("evaluate", label, {"run_id": run_id, "registered_model": name,
-                                            "metric": params.metric}, run, registered)
+        record = p.step("evaluate", label, {"run_id": run_id, "registered_model": name},
+                        run, registered)
         versions[label] = _registered_version(client.get_run(record.run_id))
 
     for model in models:
@@ -490,6 +486,20 @@ def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
     table = _final_table(client, name, trained, ensemble_run, champion)
     return PipelineOutcome(p.parent, "", p.exp_id, experiment, "", list(p.records), table,
                            champion_uri)
+
+
+def _weights_input(model: str, weights: str) -> str:
+    """What `weights` means today: `auto` turns into ImageNet once the file is cached, and a
+    weights file may be replaced in place; either change must re-train."""
+    from components.models import imagenet_weights_path
+
+    if weights == "auto":
+        cached = imagenet_weights_path(model)
+        return f"auto:{'imagenet' if cached is not None and cached.is_file() else 'random'}"
+    if weights in ("none", "imagenet"):
+        return weights
+    stat = Path(weights).expanduser().stat()  # validate() has checked the file exists
+    return f"{weights}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _registered_version(run: Run) -> str:
@@ -565,9 +575,10 @@ def _write_steps(p: Pipeline) -> None:
         return
     try:
         with tempfile.TemporaryDirectory(prefix="cnnflow-pipeline-") as tmp:
-            path = Path(tmp) / "steps.json"
+            path = Path(tmp) / Path(STEPS_ARTIFACT).name
             path.write_text(json.dumps([asdict(r) for r in p.records], indent=2))
-            p.client.log_artifact(p.parent, str(path), artifact_path="pipeline")
+            p.client.log_artifact(p.parent, str(path),
+                                  artifact_path=str(Path(STEPS_ARTIFACT).parent))
     except MlflowException:
         pass  # the server went away: the steps are still findable by their parent tag
 

@@ -333,7 +333,8 @@ class AliasLookup:
 def version_summary(client: MlflowClient, name: str) -> list[dict[str, Any]]:
     """Every version of `name` with its aliases, run and decision (newest first)."""
     try:
-        versions = client.search_model_versions(f"name = '{name}'")
+        quote = '"' if "'" in name else "'"  # MLflow's filter has no escapes
+        versions = client.search_model_versions(f"name = {quote}{name}{quote}")
     except MlflowException:
         return []
     aliases = version_aliases(client, name)

@@ -161,8 +161,12 @@ def select_runs(client: MlflowClient, exp_id: str, experiment: str,
         eda = _search(client, exp_id, "eda")
         ensemble = _search(client, exp_id, "ensemble")
         parents: dict[str, str] = {}
-        train = [r for r in reversed(_search(client, exp_id, "train"))
-                 if _top_level(client, r, parents)]
+        newest: dict[str, Run] = {}  # model -> its latest finished run
+        for run in _search(client, exp_id, "train"):
+            model = run.data.tags.get(tracking.MODEL_TAG, run.info.run_id)
+            if model not in newest and _top_level(client, run, parents):
+                newest[model] = run
+        train = list(reversed(newest.values()))
         selection = Selection(exp_id, None, eda[0] if eda else None, train,
                               ensemble[0] if ensemble else None)
     if not selection.train:
@@ -630,14 +634,12 @@ def build_report(tracking_uri: str, experiment: str, *, reports_dir: str | Path 
         raise ReportError(_no_converter_reason())
 
     folder = Path(reports_dir) / slug(experiment)
-    if pipeline is not None:
-        target: Run | None = pipeline
-    else:
-        latest = _search(client, exp_id, "pipeline", finished=False)
-        target = latest[0] if latest else None
+    if folder.name == "eda":  # eda's own reports live in reports/eda/<dataset>/
+        raise ReportError(f"experiment '{experiment}' would replace {folder} (the eda "
+                          "reports): pass another --reports-dir")
     args = (client, tracking_uri, experiment, sel, folder, converter, pdf, log)
-    if target is not None:
-        outcome = _write(*args, target.info.run_id, _name(target))
+    if pipeline is not None:
+        outcome = _write(*args, pipeline.info.run_id, _name(pipeline))
     else:
         run_id, _, run_name = tracking.open_step_run(client, "report", experiment)
         with tracking.ending_run(client, run_id):

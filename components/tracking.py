@@ -23,7 +23,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag, ViewType
 
-from components.config import mask_uri
+from components.config import mask_text, mask_uri
 from components.engine import Callback
 
 STEP_TAG = "cnnflow.step"
@@ -74,7 +74,7 @@ def log_params_and_tags(client: MlflowClient, run_id: str, params: dict[str, Any
 def finish_run(client: MlflowClient, run_id: str, status: str, error: str | None = None) -> None:
     """End a run as FINISHED / FAILED / KILLED, keeping the one-line reason as a tag."""
     if error:
-        client.set_tag(run_id, ERROR_TAG, mask_uri(error.splitlines()[0])[:5000])
+        client.set_tag(run_id, ERROR_TAG, mask_text(error.splitlines()[0])[:5000])
     with contextlib.redirect_stdout(io.StringIO()):  # MLflow prints the run URL; we print ours
         client.set_terminated(run_id, status=status)
 
@@ -309,36 +309,28 @@ def log_dataset_input(client: MlflowClient, run_id: str, rows: list[dict[str, An
 
 
 @contextlib.contextmanager
-def not_adopting():
-    """Open new runs inside the block even under `mlflow run`.
+def adopting(run_id: str | None):
+    """Inside the block, the step called adopts `run_id` as its own run (None: opens new ones).
 
-    `mlflow run` sets MLFLOW_RUN_ID for the step's own run (tune, cv); a run a step starts
-    besides its own (the retrained best model, the fold ensemble) must not adopt it.
+    The hand-over `mlflow run` does with MLFLOW_RUN_ID: the pipeline creates each child run
+    (parent link, step key) and the step fills it in as if MLflow had started it. With None, a
+    run a step starts besides its own (the retrained best model, the fold ensemble, a resumed
+    training run) does not adopt the job's run.
     """
     saved = os.environ.pop("MLFLOW_RUN_ID", None)
+    if run_id is not None:
+        os.environ["MLFLOW_RUN_ID"] = run_id
     try:
         yield
     finally:
+        os.environ.pop("MLFLOW_RUN_ID", None)
         if saved is not None:
             os.environ["MLFLOW_RUN_ID"] = saved
 
 
-@contextlib.contextmanager
-def adopting(run_id: str):
-    """Let the step called inside the block adopt `run_id` as its own run.
-
-    The same hand-over `mlflow run` does with MLFLOW_RUN_ID: the pipeline creates each child
-    run (parent link, step key) and the step fills it in as if MLflow had started it.
-    """
-    saved = os.environ.get("MLFLOW_RUN_ID")
-    os.environ["MLFLOW_RUN_ID"] = run_id
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_RUN_ID", None)
-        else:
-            os.environ["MLFLOW_RUN_ID"] = saved
+def not_adopting():
+    """Open new runs inside the block even under `mlflow run` (see `adopting`)."""
+    return adopting(None)
 
 
 def code_version() -> str:
@@ -353,6 +345,11 @@ def code_version() -> str:
                                 capture_output=True, text=True, timeout=10).stdout.strip()
         diff = subprocess.run(["git", "-C", str(root), "diff", "HEAD", "--", "components",
                                "pipelines"], check=True, capture_output=True, timeout=10).stdout
+        new = subprocess.run(["git", "-C", str(root), "ls-files", "--others",
+                              "--exclude-standard", "-z", "--", "components", "pipelines"],
+                             check=True, capture_output=True, timeout=10).stdout
+        for name in sorted(filter(None, new.split(b"\0"))):  # files not yet added count too
+            diff += name + b"\0" + (root / name.decode()).read_bytes()
     except (OSError, subprocess.SubprocessError):
         from importlib.metadata import PackageNotFoundError, version
 

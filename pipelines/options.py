@@ -51,6 +51,12 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         click.echo("interrupted: the run was marked KILLED", err=True)
         sys.exit(130)
+    except Exception as exc:
+        if not type(exc).__module__.startswith("mlflow."):
+            raise
+        # The server went away or refused a request half-way: the step ended its run FAILED.
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise click.ClickException(mask_text(f"MLflow: {first}"[:500])) from None
 
 
 def reachable_tracking_uri() -> str:

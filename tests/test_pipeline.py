@@ -122,6 +122,10 @@ def test_main_runs_every_step_under_one_parent_then_reuses_them(tiny, env, tmp_p
     assert changed.exit_code == 0, changed.output
     assert "eda: reused" in changed.output and "preprocess: reused" in changed.output
     assert "train custom_cnn: running" in changed.output
+    metric = invoke(env, *run_args(tiny, experiment, tmp_path, "--metric", "test_f1_macro",
+                                   "--sync", "false", "--report", "false"))
+    assert metric.exit_code == 0, metric.output
+    assert f"{STEPS - 2} reused" in metric.output and "promote: running" in metric.output
 
 
 def kill_when(args: list[str], env: dict[str, str], ready) -> None:
@@ -197,6 +201,7 @@ def test_a_training_run_killed_mid_way_continues_from_its_checkpoint(tiny, env, 
     (["--models", "custom_cnn,resnet9000"], "unknown model 'resnet9000'"),
     (["--models", "custom_cnn,custom_cnn"], "listed twice"),
     (["--top-k", "1"], "top_k must be 0 (no ensemble) or >= 2"),
+    (["--metric", "best_val_acc"], "is not one evaluate records on a version"),
     (["--val-ratio", "0.7", "--test-ratio", "0.5"], "ratio"),
 ])
 def test_bad_parameters_fail_in_one_line_before_any_run(tiny, env, tmp_path, extra, message):

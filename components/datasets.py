@@ -37,6 +37,7 @@ from torchvision import transforms as T
 from components.config import data_cache_dir
 from components.errors import CnnflowError
 from components.images import to_rgb  # lives there: torch-free for worker processes
+from components.registries import registrar
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -570,15 +571,8 @@ class Augmentation:
 AUGMENTATIONS: dict[str, Callable[[int], Augmentation]] = {}
 
 
-def register_augmentation(name: str) -> Callable[[Callable[[int], Augmentation]],
-                                                 Callable[[int], Augmentation]]:
-    """Decorator adding a preset `fn(image_size) -> Augmentation` under `name`."""
-    def decorator(fn: Callable[[int], Augmentation]) -> Callable[[int], Augmentation]:
-        if name in AUGMENTATIONS:
-            raise ValueError(f"augmentation {name!r} is already registered")
-        AUGMENTATIONS[name] = fn
-        return fn
-    return decorator
+# `@register_augmentation(name)` adds a preset `fn(image_size) -> Augmentation`.
+register_augmentation = registrar(AUGMENTATIONS, "augmentation")
 
 
 def list_augmentations() -> list[str]:

@@ -43,6 +43,7 @@ from components.comparison import write_table
 from components.datasets import DatasetSplits
 from components.engine import resolve_device
 from components.errors import CnnflowError
+from components.registries import registrar
 from components.serving import ImageClassifier, _items, log_proba, probability_frame
 
 VoteFn = Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]
@@ -62,14 +63,8 @@ class EnsembleError(CnnflowError, RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 
-def register_vote(name: str) -> Callable[[VoteFn], VoteFn]:
-    """Add a vote under `name`; `--vote name` then works everywhere."""
-    def decorate(fn: VoteFn) -> VoteFn:
-        if name in VOTES:
-            raise ValueError(f"vote {name!r} is already registered")
-        VOTES[name] = fn
-        return fn
-    return decorate
+# `@register_vote(name)` adds a vote; `--vote name` then works everywhere.
+register_vote = registrar(VOTES, "vote")
 
 
 @register_vote("soft")
@@ -441,7 +436,7 @@ def _bagging(params: EnsembleParams, client: MlflowClient, tracking_uri: str,
         splits = evaluation.run_splits(client, runs[0])
         members = [load_member(r) for r in runs]
     except BaseException as exc:
-        _abort(client, run_id, exc)
+        tracking.end_failed(client, run_id, exc)
         raise
     return _finish(client, params, run_id, run_name, runs, members, weights, splits, device, log)
 
@@ -462,15 +457,6 @@ def _open_run(client: MlflowClient, exp_id: str) -> tuple[str, str]:
     run = client.create_run(exp_id, run_name=name, tags=tags)
     return run.info.run_id, name
 
-
-def _abort(client: MlflowClient, run_id: str, exc: BaseException) -> None:
-    status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-    reason = ("interrupted by the user (Ctrl-C)" if status == "KILLED"
-              else f"{type(exc).__name__}: {exc}")
-    try:
-        tracking.finish_run(client, run_id, status, reason)
-    except Exception:  # noqa: BLE001 - never hide the first failure
-        pass
 
 
 def _finish(client: MlflowClient, params: EnsembleParams, run_id: str, run_name: str,
@@ -526,7 +512,7 @@ def _finish(client: MlflowClient, params: EnsembleParams, run_id: str, run_name:
         client.set_tag(run_id, "cnnflow.model_uri", model_uri)
         tracking.finish_run(client, run_id, "FINISHED")
     except BaseException as exc:
-        _abort(client, run_id, exc)
+        tracking.end_failed(client, run_id, exc)
         raise
     return EnsembleOutcome(run_id, run_name, [r.info.run_id for r in runs], weights, metrics,
                            table, model_uri)

@@ -269,19 +269,19 @@ def ending_run(client: MlflowClient, run_id: str):
     """
     try:
         yield
-    except KeyboardInterrupt:
-        _finish_quietly(client, run_id, "KILLED", "interrupted by the user (Ctrl-C)")
-        raise
     except BaseException as exc:
-        _finish_quietly(client, run_id, "FAILED", f"{type(exc).__name__}: {exc}")
+        end_failed(client, run_id, exc)
         raise
     finish_run(client, run_id, "FINISHED")
 
 
-def _finish_quietly(client: MlflowClient, run_id: str, status: str, reason: str) -> None:
+def end_failed(client: MlflowClient, run_id: str, exc: BaseException) -> None:
+    """KILLED for Ctrl-C, else FAILED, with the reason; never hides the original failure."""
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    reason = "interrupted by the user (Ctrl-C)" if interrupted else f"{type(exc).__name__}: {exc}"
     try:
-        finish_run(client, run_id, status, " ".join(reason.split()))
-    except Exception:  # noqa: BLE001 - never hide the original failure
+        finish_run(client, run_id, "KILLED" if interrupted else "FAILED", " ".join(reason.split()))
+    except Exception:  # noqa: BLE001
         pass
 
 

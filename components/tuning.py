@@ -45,6 +45,7 @@ from components import tracking
 from components.config import mask_uri, state_dir
 from components.engine import Callback
 from components.errors import CnnflowError
+from components.registries import registrar
 from components.training import TrainParams, train
 
 Space = dict[str, BaseDistribution]
@@ -67,28 +68,11 @@ SAMPLERS: dict[str, Callable[[Space, int], optuna.samplers.BaseSampler]] = {}
 PRUNERS: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {}
 
 
-def _register(table: dict[str, Any], name: str) -> Callable:
-    def decorate(fn: Callable) -> Callable:
-        if name in table:
-            raise ValueError(f"{name!r} is already registered")
-        table[name] = fn
-        return fn
-    return decorate
-
-
-def register_distribution(name: str) -> Callable:
-    """`name(a, b, ...)` in a search space calls the decorated fn(a, b, ...)."""
-    return _register(DISTRIBUTIONS, name)
-
-
-def register_sampler(name: str) -> Callable:
-    """A sampler builder fn(space, seed); `--sampler name` then works."""
-    return _register(SAMPLERS, name)
-
-
-def register_pruner(name: str) -> Callable:
-    """A pruner builder fn(max_epochs); `--pruner name` then works."""
-    return _register(PRUNERS, name)
+# `name(a, b, ...)` in a search space calls the decorated fn(a, b, ...).
+register_distribution = registrar(DISTRIBUTIONS, "distribution")
+# A sampler builder fn(space, seed) / a pruner builder fn(max_epochs): `--sampler name` works.
+register_sampler = registrar(SAMPLERS, "sampler")
+register_pruner = registrar(PRUNERS, "pruner")
 
 
 @register_distribution("uniform")

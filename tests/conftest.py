@@ -199,6 +199,18 @@ def trained_pair(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture
+def pair_client(trained_pair, monkeypatch: pytest.MonkeyPatch):
+    """A client on `trained_pair`'s server, also the fluent API's and the commands' server."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained_pair.uri)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    mlflow.set_tracking_uri(trained_pair.uri)
+    return MlflowClient(trained_pair.uri)
+
+
+@pytest.fixture
 def tracking(mlflow_server: str, monkeypatch: pytest.MonkeyPatch):
     """A client on the session's MLflow server, which the commands under test also use."""
     from mlflow import MlflowClient

@@ -26,11 +26,8 @@ CLASSES = [f"k{i}" for i in range(6)]
 
 
 @pytest.fixture
-def client(trained_pair, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained_pair.uri)
-    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    mlflow.set_tracking_uri(trained_pair.uri)
-    return MlflowClient(trained_pair.uri)
+def client(pair_client: MlflowClient) -> MlflowClient:
+    return pair_client
 
 
 def runs_of(client: MlflowClient, experiment: str, step: str):

@@ -29,11 +29,8 @@ COST = ("params_count", "model_size_mb", "latency_ms_p50", "latency_ms_p95",
 
 
 @pytest.fixture
-def client(trained_pair, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained_pair.uri)
-    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    mlflow.set_tracking_uri(trained_pair.uri)
-    return MlflowClient(trained_pair.uri)
+def client(pair_client: MlflowClient) -> MlflowClient:
+    return pair_client
 
 
 def invoke(*args: str):

@@ -23,10 +23,8 @@ from pipelines.cli import cli
 
 
 @pytest.fixture
-def client(trained_pair, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained_pair.uri)
-    mlflow.set_tracking_uri(trained_pair.uri)
-    return MlflowClient(trained_pair.uri)
+def client(pair_client: MlflowClient) -> MlflowClient:
+    return pair_client
 
 
 def add_version(client: MlflowClient, trained_pair, name: str, digest: str,

@@ -78,8 +78,16 @@ def init_process_group(device_type: str) -> None:
     dist.init_process_group(backend=backend)
 
 
-def destroy_process_group() -> None:
+def destroy_process_group(wait_for_all: bool = False) -> None:
+    """Leave the process group; `wait_for_all` first waits for every rank to get here.
+
+    On success the ranks leave together: a rank that tears gloo down while a peer is still
+    talking to it can abort that peer ("terminate called without an active exception").
+    After a failure nobody waits - the failed rank will never arrive.
+    """
     if dist.is_available() and dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
 
 

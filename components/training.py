@@ -192,10 +192,13 @@ def train(params: TrainParams, tracking_uri: str, *, progress: bool | None = Non
     distributed.init_process_group(device.type)
     try:
         quiet = log if distributed.is_main() else lambda s: None
-        return _train(client, params, tracking_uri, progress, quiet, train_sample,
-                      parent_run_id, callbacks, run_tags, resumed)
-    finally:
+        outcome = _train(client, params, tracking_uri, progress, quiet, train_sample,
+                         parent_run_id, callbacks, run_tags, resumed)
+    except BaseException:
         distributed.destroy_process_group()
+        raise
+    distributed.destroy_process_group(wait_for_all=True)
+    return outcome
 
 
 def _train(client, params: TrainParams, tracking_uri: str, progress: bool,

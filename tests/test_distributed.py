@@ -45,14 +45,18 @@ def _eval_worker(rank: int, world_size: int, port: int, data: Path, state_file: 
                  out: Path) -> None:
     import torch.distributed as dist
 
+    from components.distributed import destroy_process_group
+
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size)
     try:
         state = torch.load(state_file, weights_only=True)
         loss, acc = _single_process_eval(data, state, rank, world_size)
         (out / f"rank{rank}.txt").write_text(f"{loss!r} {acc!r}")
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        destroy_process_group()
+        raise
+    destroy_process_group(wait_for_all=True)
 
 
 def test_evaluate_in_two_processes_equals_one_process_with_the_same_weights(image_folder,

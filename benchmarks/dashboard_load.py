@@ -4,7 +4,7 @@ This script starts a real `secantusd-py` in a temp folder (free port, via
 `components.services.up`), seeds it directly in the mirror's schema with `--runs` trainings
 (full documents: params, metrics and tags maps included, as `cnnflow sync` writes them) and
 `--epochs` epoch documents per run, creates the mirror's indexes, and then times, with the
-functions the page calls (components/dashboard/data.py):
+functions the page calls (components/mirror/dashboard/data.py):
 
 * comparison view: filter options + the run table + sort + the bar chart's data + the overlaid
   curves of the 3 best runs (what one rerun of the page reads);
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def training(i: int, now: datetime, epochs: int, rng: random.Random) -> dict[str, Any]:
     """A trainings document shaped like the mirror's (same fields, realistic sizes)."""
-    from components.mirror import safe_key
+    from components.mirror.sync import safe_key
 
     model = MODELS[i % len(MODELS)]
     start = now - timedelta(hours=i * 2)  # 1,000 runs span about 83 days
@@ -99,7 +99,7 @@ def epoch_docs(run: dict[str, Any], epochs: int) -> list[dict[str, Any]]:
 
 
 def seed(db, runs: int, epochs: int) -> None:
-    from components.mirror import EPOCHS, STATUS, TRAININGS, ensure_indexes
+    from components.mirror.sync import EPOCHS, STATUS, TRAININGS, ensure_indexes
 
     ensure_indexes(db)
     rng = random.Random(0)
@@ -123,7 +123,7 @@ def seed(db, runs: int, epochs: int) -> None:
 
 def comparison_load(db, models: list[str] | None = None) -> int:
     """What one rerun of the comparison view reads; returns the table's row count."""
-    from components.dashboard import data
+    from components.mirror.dashboard import data
 
     data.filter_options(db)
     frame = data.load_runs(db, models=models or ())
@@ -135,7 +135,7 @@ def comparison_load(db, models: list[str] | None = None) -> int:
 
 
 def time_load(db) -> int:
-    from components.dashboard import data
+    from components.mirror.dashboard import data
 
     today = datetime.now(UTC).date()
     start, end = data.day_range(today - timedelta(days=30), today)
@@ -143,7 +143,7 @@ def time_load(db) -> int:
 
 
 def detail_load(db) -> int:
-    from components.dashboard import data
+    from components.mirror.dashboard import data
 
     choices = data.run_choices(db)
     run_id = choices[len(choices) // 2]["run_id"]
@@ -154,7 +154,7 @@ def detail_load(db) -> int:
 def naive_load(db) -> int:
     import pandas as pd
 
-    from components.mirror import EPOCHS, TRAININGS
+    from components.mirror.sync import EPOCHS, TRAININGS
 
     runs = pd.DataFrame(list(db[TRAININGS].find({})))
     epochs = pd.DataFrame(list(db[EPOCHS].find({})))
@@ -166,7 +166,7 @@ def page_load(uri: str) -> Callable[[], int]:
     from streamlit.testing.v1 import AppTest
 
     os.environ["MONGO_URI"] = uri
-    app = AppTest.from_file(str(ROOT / "components" / "dashboard" / "app.py"),
+    app = AppTest.from_file(str(ROOT / "components" / "mirror" / "dashboard" / "app.py"),
                             default_timeout=120)
     app.run()
     app.radio(key="view").set_value("Model comparison").run()
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.pop("MONGO_URI", None)  # a set URI would make `up` skip the start
 
     from components import services
-    from components.mirror import connect_mongo
+    from components.mirror.sync import connect_mongo
 
     with tempfile.TemporaryDirectory(prefix="cnnflow-dashboard-bench-") as tmp:
         home = Path(tmp) / "services"

@@ -1,9 +1,9 @@
 """Images per second delivered to the model: decoding the folder vs. the preprocess cache.
 
 One generated folder of photo-like JPEGs (benchmarks/synth_images.py) is split once by
-`components.preprocess.plan_split` with cache=true (each image decoded once and resized to
+`components.steps.preprocess.plan_split` with cache=true (each image decoded once and resized to
 --image-size; the one-off cost is printed). Then the same train split is served by
-`components.datasets.make_loaders` two ways, with the same batch size, augmentation preset,
+`components.data.datasets.make_loaders` two ways, with the same batch size, augmentation preset,
 worker count and seed:
 
 * folder: each sample's file is opened, decoded and resized on every access (`ImageDataset`);
@@ -12,7 +12,7 @@ worker count and seed:
 
 Loader throughput is one full pass over the train loader after one warm-up pass (workers
 started, files in the OS cache), alternating folder/cache, best of --repeats. Then one
-training epoch of a small model (`custom_cnn` through `components.engine.fit`, train + val
+training epoch of a small model (`custom_cnn` through `components.nn.engine.fit`, train + val
 pass) is timed both ways from the same initial weights. Benchmarks print; they never assert.
 
     .venv/bin/python benchmarks/data_pipeline.py                    # ~2-3 min on 2 cores
@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from synth_images import SIZE_PRESETS, make_photo_folder  # noqa: E402
 
-from components.datasets import SPLITS, make_loaders  # noqa: E402
-from components.engine import TrainConfig, fit, seed_everything  # noqa: E402
-from components.models import create_model  # noqa: E402
-from components.preprocess import PreprocessParams, plan_split, write_outputs  # noqa: E402
+from components.data.datasets import SPLITS, make_loaders  # noqa: E402
+from components.nn.engine import TrainConfig, fit, seed_everything  # noqa: E402
+from components.nn.models import create_model  # noqa: E402
+from components.steps.preprocess import PreprocessParams, plan_split, write_outputs  # noqa: E402
 
 TARGET = 3.0
 

@@ -6,7 +6,7 @@ generated folder (benchmarks/synth_images.py: photo-like JPEGs, optionally some 
 
 * naive: one process, each file opened with PIL and fully decoded (`to_rgb`), hashed, and
   its histogram counted at full resolution - what the seeds' EDA notebooks did;
-* cnnflow: `components.eda.scan_dataset` (which `cnnflow eda` runs): each file read once
+* cnnflow: `components.steps.eda.scan_dataset` (which `cnnflow eda` runs): each file read once
   in worker processes (one per core), size/mode/format from the header, JPEGs decoded at
   reduced scale (`draft`) and other formats shrunk with `Image.reduce` before the histogram.
   It also lists the folder and computes the train split (included in its time).
@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from synth_images import SIZE_PRESETS, make_photo_folder  # noqa: E402
 
-from components.eda import scan_dataset, summarize  # noqa: E402
-from components.images import to_rgb  # noqa: E402
+from components.data.images import to_rgb  # noqa: E402
+from components.steps.eda import scan_dataset, summarize  # noqa: E402
 
 TARGET = 5.0
 

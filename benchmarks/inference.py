@@ -4,7 +4,7 @@ The cup/glass seed measured MobileNetV2, ResNet50 and VGG16 on 600 images (15 s,
 170 s on its machine) with the loop everybody writes first: open a file with PIL, transform
 it, run the model on a batch of one, next file. `cnnflow evaluate` instead decodes through a
 DataLoader and runs one forward pass per batch under `torch.inference_mode`
-(`components.evaluation.predict_samples`, the same code the evaluate step runs, with the
+(`components.steps.evaluate.predict_samples`, the same code the evaluate step runs, with the
 served model's channels-last network and evaluate's default batch size: 4 on CPU, 64 on CUDA).
 
 For each model (random init: nothing is downloaded; speed does not depend on the weights)
@@ -38,10 +38,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from components.engine import resolve_device  # noqa: E402
-from components.evaluation import auto_batch_size, predict_samples  # noqa: E402
-from components.models import create_model, model_normalization  # noqa: E402
-from components.serving import ImageClassifier  # noqa: E402
+from components.nn.engine import resolve_device  # noqa: E402
+from components.nn.models import create_model, model_normalization  # noqa: E402
+from components.serving.classifier import ImageClassifier  # noqa: E402
+from components.serving.predict import auto_batch_size, predict_samples  # noqa: E402
 
 # The seed's measurement: seconds for 600 images (its own machine; for scale only).
 SEED_SECONDS_600 = {"mobilenetv2": 15.0, "resnet50": 59.0, "vgg16": 170.0}

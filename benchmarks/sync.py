@@ -112,7 +112,7 @@ def populate(client, exp_id: str, runs: int, epochs: int, live: int) -> list[str
 
 def naive_sync(client, db, exp_ids: list[str], experiments: dict[str, str]) -> None:
     """The seeds' way: read everything, write one document at a time with update_one."""
-    from components import mirror
+    from components.mirror import sync as mirror
 
     for run in mirror._search(client, exp_ids):
         run_id = run.info.run_id
@@ -141,7 +141,7 @@ def timed(fn) -> tuple[float, object]:
 
 
 def counts(db) -> tuple[int, int, int]:
-    from components import mirror
+    from components.mirror import sync as mirror
 
     return tuple(db[c].count_documents({}) for c in (mirror.TRAININGS, mirror.EPOCHS,
                                                      mirror.STATUS))
@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlflow import MlflowClient
 
-    from components import mirror, services
+    from components import services
+    from components.mirror import sync as mirror
 
     with tempfile.TemporaryDirectory(prefix="cnnflow-sync-bench-") as tmp:
         home = Path(tmp) / "services"

@@ -5,7 +5,7 @@ process, by
 
 * a bare loop: the plain way a user writes it (Adam, cross-entropy, a train pass and a val
   pass per epoch, a `torch.save(state_dict)` checkpoint per epoch, no MLflow), and
-* `components.training.train`: the whole run, logged to a real MLflow tracking server that
+* `components.steps.train.train`: the whole run, logged to a real MLflow tracking server that
   this script starts in a temp folder on a free port (run creation, params and manifest,
   per-epoch metrics and checkpoint uploads, history/curves and the pyfunc model at the end).
 
@@ -143,9 +143,9 @@ def run_bare(args: argparse.Namespace, ckpt_dir: Path) -> Timing:
     import torch
     from torch import nn
 
-    from components.datasets import load_splits, make_loaders
-    from components.engine import resolve_device
-    from components.models import create_model, model_normalization
+    from components.data.datasets import load_splits, make_loaders
+    from components.nn.engine import resolve_device
+    from components.nn.models import create_model, model_normalization
 
     timing = Timing()
     t0 = time.perf_counter()
@@ -196,8 +196,8 @@ def run_bare(args: argparse.Namespace, ckpt_dir: Path) -> Timing:
 
 
 def run_cnnflow(args: argparse.Namespace, tracking_uri: str) -> Timing:
-    """`components.training.train` end to end, its console output captured and time-stamped."""
-    from components.training import TrainParams, train
+    """`components.steps.train.train` end to end, its console output captured and time-stamped."""
+    from components.steps.train import TrainParams, train
 
     params = TrainParams(
         data=args.data, experiment=EXPERIMENT, model=args.model, weights="none",
@@ -332,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from components import services
-    from components.datasets import load_splits
-    from components.engine import resolve_device
+    from components.data.datasets import load_splits
+    from components.nn.engine import resolve_device
 
     with tempfile.TemporaryDirectory(prefix="cnnflow-bench-") as tmp_name:
         tmp = Path(tmp_name)

@@ -35,7 +35,7 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# Evaluation figures (components/evaluation.py)
+# Evaluation figures (steps/evaluate.py)
 # --------------------------------------------------------------------------------------------
 
 
@@ -85,7 +85,7 @@ def plot_per_class_accuracy(per_class: list[dict], path: Path) -> Path:
 def plot_misclassified(items: list[tuple[str, str, str, float]], path: Path,
                        columns: int = 4) -> Path:
     """The most confidently wrong images: (path, true label, predicted label, confidence)."""
-    from components.datasets import load_rgb
+    from components.data.datasets import load_rgb
 
     if not items:
         fig, ax = plt.subplots(figsize=(4, 1.5))
@@ -227,7 +227,7 @@ def plot_sample_grid(samples: dict[str, list[Any]], path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# Experiment report figures (components/report.py)
+# Experiment report figures (steps/report.py)
 # --------------------------------------------------------------------------------------------
 
 COST_METRICS = (("latency_ms_p50", "latency p50 (ms)"), ("model_size_mb", "model size (MB)"),

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from components.config import (
+from components.errors import CnnflowError
+from components.settings import (
     DEFAULT_HOST,
     DEFAULT_MLFLOW_PORT,
     DEFAULT_MONGO_PORT,
@@ -34,7 +35,6 @@ from components.config import (
     mask_uri,
     state_dir,
 )
-from components.errors import CnnflowError
 
 STOP_GRACE_SECONDS = 10.0
 

@@ -23,7 +23,7 @@ COMMANDS = {
     "tune": "pipelines.tune:tune_command",
     "pseudo-label": "pipelines.pseudo_label:pseudo_label_command",
     "report": "pipelines.report:report_command",
-    "run": "pipelines.run:run_command",
+    "run": "pipelines.main:run_command",
     "up": "pipelines.services:up",
     "down": "pipelines.services:down",
     "status": "pipelines.services:status",

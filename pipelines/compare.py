@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from components.comparison import (
+from components.tracking import connect
+from components.tracking.comparison import (
     compare_runs,
     report_stem,
     sort_rows,
@@ -14,7 +15,6 @@ from components.comparison import (
     useful_columns,
     write_table,
 )
-from components.tracking import connect
 from pipelines.options import reachable_tracking_uri, user_errors
 
 

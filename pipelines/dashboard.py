@@ -8,10 +8,10 @@ from pathlib import Path
 
 import click
 
-from components.config import DEFAULT_HOST, mask_uri
 from components.services import ServiceError, check_mongo, mongo_uri
+from components.settings import DEFAULT_HOST, mask_uri
 
-APP = Path(__file__).resolve().parents[1] / "components" / "dashboard" / "app.py"
+APP = Path(__file__).resolve().parents[1] / "components" / "mirror" / "dashboard" / "app.py"
 DEFAULT_PORT = 8501
 
 

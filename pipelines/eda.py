@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from components.eda import EdaParams, run_eda
+from components.steps.eda import EdaParams, run_eda
 from pipelines.options import dataclass_options, reachable_tracking_uri, user_errors
 
 HELP = {

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from components.comparison import text_table
-from components.ensemble import EnsembleParams, run_ensemble
+from components.steps.ensemble import EnsembleParams, run_ensemble
+from components.tracking.comparison import text_table
 from pipelines.options import dataclass_options, reachable_tracking_uri, user_errors
 
 HELP = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from components.evaluation import EvalParams, evaluate
+from components.steps.evaluate import EvalParams, evaluate
 from pipelines.options import dataclass_options, reachable_tracking_uri, user_errors
 
 HELP = {

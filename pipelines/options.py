@@ -40,8 +40,8 @@ def user_errors() -> Iterator[None]:
     """
     import click
 
-    from components.config import mask_text
     from components.errors import CnnflowError
+    from components.settings import mask_text
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:

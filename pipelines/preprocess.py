@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from components.preprocess import PreprocessParams, run_preprocess
+from components.steps.preprocess import PreprocessParams, run_preprocess
 from pipelines.options import dataclass_options, reachable_tracking_uri, user_errors
 
 HELP = {

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from components.registry import RegistryError, default_name, promote, version_summary
 from components.tracking import connect
+from components.tracking.registry import RegistryError, default_name, promote, version_summary
 from pipelines.options import reachable_tracking_uri, user_errors
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from components.pseudolabel import PseudoLabelParams, run_pseudo_label
+from components.steps.pseudo_label import PseudoLabelParams, run_pseudo_label
 from pipelines.options import dataclass_options, reachable_tracking_uri, user_errors
 
 HELP = {

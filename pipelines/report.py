@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from components.report import PDF_CHOICES, build_report
+from components.steps.report import PDF_CHOICES, build_report
 from pipelines.options import reachable_tracking_uri, user_errors
 
 

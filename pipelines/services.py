@@ -7,7 +7,7 @@ from collections.abc import Callable
 import click
 
 from components import services
-from components.config import DEFAULT_HOST, DEFAULT_MLFLOW_PORT, DEFAULT_MONGO_PORT
+from components.settings import DEFAULT_HOST, DEFAULT_MLFLOW_PORT, DEFAULT_MONGO_PORT
 
 _NAMES = click.argument("names", nargs=-1, metavar="[SERVICE]...",
                         type=click.Choice(sorted(services.SERVICES)))

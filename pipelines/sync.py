@@ -10,9 +10,9 @@ import sys
 
 import click
 
-from components.config import mask_uri
-from components.mirror import SyncOptions, check_servers, follow, sync_once, tag_job_run
+from components.mirror.sync import SyncOptions, check_servers, follow, sync_once, tag_job_run
 from components.services import mongo_uri, tracking_uri
+from components.settings import mask_uri
 from pipelines.options import user_errors
 
 

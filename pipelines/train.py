@@ -8,9 +8,9 @@ import sys
 
 import click
 
-from components.distributed import env_world_size
-from components.training import TrainParams
-from components.training import train as run_training
+from components.nn.distributed import env_world_size
+from components.steps.train import TrainParams
+from components.steps.train import train as run_training
 from pipelines.options import dataclass_options, reachable_tracking_uri, user_errors
 
 HELP = {
@@ -99,7 +99,7 @@ def _launch(params: TrainParams) -> None:
 
 
 def _train_cv(params: TrainParams) -> None:
-    from components.crossval import run_cv
+    from components.steps.crossval import run_cv
 
     with user_errors():
         outcome = run_cv(params, reachable_tracking_uri())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from components.tuning import TuneParams, run_tune
+from components.steps.tune import TuneParams, run_tune
 from pipelines.options import dataclass_options, reachable_tracking_uri, user_errors
 
 HELP = {

@@ -178,7 +178,7 @@ def trained_pair(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory):
     """
     from types import SimpleNamespace
 
-    from components.training import TrainParams, train
+    from components.steps.train import TrainParams, train
 
     data = make_image_folder(tmp_path_factory.mktemp("pair") / "pair6",
                              {f"k{i}": 10 for i in range(6)})

@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import runs_of
 
-from components.crossval import make_folds
-from components.datasets import load_splits
+from components.data.datasets import load_splits
+from components.steps.crossval import make_folds
 from pipelines.cli import cli
 
 FAST = ["--image-size", "16", "--batch-size", "8", "--num-workers", "0", "--weights", "none",

@@ -11,10 +11,10 @@ import pytest
 from conftest import free_port
 from pymongo import MongoClient
 
-from components.dashboard import data
-from components.mirror import EPOCHS, STATUS, TRAININGS, ensure_indexes, safe_key
+from components.mirror.dashboard import data
+from components.mirror.sync import EPOCHS, STATUS, TRAININGS, ensure_indexes, safe_key
 
-APP = str(Path(__file__).resolve().parents[1] / "components" / "dashboard" / "app.py")
+APP = str(Path(__file__).resolve().parents[1] / "components" / "mirror" / "dashboard" / "app.py")
 NOW = datetime.now(UTC).replace(microsecond=0)
 DIGEST = safe_key("cnnflow.dataset_digest")
 SOURCE = safe_key("cnnflow.weights_source")

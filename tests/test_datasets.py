@@ -1,4 +1,4 @@
-"""components.datasets on real image files in temporary folders (no mocks)."""
+"""components.data.datasets on real image files in temporary folders (no mocks)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 from conftest import write_image
 from PIL import Image
 
-from components import datasets as D
-from components.datasets import DataError
+from components.data import datasets as D
+from components.data.datasets import DataError
 
 
 def _paths(samples):

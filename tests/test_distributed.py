@@ -27,9 +27,9 @@ def _env(tracking_uri: str) -> dict[str, str]:
 def _single_process_eval(data: Path, state: dict[str, torch.Tensor], rank: int = 0,
                          world_size: int = 1) -> tuple[float, float]:
     """val_loss / val_acc of `state` over the whole val split (this rank's shard, reduced)."""
-    from components.datasets import load_splits, make_loaders
-    from components.engine import evaluate
-    from components.models import create_model, model_normalization
+    from components.data.datasets import load_splits, make_loaders
+    from components.nn.engine import evaluate
+    from components.nn.models import create_model, model_normalization
 
     splits = load_splits(data, val_ratio=0.2, test_ratio=0.2, seed=42)
     model, _ = create_model("custom_cnn", len(splits.classes), weights="none", dropout=0.5,
@@ -45,7 +45,7 @@ def _eval_worker(rank: int, world_size: int, port: int, data: Path, state_file: 
                  out: Path) -> None:
     import torch.distributed as dist
 
-    from components.distributed import destroy_process_group
+    from components.nn.distributed import destroy_process_group
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size)
@@ -61,7 +61,7 @@ def _eval_worker(rank: int, world_size: int, port: int, data: Path, state_file: 
 
 def test_evaluate_in_two_processes_equals_one_process_with_the_same_weights(image_folder,
                                                                              tmp_path):
-    from components.models import create_model
+    from components.nn.models import create_model
 
     data = image_folder({"red": 11, "green": 11, "blue": 11})  # 7 val images: uneven shards
     torch.manual_seed(0)
@@ -124,7 +124,7 @@ def test_bad_nproc_is_one_line_and_starts_nothing(tracking, image_folder, args, 
 
 
 def test_train_called_with_nproc_but_no_workers_is_refused(tracking, image_folder):
-    from components.training import TrainingError, TrainParams, train
+    from components.steps.train import TrainingError, TrainParams, train
 
     params = TrainParams(data=str(image_folder({"a": 4, "b": 4})), nproc=2, weights="none")
     with pytest.raises(TrainingError, match="needs worker processes"):

@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import MESSY_EXPECTED, runs_of, write_image
 
-from components import eda
-from components.datasets import SPLITS, load_splits
-from components.images import read_file, read_files
+from components.data.datasets import SPLITS, load_splits
+from components.data.images import read_file, read_files
+from components.steps import eda
 from pipelines.cli import cli
 
 FIGURES = {"class_counts.png", "image_sizes.png", "rgb_histograms.png", "samples.png"}

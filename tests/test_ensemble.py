@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from conftest import BIN, subprocess_env
 from mlflow import MlflowClient
 
-from components.ensemble import (
+from components.steps.ensemble import (
     EnsembleError,
     bootstrap_train,
     get_vote,
@@ -156,7 +156,7 @@ def test_bad_members_are_refused_in_one_line_and_log_nothing(client, trained_pai
 
 
 def test_bootstrap_keeps_every_class_and_the_split(trained_pair):
-    from components.datasets import load_splits
+    from components.data.datasets import load_splits
 
     splits = load_splits(str(trained_pair.data))
     sample = bootstrap_train(7)(splits)

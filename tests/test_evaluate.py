@@ -15,9 +15,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from sklearn.metrics import precision_recall_fscore_support
 
-from components.ensemble import ensemble_defaults
-from components.evaluation import eval_defaults
-from components.models import count_parameters
+from components.nn.models import count_parameters
+from components.steps.ensemble import ensemble_defaults
+from components.steps.evaluate import eval_defaults
 from pipelines.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,8 +16,17 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from pymongo import MongoClient
 
-from components import mirror, services
-from components.mirror import EPOCHS, STATUS, SYNC, TRAININGS, SyncOptions, sync_once, sync_pass
+from components import services
+from components.mirror import sync as mirror
+from components.mirror.sync import (
+    EPOCHS,
+    STATUS,
+    SYNC,
+    TRAININGS,
+    SyncOptions,
+    sync_once,
+    sync_pass,
+)
 from pipelines.cli import cli
 
 EPOCH_KEYS = ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_sec"]
@@ -244,8 +253,8 @@ def test_follower_mirrors_each_epoch_while_the_run_trains(mlflow_server, db_uri,
     """Live, without timing races: training pauses at the end of each epoch until the
     follower has mirrored the previous one (the latency itself is measured in
     benchmarks/sync.py --live)."""
-    from components.engine import Callback
-    from components.training import TrainParams, train
+    from components.nn.engine import Callback
+    from components.steps.train import TrainParams, train
 
     client = MlflowClient(mlflow_server)
     exp = new_experiment(client)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from components import models
-from components.models import (
+from components.nn import models
+from components.nn.models import (
     MODELS,
     Backbone,
     Classifier,

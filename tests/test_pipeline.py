@@ -15,7 +15,7 @@ from conftest import BIN, free_port, history, make_image_folder, runs_of, subpro
 from mlflow import MlflowClient
 from pymongo import MongoClient
 
-from components.mirror import TRAININGS
+from components.mirror.sync import TRAININGS
 from pipelines.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_main_runs_every_step_under_one_parent_then_reuses_them(tiny, env, tmp_p
 def kill_when(args: list[str], env: dict[str, str], ready) -> None:
     """Start `cnnflow run` in a process and SIGKILL it (no clean-up at all) once `ready()`."""
     child_env = subprocess_env(env["MLFLOW_TRACKING_URI"], MONGO_URI=env["MONGO_URI"])
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.run", *args], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.main", *args], cwd=ROOT,
                             env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240

@@ -16,8 +16,14 @@ from click.testing import CliRunner
 from conftest import BIN, history, make_image_folder, subprocess_env, write_image
 from mlflow import MlflowClient
 
-from components.datasets import SPLITS, ImageDataset, build_transform, load_splits, make_loaders
-from components.preprocess import PreprocessParams, plan_split, prepared_dir, write_outputs
+from components.data.datasets import (
+    SPLITS,
+    ImageDataset,
+    build_transform,
+    load_splits,
+    make_loaders,
+)
+from components.steps.preprocess import PreprocessParams, plan_split, prepared_dir, write_outputs
 from pipelines.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,7 +261,7 @@ def test_a_failure_inside_the_run_ends_it_failed(tracking, image_folder, monkeyp
     def broken(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("components.preprocess.write_cache", broken)
+    monkeypatch.setattr("components.steps.preprocess.write_cache", broken)
     result = CliRunner().invoke(cli, ["preprocess", "--data", str(image_folder()),
                                       "--experiment", "pp-fail", "--cache", "true",
                                       "--num-workers", "0"])

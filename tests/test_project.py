@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from components.training import param_defaults
+from components.steps.train import param_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,8 +37,8 @@ def test_mlproject_data_step_parameters_match_their_dataclasses():
     """eda and preprocess: same names, defaults and command-line flags as the CLI."""
     import dataclasses
 
-    from components.eda import EdaParams
-    from components.preprocess import PreprocessParams
+    from components.steps.eda import EdaParams
+    from components.steps.preprocess import PreprocessParams
 
     spec = yaml.safe_load((ROOT / "MLproject").read_text())
     for step, params_cls in (("eda", EdaParams), ("preprocess", PreprocessParams)):
@@ -58,14 +58,14 @@ def test_mlproject_data_step_parameters_match_their_dataclasses():
 def test_mlproject_tune_pseudo_label_and_main_parameters_match_their_dataclasses():
     import dataclasses
 
-    from components.pipeline import PipelineParams
-    from components.pseudolabel import PseudoLabelParams
-    from components.tuning import TuneParams
+    from components.steps.main import PipelineParams
+    from components.steps.pseudo_label import PseudoLabelParams
+    from components.steps.tune import TuneParams
 
     spec = yaml.safe_load((ROOT / "MLproject").read_text())
     for step, params_cls, module in (("tune", TuneParams, "tune"),
                                      ("pseudo_label", PseudoLabelParams, "pseudo_label"),
-                                     ("main", PipelineParams, "run")):
+                                     ("main", PipelineParams, "main")):
         entry = spec["entry_points"][step]
         declared = {name: p["default"] for name, p in entry["parameters"].items()}
         defaults = {f.name: f.default for f in dataclasses.fields(params_cls)}

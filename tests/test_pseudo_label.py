@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import runs_of, write_image
 
-from components.datasets import load_splits
+from components.data.datasets import load_splits
 from pipelines.cli import cli
 
 FAST = ["--image-size", "16", "--batch-size", "8", "--num-workers", "0", "--weights", "none",

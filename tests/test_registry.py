@@ -16,9 +16,9 @@ from conftest import BIN, subprocess_env
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from components import registry
-from components.registry import RegistryError, decide, lower_is_better, register_version
 from components.services import free_port
+from components.tracking import registry
+from components.tracking.registry import RegistryError, decide, lower_is_better, register_version
 from pipelines.cli import cli
 
 

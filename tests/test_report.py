@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from conftest import make_image_folder
 from mlflow import MlflowClient
 
-from components.report import PDF_ENV, ReportError, build_report, find_pdf_converter
+from components.steps.report import PDF_ENV, ReportError, build_report, find_pdf_converter
 from pipelines.cli import cli
 
 EXPERIMENT = "report-exp"
@@ -27,11 +27,11 @@ quiet = {"log": lambda s: None}
 def experiment(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory):
     """eda, two tiny trained + evaluated (registered, promoted) models, their ensemble and a
     two-trial tuning study."""
-    from components.eda import EdaParams, run_eda
-    from components.ensemble import EnsembleParams, run_ensemble
-    from components.evaluation import EvalParams, evaluate
-    from components.training import TrainParams, train
-    from components.tuning import TuneParams, run_tune
+    from components.steps.eda import EdaParams, run_eda
+    from components.steps.ensemble import EnsembleParams, run_ensemble
+    from components.steps.evaluate import EvalParams, evaluate
+    from components.steps.train import TrainParams, train
+    from components.steps.tune import TuneParams, run_tune
 
     root = tmp_path_factory.mktemp("report")
     data = make_image_folder(root / "rep3", {"red": 8, "green": 8, "blue": 8})

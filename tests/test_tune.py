@@ -12,8 +12,8 @@ from conftest import BIN, runs_of, subprocess_env
 from mlflow import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from components import tuning
-from components.tuning import TuneError, parse_space
+from components.steps import tune as tuning
+from components.steps.tune import TuneError, parse_space
 from pipelines.cli import cli
 
 FAST = ["--image-size", "16", "--num-workers", "0", "--weights", "none", "--augmentation",

@@ -3,7 +3,7 @@
 Every seed project started with the same notebook: count images per class, look for broken
 files, odd sizes and colour modes, plot colour histograms, eyeball samples - and one of them
 later found val/test images duplicated in train. This module does all of it in one pass over
-the files (components.images: one read per file, in worker processes) and writes a Markdown
+the files (components.data.images: one read per file, in worker processes) and writes a Markdown
 report with PNG figures that reads well on GitHub and as MLflow run artifacts.
 
 Splits: a pre-split folder reports its own train/val/test; a flat folder reports the split
@@ -29,7 +29,7 @@ import pandas as pd
 from PIL import Image
 
 from components import tracking
-from components.datasets import (
+from components.data.datasets import (
     SPLITS,
     DataError,
     check_ratios,
@@ -37,7 +37,7 @@ from components.datasets import (
     load_splits,
     resolve_data,
 )
-from components.images import HIST_BINS, read_files, to_rgb
+from components.data.images import HIST_BINS, read_files, to_rgb
 
 METRICS = ("n_images", "n_classes", "imbalance_ratio", "n_corrupt", "n_duplicates",
            "n_cross_split_duplicates", "n_distinct_sizes")

@@ -39,9 +39,9 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 
-from components.config import mask_text, mask_uri
 from components.errors import CnnflowError
-from components.registry import AliasLookup
+from components.settings import mask_text, mask_uri
+from components.tracking.registry import AliasLookup
 
 logger = logging.getLogger("cnnflow.mirror")
 

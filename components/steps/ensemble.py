@@ -31,162 +31,20 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
-import pandas as pd
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
-from PIL import Image
 
-from components import evaluation, tracking
-from components.comparison import write_table
-from components.datasets import DatasetSplits
-from components.engine import resolve_device
-from components.errors import CnnflowError
-from components.registries import registrar
-from components.serving import ImageClassifier, _items, log_proba, probability_frame
-
-VoteFn = Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]
-VOTES: dict[str, VoteFn] = {}
-_HARD_TIE_BREAK = 1e-6
-
-
-class EnsembleError(CnnflowError, RuntimeError):
-    """Bad ensemble input (members, vote, weights); one line saying what to do."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
-
-
-# --------------------------------------------------------------------------------------------
-# Votes: member logits (M tensors N x C) + weights (M, sum 1) -> N x C log-probabilities
-# --------------------------------------------------------------------------------------------
-
-
-# `@register_vote(name)` adds a vote; `--vote name` then works everywhere.
-register_vote = registrar(VOTES, "vote")
-
-
-@register_vote("soft")
-def soft_vote(logits: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """log of the weighted mean of member probabilities (computed in log space, exactly)."""
-    log_p = torch.stack([torch.log_softmax(z.double(), dim=1) for z in logits])
-    return torch.logsumexp(log_p + weights.double().log().view(-1, 1, 1), dim=0)
-
-
-@register_vote("logits")
-def logits_vote(logits: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """Softmax of the weighted mean of logits: the rice-leaf seed's soft voting."""
-    mean = (torch.stack([z.double() for z in logits]) * weights.double().view(-1, 1, 1)).sum(0)
-    return torch.log_softmax(mean, dim=1)
-
-
-@register_vote("hard")
-def hard_vote(logits: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """Weighted share of member votes per class; ties go to the higher mean probability.
-
-    The shares are the ensemble's probabilities (confidence = winning share); a class no
-    member voted for keeps only the tie-break mass, so a unanimous wrong vote costs a large
-    but finite loss.
-    """
-    n_classes = logits[0].shape[1]
-    votes = sum(w * torch.nn.functional.one_hot(z.argmax(1), n_classes).double()
-                for w, z in zip(weights.double(), logits, strict=True))
-    scores = votes + _HARD_TIE_BREAK * soft_vote(logits, weights).exp()
-    return torch.log(scores / scores.sum(1, keepdim=True))
-
-
-def get_vote(name: str) -> VoteFn:
-    try:
-        return VOTES[name]
-    except KeyError:
-        raise EnsembleError(f"unknown vote '{name}': use one of "
-                            f"{', '.join(sorted(VOTES))}") from None
-
-
-# --------------------------------------------------------------------------------------------
-# The pyfunc model
-# --------------------------------------------------------------------------------------------
-
-
-class EnsembleClassifier(mlflow.pyfunc.PythonModel):
-    """Members rebuilt from their own configs and state dicts; the same predict path as a
-    single `ImageClassifier` (each image decoded once, preprocessed once per distinct
-    member preprocessing, every member scored, votes combined)."""
-
-    _skip_type_hint_validation = True
-
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        config = json.loads(Path(context.artifacts["ensemble"]).read_text())
-        root = Path(context.artifacts["members"])
-        members = [ImageClassifier().load(root / m["dir"] / "model_config.json",
-                                           root / m["dir"] / "weights.pt")
-                   for m in config["members"]]
-        self.build(config, members)
-
-    def build(self, config: dict[str, Any], members: Sequence[ImageClassifier]
-              ) -> EnsembleClassifier:
-        classes = members[0].class_names
-        for m in members[1:]:
-            if m.class_names != classes:
-                raise EnsembleError("ensemble members have different class lists: "
-                                    f"{classes} vs {m.class_names}")
-        self.config = config
-        self.members = list(members)
-        self.vote = get_vote(config["vote"])
-        self.weights = torch.tensor(config["weights"], dtype=torch.float64)
-        self.device = torch.device("cpu")
-        keys: list[tuple] = []
-        self._transforms: list[Callable[[Image.Image], torch.Tensor]] = []
-        self._input_of: list[int] = []
-        for m in self.members:
-            key = (m.config["image_size"], tuple(m.config["mean"]), tuple(m.config["std"]))
-            if key not in keys:
-                keys.append(key)
-                self._transforms.append(m.transform)
-            self._input_of.append(keys.index(key))
-        return self
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.members[0].class_names
-
-    def to(self, device: torch.device | str) -> EnsembleClassifier:
-        self.device = torch.device(device)
-        for m in self.members:
-            m.to(self.device)
-        return self
-
-    def input_transforms(self) -> list[Callable[[Image.Image], torch.Tensor]]:
-        return list(self._transforms)
-
-    def member_logits(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [m.logits_batch([inputs[j]]) for m, j in zip(self.members, self._input_of,
-                                                             strict=True)]
-
-    def score_batch(self, inputs: Sequence[torch.Tensor]
-                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        logits = self.member_logits(inputs)
-        return (self.vote(logits, self.weights).float(),
-                [torch.log_softmax(z, dim=1) for z in logits])
-
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        probs = log_proba(self, _items(model_input)).exp().numpy()
-        return probability_frame(self.class_names, probs)
-
-
-def save_members(members: Sequence[ImageClassifier], folder: Path) -> list[dict[str, str]]:
-    """members/<i>/{model_config.json,weights.pt}: state dicts only, never pickled nets."""
-    entries = []
-    for i, m in enumerate(members):
-        sub = folder / str(i)
-        sub.mkdir(parents=True)
-        (sub / "model_config.json").write_text(json.dumps(m.config, indent=2))
-        torch.save({k: v.detach().cpu() for k, v in m.model.state_dict().items()},
-                   sub / "weights.pt")
-        entries.append({"dir": str(i)})
-    return entries
-
+from components import tracking
+from components.data.datasets import DatasetSplits
+from components.nn.engine import resolve_device
+from components.serving.classifier import ImageClassifier
+from components.serving.ensemble import EnsembleClassifier, EnsembleError, get_vote, save_members
+from components.serving.metrics import classification_metrics
+from components.serving.predict import auto_batch_size, load_model
+from components.steps.evaluate import MANIFEST, evaluate_model, get_run, run_splits, split_samples
+from components.tracking.comparison import write_table
+from components.tracking.models import log_python_model
 
 # --------------------------------------------------------------------------------------------
 # Members and weights
@@ -203,7 +61,7 @@ def select_members(client: MlflowClient, run_ids: Sequence[str], top_k: int,
     if run_ids:
         if len(set(run_ids)) != len(run_ids):
             raise EnsembleError("a run id is listed twice in --run-ids: list each member once")
-        runs = [evaluation.get_run(client, r) for r in run_ids]
+        runs = [get_run(client, r) for r in run_ids]
     else:
         if not experiment:
             raise EnsembleError("pass --run-ids, or --experiment to pick the top-k runs")
@@ -310,7 +168,7 @@ def bootstrap_train(seed: int) -> Callable[[DatasetSplits], DatasetSplits]:
 
 
 def load_member(run: Run) -> ImageClassifier:
-    model = evaluation.load_model(run.data.tags["cnnflow.model_uri"])
+    model = load_model(run.data.tags["cnnflow.model_uri"])
     if not isinstance(model, ImageClassifier):
         raise EnsembleError(f"run '{run.info.run_id}' does not hold a single image classifier")
     return model
@@ -369,7 +227,7 @@ class EnsembleParams:
                                 "not both")
 
     def train_params(self) -> Any:
-        from components.training import TrainParams
+        from components.steps.train import TrainParams
 
         values = {ours: getattr(self, theirs) for ours, theirs in self.BAGGING.items()}
         return TrainParams(**values, experiment=self.experiment)
@@ -403,8 +261,8 @@ def run_ensemble(params: EnsembleParams, tracking_uri: str,
     runs = select_members(client, parse_run_ids(params.run_ids), params.top_k,
                           params.experiment)
     weights = resolve_weights(params.weights, runs)
-    splits = evaluation.run_splits(client, runs[0])
-    evaluation.split_samples(splits, "test", runs[0].info.run_id)
+    splits = run_splits(client, runs[0])
+    split_samples(splits, "test", runs[0].info.run_id)
     members = [load_member(r) for r in runs]  # all loadable before a run exists
     run_id, run_name = _open_run(client, runs[0].info.experiment_id)
     return _finish(client, params, run_id, run_name, runs, members, weights, splits, device,
@@ -413,8 +271,8 @@ def run_ensemble(params: EnsembleParams, tracking_uri: str,
 
 def _bagging(params: EnsembleParams, client: MlflowClient, tracking_uri: str,
              device: torch.device, log: Callable[[str], None]) -> EnsembleOutcome:
-    from components.datasets import load_splits
-    from components.training import train
+    from components.data.datasets import load_splits
+    from components.steps.train import train
 
     params.train_params().validate()
     splits = load_splits(params.data, val_ratio=params.val_ratio, test_ratio=params.test_ratio,
@@ -433,7 +291,7 @@ def _bagging(params: EnsembleParams, client: MlflowClient, tracking_uri: str,
         runs = [client.get_run(o.run_id) for o in outcomes]
         check_members(runs)
         weights = resolve_weights(params.weights, runs)
-        splits = evaluation.run_splits(client, runs[0])
+        splits = run_splits(client, runs[0])
         members = [load_member(r) for r in runs]
     except BaseException as exc:
         tracking.end_failed(client, run_id, exc)
@@ -495,7 +353,7 @@ def _finish(client: MlflowClient, params: EnsembleParams, run_id: str, run_name:
         tracking.log_params_and_tags(client, run_id, logged, tags)
         with tempfile.TemporaryDirectory(prefix="cnnflow-ensemble-") as tmp:
             work = Path(tmp)
-            manifest = client.download_artifacts(first.info.run_id, evaluation.MANIFEST,
+            manifest = client.download_artifacts(first.info.run_id, MANIFEST,
                                                  str(work / "src"))
             client.log_artifact(run_id, manifest, artifact_path="data")
             metrics, table = _evaluate(model, runs, weights, splits, run_id, params, work)
@@ -505,7 +363,7 @@ def _finish(client: MlflowClient, params: EnsembleParams, run_id: str, run_name:
             (work / "model").mkdir()
             (work / "model" / "ensemble.json").write_text(json.dumps(config, indent=2))
             save_members(members, work / "model" / "members")
-            model_uri = tracking.log_python_model(
+            model_uri = log_python_model(
                 run_id, EnsembleClassifier(),
                 {"ensemble": str(work / "model" / "ensemble.json"),
                  "members": str(work / "model" / "members")})
@@ -533,12 +391,12 @@ def _evaluate(model: EnsembleClassifier, runs: Sequence[Run], weights: list[floa
         if not splits.split(split):
             continue
         figures = work / "eval" / split if split == "test" else None
-        preds, split_metrics, _ = evaluation.evaluate_model(
-            model, splits, split, run_id, batch_size=evaluation.auto_batch_size(model.device),
+        preds, split_metrics, _ = evaluate_model(
+            model, splits, split, run_id, batch_size=auto_batch_size(model.device),
             num_workers=params.num_workers, figures_dir=figures)
         metrics.update(split_metrics)
         for row, member_lp in zip(rows[:-1], preds.members, strict=True):
-            m, _ = evaluation.classification_metrics(member_lp, preds.labels, splits.classes,
+            m, _ = classification_metrics(member_lp, preds.labels, splits.classes,
                                                      f"{split}_")
             row[f"{split}_acc"], row[f"{split}_loss"] = m[f"{split}_acc"], m[f"{split}_loss"]
         rows[-1][f"{split}_acc"] = split_metrics[f"{split}_acc"]

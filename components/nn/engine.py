@@ -23,8 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from components.distributed import is_main, sum_across_ranks, sync_buffers, world
 from components.errors import CnnflowError
+from components.nn.distributed import is_main, sum_across_ranks, sync_buffers, world
 
 
 class EngineError(CnnflowError, RuntimeError):

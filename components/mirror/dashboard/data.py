@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from components.mirror import EPOCHS, STATUS, TRAININGS, safe_key
+from components.mirror.sync import EPOCHS, STATUS, TRAININGS, safe_key
 
 LIVE_STATUSES = ("in_progress", "died")
 DIGEST_TAG = safe_key("cnnflow.dataset_digest")

@@ -26,10 +26,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 
-from components import registry, tracking
-from components.config import mask_uri
+from components import tracking
 from components.errors import CnnflowError
-from components.training import TrainParams as Train
+from components.settings import mask_uri
+from components.steps.train import TrainParams as Train
+from components.tracking import registry
 
 PIPELINE_STEP = "pipeline"
 KEY_TAG = "cnnflow.step_key"
@@ -82,9 +83,9 @@ class PipelineParams:
 
     def validate(self) -> None:
         """Every step's checks up front: a typo must not surface after an hour of training."""
-        from components.eda import EdaParams
-        from components.ensemble import get_vote
-        from components.models import get_spec
+        from components.nn.models import get_spec
+        from components.steps.eda import EdaParams
+        from components.steps.ensemble import get_vote
 
         models = self.model_list()
         if not models:
@@ -109,7 +110,7 @@ class PipelineParams:
             self.train_params(model, "").validate()
 
     def preprocess_params(self, experiment: str) -> Any:
-        from components.preprocess import PreprocessParams
+        from components.steps.preprocess import PreprocessParams
 
         return PreprocessParams(
             data=self.data, experiment=experiment,
@@ -317,7 +318,7 @@ def run_pipeline(params: PipelineParams, tracking_uri: str, mongo_uri: str = "",
                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
                  ) -> PipelineOutcome:
     """Run (or resume) the whole pipeline; returns its parent run, steps and final table."""
-    from components.datasets import folder_fingerprint, resolve_data
+    from components.data.datasets import folder_fingerprint, resolve_data
 
     params.validate()
     if params.sync and not mongo_uri:
@@ -345,7 +346,7 @@ def run_pipeline(params: PipelineParams, tracking_uri: str, mongo_uri: str = "",
             outcome.run_name, outcome.url, outcome.resumed = run_name, url, resumed
             _log_outcome(p, outcome)
             if params.report:
-                from components.report import build_report
+                from components.steps.report import build_report
 
                 outcome.report = build_report(tracking_uri, experiment,
                                               reports_dir=params.reports_dir,
@@ -358,10 +359,10 @@ def run_pipeline(params: PipelineParams, tracking_uri: str, mongo_uri: str = "",
 
 def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
            ensemble: bool) -> PipelineOutcome:
-    from components.eda import EdaParams, run_eda
-    from components.evaluation import EvalParams, evaluate
-    from components.preprocess import run_preprocess
-    from components.training import train
+    from components.steps.eda import EdaParams, run_eda
+    from components.steps.evaluate import EvalParams, evaluate
+    from components.steps.preprocess import run_preprocess
+    from components.steps.train import train
 
     params, client = p.params, p.client
 
@@ -434,7 +435,7 @@ def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
 
     ensemble_run = ""
     if ensemble:
-        from components.ensemble import EnsembleParams, run_ensemble
+        from components.steps.ensemble import EnsembleParams, run_ensemble
 
         ranked = sorted(models, key=lambda m: -client.get_run(trained[m]).data.metrics.get(
             "best_val_acc", 0.0))
@@ -469,7 +470,7 @@ def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
     champion = _champion_version(client, name)
 
     if params.sync:
-        from components.mirror import SyncOptions, sync_once
+        from components.mirror.sync import SyncOptions, sync_once
 
         def mirror(child: str) -> tuple[str, str]:
             tracking.open_step_run(client, "sync", experiment)
@@ -491,7 +492,7 @@ def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
 def _weights_input(model: str, weights: str) -> str:
     """What `weights` means today: `auto` turns into ImageNet once the file is cached, and a
     weights file may be replaced in place; either change must re-train."""
-    from components.models import imagenet_weights_path
+    from components.nn.models import imagenet_weights_path
 
     if weights == "auto":
         cached = imagenet_weights_path(model)
@@ -584,6 +585,6 @@ def _write_steps(p: Pipeline) -> None:
 
 
 def _experiment_url(tracking_uri: str, exp_id: str, run_id: str) -> str:
-    from components.training import run_url
+    from components.steps.train import run_url
 
     return run_url(tracking_uri, exp_id, run_id)

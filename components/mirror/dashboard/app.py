@@ -3,7 +3,7 @@
 Four views picked in the sidebar: model detail, model comparison, time filter and live
 monitoring. It reads MONGO_URI (else the server `cnnflow up` started) and only reads: MLflow
 stays behind `cnnflow sync`, so the page works wherever the mirror is reachable. Queries live
-in components/dashboard/data.py; this file only lays them out.
+in components/mirror/dashboard/data.py; this file only lays them out.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import plotly.graph_objects as go
 import streamlit as st
 from pymongo.errors import PyMongoError
 
-from components.config import mask_text, mask_uri
-from components.dashboard import data
-from components.mirror import connect_mongo, database
+from components.mirror.dashboard import data
+from components.mirror.sync import connect_mongo, database
 from components.services import ServiceError, check_mongo, mongo_uri
+from components.settings import mask_text, mask_uri
 
 VIEWS = ("Model detail", "Model comparison", "Time filter", "Live monitoring")
 REFRESH_SECONDS = 2

@@ -17,10 +17,12 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
-from components import distributed, tracking
-from components.config import mask_uri
-from components.datasets import DatasetSplits, class_weights, load_splits, make_loaders
-from components.engine import (
+from components import tracking
+from components.data.datasets import DatasetSplits, class_weights, load_splits, make_loaders
+from components.data.extra_train import extra_train_samples
+from components.errors import CnnflowError
+from components.nn import distributed
+from components.nn.engine import (
     Callback,
     ConsoleCallback,
     FitResult,
@@ -29,10 +31,12 @@ from components.engine import (
     load_checkpoint,
     seed_everything,
 )
-from components.engine import resolve_device as _resolve_device
-from components.errors import CnnflowError
-from components.models import create_model, model_normalization
-from components.preprocess import load_prepared
+from components.nn.engine import resolve_device as _resolve_device
+from components.nn.models import create_model, model_normalization
+from components.settings import mask_uri
+from components.steps.preprocess import load_prepared
+from components.tracking.callback import MLflowCallback
+from components.tracking.models import log_pyfunc_model
 
 
 class TrainingError(CnnflowError, RuntimeError):
@@ -158,7 +162,7 @@ def train(params: TrainParams, tracking_uri: str, *, progress: bool | None = Non
           run_tags: dict[str, str] | None = None) -> TrainOutcome:
     """Train one model as one MLflow run (or continue `params.resume`); returns where it went.
 
-    Hooks for bagging (components.ensemble): `train_sample` swaps the train list the loaders
+    Hooks for bagging (components.steps.ensemble): `train_sample` swaps the train list the loaders
     read (a bootstrap sample) while the logged manifest and digest stay the dataset's own, so
     members stay comparable; `parent_run_id` nests the run under the ensemble's run.
     Hooks for tuning / cross-validation: `callbacks` run after MLflow's each epoch (a pruning
@@ -227,8 +231,6 @@ def _train(client, params: TrainParams, tracking_uri: str, progress: bool,
     fit_splits = train_sample(splits) if train_sample else splits
     extra = None
     if params.extra_train:  # train split only; val/test look-alikes are dropped (no leakage)
-        from components.pseudolabel import extra_train_samples
-
         extra = extra_train_samples(params.extra_train, splits)
         fit_splits = dataclasses.replace(fit_splits, train=fit_splits.train + extra.samples)
     loaders = make_loaders(fit_splits, params.image_size, params.batch_size,
@@ -251,7 +253,7 @@ def _train(client, params: TrainParams, tracking_uri: str, progress: bool,
     run_id, exp_id, run_name = _open_run(client, params, splits.name, parent_run_id)
     if run_tags:
         tracking.log_params_and_tags(client, run_id, {}, run_tags)
-    callback = tracking.MLflowCallback(client, run_id)
+    callback = MLflowCallback(client, run_id)
     with tempfile.TemporaryDirectory(prefix="cnnflow-train-") as tmp:
         work = Path(tmp)
         try:
@@ -272,7 +274,7 @@ def _train(client, params: TrainParams, tracking_uri: str, progress: bool,
             callback.flush()
             tracking.log_metrics(client, run_id, result.final_metrics())
             tracking.log_history(client, run_id, result.history, work / "history")
-            model_uri = tracking.log_pyfunc_model(run_id, result.best_path, {
+            model_uri = log_pyfunc_model(run_id, result.best_path, {
                 "model": params.model, "class_names": splits.classes,
                 "image_size": params.image_size, "mean": list(mean), "std": list(std),
                 "dropout": params.dropout, "head_hidden": params.head_hidden or None})
@@ -291,7 +293,7 @@ def _train(client, params: TrainParams, tracking_uri: str, progress: bool,
                         run_url(tracking_uri, exp_id, run_id))
 
 
-def _abort(client, callback: tracking.MLflowCallback, run_id: str, status: str,
+def _abort(client, callback: MLflowCallback, run_id: str, status: str,
            reason: str) -> None:
     """Record why the run ended; never let a second failure hide the first."""
     try:

@@ -42,11 +42,11 @@ from optuna.distributions import (
 )
 
 from components import tracking
-from components.config import mask_uri, state_dir
-from components.engine import Callback
 from components.errors import CnnflowError
-from components.registries import registrar
-from components.training import TrainParams, train
+from components.nn.engine import Callback
+from components.registrar import registrar
+from components.settings import mask_uri, state_dir
+from components.steps.train import TrainParams, train
 
 Space = dict[str, BaseDistribution]
 EPOCH_METRICS = ("val_loss", "val_acc", "train_loss", "train_acc")
@@ -409,7 +409,7 @@ def run_tune(params: TuneParams, tracking_uri: str,
     client = tracking.connect(tracking_uri)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Fail on a bad dataset before a run exists (train() would only fail inside a trial).
-    from components.datasets import load_splits
+    from components.data.datasets import load_splits
     splits = load_splits(params.data, val_ratio=params.val_ratio,
                          test_ratio=params.test_ratio, seed=params.seed, verify=False)
     # A named (shared) study is opened first: a bad storage or direction creates no run.
@@ -587,7 +587,7 @@ def _retrain(client: MlflowClient, params: TuneParams, fixed: dict[str, Any],
              outcome: TuneOutcome, tracking_uri: str, parent: str,
              log: Callable[[str], None]) -> None:
     """Train the best configuration with the full epochs as a normal run, then evaluate it."""
-    from components.evaluation import EvalParams, evaluate
+    from components.steps.evaluate import EvalParams, evaluate
 
     best = dict(outcome.best_params)
     model = best.pop("model", _models(params.model)[0])

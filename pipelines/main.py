@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from components.pipeline import TABLE_COLUMNS, PipelineParams, run_pipeline
+from components.steps.main import TABLE_COLUMNS, PipelineParams, run_pipeline
 from pipelines.options import dataclass_options, reachable_tracking_uri, user_errors
 
 HELP = {
@@ -45,8 +45,8 @@ def run_command(**kwargs) -> None:
     Re-running the same command reuses every finished step; after an interruption it resumes
     at the first step that did not finish.
     """
-    from components.comparison import text_table
     from components.services import ServiceError, check_mongo, mongo_uri
+    from components.tracking.comparison import text_table
 
     params = PipelineParams(**kwargs)
     with user_errors():

@@ -7,7 +7,7 @@ images no fold ever saw); fold i trains on the other K-1 folds and validates on 
 fold is an ordinary training run (same engine, params, artifacts, logged manifest and digest)
 nested under a `cv-vN` parent that logs the mean and standard deviation of the folds' final
 metrics, a per-fold table and a chart. `--cv-ensemble true` then soft-votes the K fold
-models into one ensemble run (components.ensemble), nested under the parent as well.
+models into one ensemble run (components.steps.ensemble), nested under the parent as well.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from components import tracking
-from components.datasets import DatasetSplits, load_splits
-from components.training import TrainingError, TrainOutcome, TrainParams, train
+from components.data.datasets import DatasetSplits, load_splits
+from components.steps.train import TrainingError, TrainOutcome, TrainParams, train
 
 # Fold-run metric -> the name of its mean/std on the parent (cv_<name>_mean, cv_<name>_std).
 CV_METRICS = {"best_val_acc": "val_acc", "best_val_loss": "val_loss",
@@ -180,7 +180,7 @@ def _write_fold_files(folder: Path, table: list[dict[str, Any]],
 def _ensemble(params: TrainParams, run_ids: list[str], parent: str, tracking_uri: str,
               log: Callable[[str], None]) -> str:
     """Soft-vote the fold models: same test split and digest, so they are valid members."""
-    from components.ensemble import EnsembleParams, run_ensemble
+    from components.steps.ensemble import EnsembleParams, run_ensemble
 
     with tracking.not_adopting():
         outcome = run_ensemble(EnsembleParams(run_ids=",".join(run_ids), vote="soft",
@@ -193,6 +193,6 @@ def _ensemble(params: TrainParams, run_ids: list[str], parent: str, tracking_uri
 
 
 def _url(tracking_uri: str, exp_id: str, run_id: str) -> str:
-    from components.training import run_url
+    from components.steps.train import run_url
 
     return run_url(tracking_uri, exp_id, run_id)

@@ -9,13 +9,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import os
-import shutil
-import tempfile
 import time
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +19,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag, ViewType
 
-from components.config import mask_text, mask_uri
-from components.engine import Callback
+from components.settings import mask_text, mask_uri
 
 STEP_TAG = "cnnflow.step"
 MODEL_TAG = "cnnflow.model"
@@ -79,60 +74,6 @@ def finish_run(client: MlflowClient, run_id: str, status: str, error: str | None
         client.set_terminated(run_id, status=status)
 
 
-class MLflowCallback(Callback):
-    """Logs epoch metrics (step=epoch) and uploads checkpoints, in order, off the hot path."""
-
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
-        self.client = client
-        self.run_id = run_id
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnflow-mlflow")
-        self.pending: list[Future] = []
-        self.snapshots = Path(tempfile.mkdtemp(prefix="cnnflow-ckpt-"))
-        self.copies: list[str] = []
-
-    def _submit(self, fn, *args) -> None:
-        self._raise_failures()
-        self.pending.append(self.pool.submit(fn, *args))
-
-    def _raise_failures(self) -> None:
-        still = []
-        for fut in self.pending:
-            if fut.done():
-                fut.result()  # re-raises an upload or logging error in the training thread
-            else:
-                still.append(fut)
-        self.pending = still
-
-    def on_checkpoint(self, epoch: int, last_path: Path, best_path: Path | None) -> None:
-        # Snapshot now: the engine overwrites last.pt next epoch while the upload may still run.
-        folder = self.snapshots / str(epoch)
-        folder.mkdir()
-        self.copies = [shutil.copy2(p, folder / p.name) for p in (last_path, best_path) if p]
-
-    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
-        # One job per epoch, checkpoint before metrics: a logged epoch always has its
-        # checkpoint, so a resumed run never logs an epoch twice.
-        copies, self.copies = self.copies, []
-        self._submit(self._log_epoch, epoch, metrics, copies)
-
-    def _log_epoch(self, epoch: int, metrics: dict[str, float], copies: list[str]) -> None:
-        for path in copies:
-            self.client.log_artifact(self.run_id, path, artifact_path="checkpoints")
-        log_metrics(self.client, self.run_id, metrics, step=epoch)
-        if copies:
-            shutil.rmtree(Path(copies[0]).parent, ignore_errors=True)
-
-    def flush(self) -> None:
-        """Wait for every queued write; call before ending the run, also on failure."""
-        try:
-            for fut in self.pending:
-                fut.result()
-        finally:
-            self.pending = []
-            self.pool.shutdown(wait=True)
-            shutil.rmtree(self.snapshots, ignore_errors=True)
-
-
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float],
                 step: int | None = None) -> None:
     now = int(time.time() * 1000)
@@ -163,62 +104,6 @@ def download_checkpoint(client: MlflowClient, run_id: str, dest: Path) -> tuple[
     if "checkpoints/best.pt" in names:
         best = Path(client.download_artifacts(run_id, "checkpoints/best.pt", str(dest)))
     return last, best
-
-
-def log_pyfunc_model(run_id: str, weights_path: Path, model_config: dict[str, Any],
-                     name: str = "model") -> str:
-    """Log the best weights as a pyfunc model that does its own preprocessing; returns its URI."""
-    from components.serving import ImageClassifier
-
-    with tempfile.TemporaryDirectory() as tmp:
-        config_path = Path(tmp) / "model_config.json"
-        config_path.write_text(json.dumps(model_config, indent=2))
-        return log_python_model(run_id, ImageClassifier(),
-                                {"weights": str(weights_path), "config": str(config_path)},
-                                name=name)
-
-
-def log_python_model(run_id: str, python_model: mlflow.pyfunc.PythonModel,
-                     artifacts: dict[str, str], name: str = "model") -> str:
-    """Log any cnnflow pyfunc model (a classifier, an ensemble) into a run; returns its URI.
-
-    The `components` package travels with the model (code_paths), so it loads in a fresh
-    environment that has only torch, torchvision, pillow and pandas.
-    """
-    import numpy
-    import pandas
-    import PIL
-    import torch
-    import torchvision
-
-    requirements = [f"mlflow=={mlflow.__version__}", f"torch=={_public(torch.__version__)}",
-                    f"torchvision=={_public(torchvision.__version__)}",
-                    f"pillow=={PIL.__version__}", f"pandas=={pandas.__version__}",
-                    f"numpy=={numpy.__version__}"]
-    with _quiet_model_logging(), mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name=name, python_model=python_model, artifacts=artifacts,
-            code_paths=[str(Path(__file__).parent)], pip_requirements=requirements)
-    return info.model_uri
-
-
-def _public(version: str) -> str:
-    """`2.14.1+cu130` -> `2.14.1`: a local build tag would make the pin uninstallable elsewhere."""
-    return version.split("+")[0]
-
-
-@contextlib.contextmanager
-def _quiet_model_logging():
-    """Keep stdout for cnnflow's own summary: MLflow's cloudpickle advice does not apply (the
-    wrapper holds no state) and it prints the run URL, which cnnflow prints itself."""
-    logger = logging.getLogger("mlflow.pyfunc")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        logger.setLevel(level)
 
 
 def log_history(client: MlflowClient, run_id: str, history: list[dict[str, float]],
@@ -339,7 +224,7 @@ def code_version() -> str:
     import hashlib
     import subprocess
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], check=True,
                                 capture_output=True, text=True, timeout=10).stdout.strip()

@@ -36,8 +36,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from components import tracking
-from components.config import data_cache_dir
-from components.datasets import (
+from components.data.datasets import (
     BUNDLED_DATASETS,
     SPLITS,
     DataError,
@@ -48,7 +47,8 @@ from components.datasets import (
     remove_stale_tmp,
     resolve_data,
 )
-from components.images import read_files
+from components.data.images import read_files
+from components.settings import data_cache_dir
 
 MANIFEST_COLUMNS = ("path", "label", "class_index", "split", "sha1", "width", "height")
 KEEP_LEAKED_IN = ("test", "val", "train")  # a leaked image stays in the first split listed

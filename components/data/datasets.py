@@ -34,10 +34,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import transforms as T
 
-from components.config import data_cache_dir
+from components.data.images import to_rgb  # lives there: torch-free for worker processes
 from components.errors import CnnflowError
-from components.images import to_rgb  # lives there: torch-free for worker processes
-from components.registries import registrar
+from components.registrar import registrar
+from components.settings import data_cache_dir
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -521,7 +521,7 @@ def _check_image(path: Path | str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Pixels: any image mode to RGB (`to_rgb` lives in components.images, torch-free for workers)
+# Pixels: any image mode to RGB (`to_rgb` lives in components.data.images, torch-free for workers)
 # --------------------------------------------------------------------------------------------
 
 
@@ -742,7 +742,7 @@ def make_loaders(splits: DatasetSplits, image_size: int, batch_size: int,
         sampler: Sampler[int] | None = None
         per_rank = len(samples)
         if world_size > 1:
-            from components.distributed import ShardSampler
+            from components.nn.distributed import ShardSampler
 
             sampler = (DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed)
                        if train else ShardSampler(len(samples), rank, world_size))

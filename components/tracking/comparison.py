@@ -18,8 +18,9 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 
-from components import registry, tracking
+from components import tracking
 from components.errors import CnnflowError
+from components.tracking import registry
 
 # column -> its source: ("metric", names...), ("param", name), ("tag", name), ("info", attr)
 COLUMNS: dict[str, tuple[str, ...]] = {

@@ -20,14 +20,14 @@ import pandas as pd
 import torch
 from PIL import Image
 
-# Serving runs on the CPU: batch 4 is its fastest (see evaluation.auto_batch_size).
+# Serving runs on the CPU: batch 4 is its fastest (see auto_batch_size).
 PREDICT_BATCH = 4
 
 
 def _rgb(img: Image.Image) -> Image.Image:
     """The training loader's conversion (transparency on white, 16-bit scaled), so a served
     RGBA or 16-bit image gives the same pixels the model was trained and evaluated on."""
-    from components.datasets import to_rgb
+    from components.data.datasets import to_rgb
 
     img.load()
     return to_rgb(img)
@@ -116,8 +116,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     def build(self, config: dict[str, Any], state: dict[str, torch.Tensor]) -> ImageClassifier:
         """Build from the config dict and a state dict already in memory."""
-        from components.datasets import build_transform
-        from components.models import create_model
+        from components.data.datasets import build_transform
+        from components.nn.models import create_model
 
         self.config = config
         self.model, _ = create_model(config["model"], len(config["class_names"]),

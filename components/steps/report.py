@@ -28,9 +28,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 
-from components import comparison, plots, registry, tracking
-from components.config import mask_uri
+from components import plots, tracking
 from components.errors import CnnflowError
+from components.settings import mask_uri
+from components.tracking import comparison, registry
 
 PDF_CHOICES = ("auto", "true", "false")
 PDF_ENV = "CNNFLOW_PDF_CONVERTER"  # a converter command to use instead of the search below
@@ -656,7 +657,7 @@ def _write(client: MlflowClient, tracking_uri: str, experiment: str, sel: Select
            folder: Path, converter: str | None, pdf: str, log: Callable[[str], None],
            run_id: str, run_name: str) -> ReportOutcome:
     """Build in a sibling temp folder, log it, then swap it into place: all or nothing."""
-    from components.eda import replace_dir
+    from components.steps.eda import replace_dir
 
     made = [p for p in (folder.parent, *folder.parent.parents) if not p.exists()]
     folder.parent.mkdir(parents=True, exist_ok=True)

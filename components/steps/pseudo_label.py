@@ -17,7 +17,6 @@ val/test images never leaked into train. Here:
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import shutil
 import sys
@@ -26,15 +25,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from components import evaluation, tracking
-from components.datasets import (
+from components import tracking
+from components.data.datasets import (
     IMAGE_EXTENSIONS,
-    DatasetSplits,
-    list_images,
     verify_images,
 )
-from components.engine import resolve_device
 from components.errors import CnnflowError
+from components.nn.engine import resolve_device
+from components.serving.metrics import metric_key
+from components.serving.predict import auto_batch_size, load_model, predict_samples
+from components.steps.evaluate import resolve_target
 
 
 class PseudoLabelError(CnnflowError, ValueError):
@@ -42,15 +42,6 @@ class PseudoLabelError(CnnflowError, ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))
-
-
-def file_sha1(path: str | Path) -> str:
-    """Content hash of the file bytes: the same hash `preprocess` uses for its leakage guard."""
-    digest = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,59 +53,6 @@ PLACERS: dict[str, Callable[[Path, Path], None]] = {
     "hardlink": lambda src, dst: os.link(src, dst),
     "symlink": lambda src, dst: os.symlink(src.resolve(), dst),
 }
-
-
-# --------------------------------------------------------------------------------------------
-# `train --extra-train`
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ExtraTrain:
-    samples: list[tuple[str, int]]
-    rows: list[dict[str, Any]]  # one per file: path, label, sha1, used, reason
-
-    @property
-    def n_excluded(self) -> int:
-        return sum(not r["used"] for r in self.rows)
-
-
-def extra_train_samples(folder: str | Path, splits: DatasetSplits) -> ExtraTrain:
-    """Labelled images of `folder` (class sub-folders) for the train split only.
-
-    Classes must be among the run's classes. An image whose bytes equal a val or test
-    image's is excluded (it would let the model see the evaluation images); unreadable
-    files are excluded too. Both are listed with the reason.
-    """
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        raise PseudoLabelError(f"extra_train folder {root} does not exist or is not a folder")
-    listing = list_images(root)
-    if listing.presplit:
-        raise PseudoLabelError(f"extra_train folder {root} has a train/ folder: pass a folder "
-                               "of class sub-folders (its images all go to train)")
-    per_class = listing.files["all"]
-    unknown = sorted(set(per_class) - set(splits.classes))
-    if unknown:
-        raise PseudoLabelError(f"extra_train classes {', '.join(unknown)} are not classes of "
-                               f"the dataset ({', '.join(splits.classes)})")
-    held_out = {file_sha1(p) for p, _ in splits.val + splits.test}
-    index = {c: i for i, c in enumerate(splits.classes)}
-    paths = [p for cls in sorted(per_class) for p in per_class[cls]]
-    bad = dict(verify_images(paths))
-    samples: list[tuple[str, int]] = []
-    rows: list[dict[str, Any]] = []
-    for cls in sorted(per_class):
-        for path in per_class[cls]:
-            sha1 = file_sha1(path)
-            reason = bad.get(str(path), "")
-            if not reason and sha1 in held_out:
-                reason = "same content as a val/test image (leakage)"
-            rows.append({"path": str(path), "label": cls, "sha1": sha1, "used": not reason,
-                         "reason": reason})
-            if not reason:
-                samples.append((str(path), index[cls]))
-    return ExtraTrain(samples, rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,7 +134,7 @@ def run_pseudo_label(params: PseudoLabelParams, tracking_uri: str,
     params.validate()
     client = tracking.connect(tracking_uri)
     is_uri = params.model.startswith("models:/")
-    target = evaluation.resolve_target(client, run_id="" if is_uri else params.model,
+    target = resolve_target(client, run_id="" if is_uri else params.model,
                                        model_uri=params.model if is_uri else "")
     images_dir = Path(params.images).expanduser().resolve()
     paths = _unlabelled_images(images_dir)
@@ -206,15 +144,15 @@ def run_pseudo_label(params: PseudoLabelParams, tracking_uri: str,
     if not paths:
         raise PseudoLabelError(f"no readable images in {images_dir}")
     device = resolve_device(params.device)
-    model = evaluation.load_model(target.model_uri).to(device)
+    model = load_model(target.model_uri).to(device)
     run_id, _, run_name = tracking.open_step_run(client, "pseudo_label",
                                                  params.experiment or target.experiment)
     out = params.out_dir()
     with tracking.ending_run(client, run_id):
         log(f"pseudo-labelling {len(paths)} images with {target.model_uri} ({device.type})")
-        predictions = evaluation.predict_samples(
+        predictions = predict_samples(
             model, [(str(p), 0) for p in paths],
-            params.batch_size or evaluation.auto_batch_size(device), params.num_workers)
+            params.batch_size or auto_batch_size(device), params.num_workers)
         probs = predictions.probs
         classes = list(model.class_names)
         confident, below = [], []
@@ -245,7 +183,7 @@ def run_pseudo_label(params: PseudoLabelParams, tracking_uri: str,
              "cnnflow.source_run_id": target.run_id})
         metrics = {"n_images": len(paths), "n_confident": len(confident),
                    "n_below_threshold": len(below), "n_skipped": len(skipped),
-                   **{f"n_confident_{evaluation.metric_key(c)}": n
+                   **{f"n_confident_{metric_key(c)}": n
                       for c, n in per_class.items()}}
         tracking.log_metrics(client, run_id, metrics)
         for name in ("pseudo_labels.csv", "below_threshold.csv", "skipped_files.csv"):

@@ -12,7 +12,7 @@ and logs into the evaluated run:
   throughput at `batch_size`, peak memory.
 
 Then (test split) it registers the model as a new registry version with the alias
-`challenger` and applies the promotion rule of `components.registry`.
+`challenger` and applies the promotion rule of `components.tracking.registry`.
 
 Every input problem is found before anything is written: a bad run id, a missing model, an
 empty split or missing image files leave the run and the registry untouched.
@@ -21,16 +21,12 @@ empty split or missing image files leave the run and the registry untouched.
 from __future__ import annotations
 
 import csv
-import io
 import json
-import math
 import os
 import re
-import resource
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -40,14 +36,15 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 
-from components import registry, tracking
-from components.datasets import SPLITS, DatasetSplits, load_rgb, resolve_data
-from components.engine import resolve_device
+from components import tracking
+from components.data.datasets import SPLITS, DatasetSplits, load_rgb, resolve_data
 from components.errors import CnnflowError
-from components.models import count_parameters
+from components.nn.engine import resolve_device
+from components.serving.cost import PeakMemory, measure_cost
+from components.serving.metrics import classification_metrics
+from components.serving.predict import Predictions, auto_batch_size, load_model, predict_samples
+from components.tracking import registry
 
 ECE_BINS = 15
 MAX_MISCLASSIFIED = 16
@@ -168,290 +165,6 @@ def split_samples(splits: DatasetSplits, split: str, run_id: str) -> list[tuple[
 
 
 # --------------------------------------------------------------------------------------------
-# Prediction: the batched, inference_mode path
-# --------------------------------------------------------------------------------------------
-
-
-def load_model(model_uri: str) -> Any:
-    """The cnnflow model behind a URI (ImageClassifier or EnsembleClassifier), on the CPU."""
-    import mlflow.pyfunc
-
-    try:
-        pyfunc = mlflow.pyfunc.load_model(model_uri)
-    except MlflowException as exc:
-        raise EvaluationError(f"cannot load model {model_uri}: "
-                              f"{str(exc).splitlines()[0]}") from None
-    model = pyfunc.unwrap_python_model()
-    if not hasattr(model, "score_batch"):
-        raise EvaluationError(f"{model_uri} is not a cnnflow image model (no score_batch)")
-    return model
-
-
-class TransformedImages(Dataset):
-    """Decode each image once and apply every preprocessing the model needs."""
-
-    def __init__(self, samples: Sequence[tuple[str, int]],
-                 transforms: Sequence[Callable[[Image.Image], torch.Tensor]]) -> None:
-        self.samples = list(samples)
-        self.transforms = list(transforms)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[list[torch.Tensor], int]:
-        path, label = self.samples[index]
-        img = load_rgb(path)
-        return [t(img) for t in self.transforms], label
-
-
-@dataclass
-class Predictions:
-    """Log-probabilities for a list of samples (and, for an ensemble, per member)."""
-
-    log_proba: torch.Tensor
-    labels: np.ndarray
-    paths: list[str]
-    members: list[torch.Tensor] = field(default_factory=list)
-
-    @property
-    def probs(self) -> np.ndarray:
-        return self.log_proba.exp().double().numpy()
-
-
-def predict_samples(model: Any, samples: Sequence[tuple[str, int]], batch_size: int = 4,
-                    num_workers: int = 0) -> Predictions:
-    """Batched prediction: DataLoader decoding (optionally in workers), one forward per batch.
-
-    `benchmarks/inference.py` measures this against a per-image loop.
-    """
-    dataset = TransformedImages(samples, model.input_transforms())
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                        num_workers=min(num_workers, math.ceil(len(samples) / batch_size)),
-                        pin_memory=getattr(model, "device", torch.device("cpu")).type == "cuda")
-    outs: list[torch.Tensor] = []
-    members: list[list[torch.Tensor]] = []
-    for inputs, _ in loader:
-        combined, per_member = model.score_batch(inputs)
-        outs.append(combined)
-        members.append(per_member)
-    labels = np.array([label for _, label in samples], dtype=np.int64)
-    n_members = len(members[0]) if members else 0
-    return Predictions(log_proba=torch.cat(outs).double(), labels=labels,
-                       paths=[p for p, _ in samples],
-                       members=[torch.cat([m[i] for m in members]).double()
-                                for i in range(n_members)])
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------------
-
-
-def metric_key(name: str) -> str:
-    """A class name as it can appear inside an MLflow metric name."""
-    return _METRIC_NAME.sub("_", name)
-
-
-def calibration_bins(confidence: np.ndarray, correct: np.ndarray,
-                     bins: int = ECE_BINS) -> list[dict[str, float]]:
-    """Equal-width confidence bins: count, mean confidence and accuracy of each."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    out = []
-    for b in range(bins):
-        mask = index == b
-        n = int(mask.sum())
-        out.append({"lower": float(edges[b]), "upper": float(edges[b + 1]), "count": n,
-                    "confidence": float(confidence[mask].mean()) if n else 0.0,
-                    "accuracy": float(correct[mask].mean()) if n else 0.0})
-    return out
-
-
-def expected_calibration_error(bins: list[dict[str, float]]) -> float:
-    """ECE = sum over bins of (bin share) x |accuracy - confidence|."""
-    total = sum(b["count"] for b in bins)
-    return float(sum(b["count"] / total * abs(b["accuracy"] - b["confidence"])
-                     for b in bins if b["count"])) if total else 0.0
-
-
-def classification_metrics(log_proba: torch.Tensor, labels: np.ndarray, classes: Sequence[str],
-                           prefix: str) -> tuple[dict[str, float], dict[str, Any]]:
-    """Every quality number of one split as MLflow metrics, plus the full report.
-
-    Loss is the mean negative log-likelihood of the true class under the model's output
-    (cross-entropy for a single model; for an ensemble, of its combined probabilities).
-    """
-    from sklearn.metrics import classification_report, precision_recall_fscore_support
-
-    n_classes = len(classes)
-    lp = log_proba.double().numpy()
-    probs = np.exp(lp)
-    preds = lp.argmax(1)
-    nll = -lp[np.arange(len(labels)), labels]
-    correct = preds == labels
-    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(confusion, (labels, preds), 1)
-
-    metrics: dict[str, float] = {f"{prefix}loss": float(nll.mean()),
-                                 f"{prefix}acc": float(correct.mean())}
-    if n_classes >= 5:
-        top5 = np.argsort(-lp, axis=1)[:, :5]
-        metrics[f"{prefix}top5_acc"] = float((top5 == labels[:, None]).any(1).mean())
-    label_ids = list(range(n_classes))
-    for avg in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(labels, preds, labels=label_ids,
-                                                     average=avg, zero_division=0)
-        metrics.update({f"{prefix}precision_{avg}": float(p), f"{prefix}recall_{avg}": float(r),
-                        f"{prefix}f1_{avg}": float(f)})
-    per_class = []
-    for i, name in enumerate(classes):
-        mask = labels == i
-        n = int(mask.sum())
-        row = {"class": name, "count": n,
-               "accuracy": float(correct[mask].mean()) if n else None,
-               "loss": float(nll[mask].mean()) if n else None}
-        per_class.append(row)
-        if n:  # a class absent from the split has no accuracy; logging 0 would be a lie
-            metrics[f"{prefix}acc_{metric_key(name)}"] = row["accuracy"]
-            metrics[f"{prefix}loss_{metric_key(name)}"] = row["loss"]
-    bins = calibration_bins(probs.max(1), correct)
-    metrics[f"{prefix}ece"] = expected_calibration_error(bins)
-    report = {
-        "n": int(len(labels)), "classes": list(classes),
-        "metrics": {k.removeprefix(prefix): v for k, v in metrics.items()},
-        "per_class": per_class,
-        "confusion_matrix": confusion.tolist(),
-        "sklearn": classification_report(labels, preds, labels=label_ids,
-                                         target_names=list(classes), output_dict=True,
-                                         zero_division=0),
-        "calibration_bins": bins,
-    }
-    return metrics, report
-
-
-# --------------------------------------------------------------------------------------------
-# Cost
-# --------------------------------------------------------------------------------------------
-
-
-class PeakMemory:
-    """How much memory loading and running a model took, on its device.
-
-    CUDA: `torch.cuda.max_memory_allocated` (tensors only) since `start()`.
-    CPU (Linux): growth of the process's peak resident set (VmHWM) over its resident set at
-    `start()`; the peak is reset at `start()` through /proc/self/clear_refs, so an earlier,
-    bigger allocation in the same process does not hide this one. It counts weights,
-    activations and allocator overhead; DataLoader worker processes are not included.
-    Elsewhere: the growth of `ru_maxrss`, which cannot be reset (0 when an earlier peak was
-    higher). tracemalloc would see none of it: torch allocates outside Python's allocator.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.baseline = 0.0
-        self.method = ""
-
-    def start(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline = torch.cuda.memory_allocated(self.device) / 2**20
-            self.method = "cuda.max_memory_allocated"
-        elif _reset_hwm():
-            self.baseline = _proc_status_mb("VmRSS")
-            self.method = "VmHWM"
-        else:
-            self.baseline = _maxrss_mb()
-            self.method = "ru_maxrss"
-        return self
-
-    def peak_mb(self) -> float:
-        if self.method.startswith("cuda"):
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.baseline
-        if self.method == "VmHWM":
-            return max(0.0, _proc_status_mb("VmHWM") - self.baseline)
-        return max(0.0, _maxrss_mb() - self.baseline)
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return _proc_status_mb("VmHWM") > 0
-    except OSError:
-        return False
-
-
-def _proc_status_mb(key: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def _maxrss_mb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB else
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _state_size_bytes(model: Any) -> int:
-    nets = [m.model for m in getattr(model, "members", [])] or [model.model]
-    total = 0
-    for net in nets:
-        buffer = io.BytesIO()
-        torch.save(net.state_dict(), buffer)
-        total += buffer.getbuffer().nbytes
-    return total
-
-
-def measure_cost(model: Any, images: Sequence[Image.Image], batch_size: int,
-                 latency_runs: int = 30, throughput_batches: int = 3) -> dict[str, float]:
-    """Latency and throughput from decoded images to probabilities (preprocessing + forward).
-
-    Latency: `latency_runs` single-image calls (after warm-up), p50 and p95 in milliseconds.
-    Throughput: `throughput_batches` calls on a batch of `batch_size` images (the split's
-    images repeated if it has fewer). File reading and decoding are not included.
-    """
-    device = getattr(model, "device", torch.device("cpu"))
-    transforms = model.input_transforms()
-    nets = [m.model for m in getattr(model, "members", [])] or [model.model]
-
-    def run(batch: Sequence[Image.Image]) -> None:
-        inputs = [torch.stack([t(img) for img in batch]) for t in transforms]
-        model.score_batch(inputs)
-
-    latencies = []
-    for i in range(WARMUP_RUNS + latency_runs):
-        img = images[i % len(images)]
-        _sync(device)
-        started = time.perf_counter()
-        run([img])
-        _sync(device)
-        if i >= WARMUP_RUNS:
-            latencies.append((time.perf_counter() - started) * 1000)
-    batch = [images[i % len(images)] for i in range(batch_size)]
-    run(batch)  # warm-up at the batch size (allocator, kernels)
-    _sync(device)
-    started = time.perf_counter()
-    for _ in range(throughput_batches):
-        run(batch)
-    _sync(device)
-    elapsed = time.perf_counter() - started
-    return {"params_count": float(sum(count_parameters(n) for n in nets)),
-            "model_size_mb": _state_size_bytes(model) / 2**20,
-            "latency_ms_p50": float(np.percentile(latencies, 50)),
-            "latency_ms_p95": float(np.percentile(latencies, 95)),
-            "throughput_images_per_sec": batch_size * throughput_batches / max(elapsed, 1e-9)}
-
-
-# --------------------------------------------------------------------------------------------
 # Figures and files
 # --------------------------------------------------------------------------------------------
 
@@ -543,13 +256,6 @@ class EvalOutcome:
     notes: list[str] = field(default_factory=list)
 
 
-def auto_batch_size(device: torch.device) -> int:
-    """64 on CUDA; 4 elsewhere. On 2 CPU cores at 224 px, batch 4 is 1.1-1.3x the per-image
-    loop and batch 16 no better than it (benchmarks/inference.py): activations outgrow the
-    caches, and blocks over 32 MB go back to the OS after every forward."""
-    return 64 if device.type == "cuda" else 4
-
-
 def eval_device(name: str, run: Run) -> tuple[torch.device, str]:
     """`run`: the device the run trained on when this machine has it, else the best one."""
     if name != "run":
@@ -596,9 +302,9 @@ def _preload() -> None:
     import mlflow.pyfunc  # noqa: F401
     import sklearn.metrics  # noqa: F401
 
-    import components.ensemble  # noqa: F401
     import components.plots  # noqa: F401
-    import components.serving  # noqa: F401
+    import components.serving.classifier  # noqa: F401
+    import components.serving.ensemble  # noqa: F401
 
 
 def evaluate(params: EvalParams, tracking_uri: str,

@@ -1,0 +1,1 @@
+"""The MLflow -> MongoDB mirror and the Streamlit dashboard that reads it."""

@@ -1,0 +1,32 @@
+"""The names cnnflow writes into MLflow and reads back: tags and per-epoch metrics, once.
+
+Every layer reads them from here (the engine names its metrics, tracking writes the tags, the
+mirror and the report read both), so a renamed tag cannot drift between writer and reader.
+MLflow's own tags come from `mlflow.utils.mlflow_tags` instead (MLFLOW_PARENT_RUN_ID, ...).
+"""
+
+from __future__ import annotations
+
+# Run identity: which step made the run, and `<model>-v<N>` / `<step>-v<N>`.
+STEP_TAG = "cnnflow.step"
+MODEL_TAG = "cnnflow.model"
+VERSION_TAG = "cnnflow.version"
+ERROR_TAG = "cnnflow.error"
+STEP_KEY_TAG = "cnnflow.step_key"
+CODE_VERSION_TAG = "cnnflow.code_version"
+
+# What a run was trained on and what it holds.
+DATA_TAG = "cnnflow.data"
+DATASET_TAG = "cnnflow.dataset"
+DATASET_DIGEST_TAG = "cnnflow.dataset_digest"
+CLASS_NAMES_TAG = "cnnflow.class_names"
+DEVICE_TAG = "cnnflow.device"
+MODEL_URI_TAG = "cnnflow.model_uri"
+WEIGHTS_SOURCE_TAG = "cnnflow.weights_source"
+PREPROCESS_RUN_TAG = "cnnflow.preprocess_run"
+FOLD_TAG = "cnnflow.fold"
+TRIAL_TAG = "cnnflow.trial"
+
+# Per-epoch metrics the engine reports (step = epoch >= 1) and the mirror turns into `epochs`.
+EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_sec",
+                 "train_images_per_sec")

@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                 model, _ = create_model(args.model, len(splits.classes), weights="none",
                                         image_size=args.image_size)
                 result = fit(model, loaders["train"], loaders["val"],
-                             TrainConfig(epochs=1, patience=0, device="cpu", seed=1,
-                                         progress=False), tmp_path / f"ckpt-{name}")
+                             TrainConfig(epochs=1, patience=0), tmp_path / f"ckpt-{name}",
+                             device="cpu", seed=1, progress=False)
                 row = result.history[0]
                 epochs[name] = row["epoch_time_sec"]
                 print(f"  {name:>6}: epoch {row['epoch_time_sec']:.2f} s, "

@@ -41,8 +41,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: import the checkout's package
     sys.path.insert(0, str(ROOT))
 
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_sec",
-                 "train_images_per_sec")
+from components.names import (  # noqa: E402 - after the path set-up above
+    CLASS_NAMES_TAG,
+    DATASET_TAG,
+    EPOCH_METRICS,
+    MODEL_TAG,
+    STEP_TAG,
+    VERSION_TAG,
+)
+
 TARGET_FULL_RATIO = 5.0
 TARGET_NOCHANGE_S = 0.5
 TARGET_UPDATE_S = 1.0
@@ -83,16 +90,16 @@ def populate(client, exp_id: str, runs: int, epochs: int, live: int) -> list[str
         # tracking server's; the running ones started just now.
         start = int(time.time() * 1000) if live_run else base + i * 600_000
         run = client.create_run(exp_id, run_name=f"custom_cnn-v{i + 1}", start_time=start,
-                                tags={"cnnflow.step": "train", "cnnflow.model": "custom_cnn",
-                                      "cnnflow.version": str(i + 1)})
+                                tags={STEP_TAG: "train", MODEL_TAG: "custom_cnn",
+                                      VERSION_TAG: str(i + 1)})
         run_id = run.info.run_id
         now = start + 5000 * epochs if not live_run else start
         params = [Param(k, v) for k, v in {
             "model": "custom_cnn", "epochs": str(epochs), "lr": "0.001", "batch_size": "32",
             "dropout": "0.5", "optimizer": "adam", "weight_decay": "0.0001", "patience": "10",
             "image_size": "32", "weights": "none", "freeze": "none", "num_classes": "10"}.items()]
-        tags = [RunTag("cnnflow.class_names", ",".join(str(c) for c in range(10))),
-                RunTag("cnnflow.dataset", "digits")]
+        tags = [RunTag(CLASS_NAMES_TAG, ",".join(str(c) for c in range(10))),
+                RunTag(DATASET_TAG, "digits")]
         metrics = [m for e in range(1, epochs + 1)
                    for m in epoch_metrics(e, start + 5000 * e if not live_run else now, i)]
         for start in range(0, max(len(metrics), 1), 900):  # log_batch takes 1000 at most

@@ -6,20 +6,12 @@ from pathlib import Path
 
 import click
 
-from components.tracking import connect
-from components.tracking.comparison import (
-    compare_runs,
-    report_stem,
-    sort_rows,
-    text_table,
-    useful_columns,
-    write_table,
-)
+from components.params import DataParams
 from pipelines.options import reachable_tracking_uri, user_errors
 
 
 @click.command()
-@click.option("--experiment", default="digits", show_default=True,
+@click.option("--experiment", default=DataParams.data, show_default=True,
               help="MLflow experiment (the dataset's name unless train got --experiment).")
 @click.option("--sort", "sort", default="test_acc", show_default=True,
               help="Column to sort by, better first (e.g. val_acc, latency_ms_p50).")
@@ -28,6 +20,16 @@ from pipelines.options import reachable_tracking_uri, user_errors
               help="Folder for compare-<experiment>.csv and .md.")
 def compare_command(experiment: str, sort: str, reverse: bool, out: Path) -> None:
     """Print and save a table of the experiment's training and ensemble runs."""
+    from components.tracking import connect
+    from components.tracking.comparison import (
+        compare_runs,
+        report_stem,
+        sort_rows,
+        text_table,
+        useful_columns,
+        write_table,
+    )
+
     with user_errors():
         rows = sort_rows(compare_runs(connect(reachable_tracking_uri()), experiment), sort,
                          reverse)

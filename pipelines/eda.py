@@ -4,29 +4,20 @@ from __future__ import annotations
 
 import click
 
-from components.steps.eda import EdaParams, run_eda
-from pipelines.options import dataclass_options, reachable_tracking_uri, user_errors
-
-HELP = {
-    "data": "`digits` (bundled) or a folder: root/<class>/* or root/{train,val,test}/<class>/*.",
-    "experiment": "MLflow experiment name (default: the dataset's name).",
-    "reports_dir": "Folder the report goes to, as <reports_dir>/eda/<dataset>/report.md.",
-    "val_ratio": "Flat folders: validation share of the split shown (the one train makes).",
-    "test_ratio": "Flat folders: test share of the split shown (the one train makes).",
-    "seed": "Flat folders: seed of the split shown.",
-    "num_workers": "Processes reading files: -1 = one per CPU core, 0 = this process only.",
-}
-
+from components.steps.params import EdaParams
+from pipelines.options import dataclass_options, job_run_id, reachable_tracking_uri, user_errors
 
 
 @click.command()
-@dataclass_options(EdaParams, HELP)
+@dataclass_options(EdaParams)
 def eda(**kwargs) -> None:
     """Report what is in a dataset: counts, sizes, modes, broken files, duplicates, leakage."""
+    from components.steps.eda import run_eda
+
     params = EdaParams(**kwargs)
     with user_errors():
         params.validate()
-        outcome = run_eda(params, reachable_tracking_uri())
+        outcome = run_eda(params, reachable_tracking_uri(), job_run_id=job_run_id())
     for finding in outcome.findings:
         click.echo(f"- {finding}")
     click.echo(f"{outcome.run_name}  run {outcome.run_id}  report "

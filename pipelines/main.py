@@ -4,41 +4,12 @@ from __future__ import annotations
 
 import click
 
-from components.steps.main import TABLE_COLUMNS, PipelineParams, run_pipeline
-from pipelines.options import dataclass_options, reachable_tracking_uri, user_errors
-
-HELP = {
-    "data": "`digits` (bundled) or a folder: root/<class>/* or root/{train,val,test}/<class>/*.",
-    "experiment": "MLflow experiment name (default: the dataset's name).",
-    "models": "Comma-separated models to train, e.g. custom_cnn,resnet50,vgg16,mobilenetv2.",
-    "weights": "none | imagenet | auto (ImageNet if cached, else random) | PATH.",
-    "freeze": "none | backbone | partial:N.",
-    "image_size": "Square input size in pixels (also the preprocess cache's size).",
-    "batch_size": "Images per batch.",
-    "epochs": "Maximum number of epochs per model.",
-    "optimizer": "adam | adamw | sgd.",
-    "lr": "Learning rate.",
-    "augmentation": "Augmentation preset: none | light | strong.",
-    "patience": "Early stopping: epochs without val_loss improvement; 0 disables.",
-    "val_ratio": "Validation share when the folder is not already split.",
-    "test_ratio": "Test share when the folder is not already split.",
-    "seed": "Random seed (split, init, batch order).",
-    "cache": "Build preprocess's uint8 tensor cache and train from it.",
-    "top_k": "Ensemble the k best models by validation accuracy; 0: no ensemble.",
-    "vote": "Ensemble vote: soft | logits | hard.",
-    "metric": "Metric that picks the best candidate and the promotion rule compares.",
-    "min_delta": "The best candidate must beat the champion by at least this much.",
-    "sync": "Mirror the experiment into MongoDB at the end (needs MONGO_URI or `cnnflow up`).",
-    "report": "Write reports/<experiment>/report.{md,html} and log it into the parent run.",
-    "reports_dir": "Folder for the eda and experiment reports.",
-    "device": "auto | cpu | cuda | cuda:N | mps.",
-    "num_workers": "DataLoader worker processes.",
-    "force": "Re-run every step even when a finished run with the same inputs exists.",
-}
+from components.steps.params import PipelineParams
+from pipelines.options import dataclass_options, job_run_id, reachable_tracking_uri, user_errors
 
 
 @click.command()
-@dataclass_options(PipelineParams, HELP)
+@dataclass_options(PipelineParams)
 def run_command(**kwargs) -> None:
     """eda -> preprocess -> train -> evaluate -> ensemble -> promote -> sync, as one parent run.
 
@@ -46,6 +17,7 @@ def run_command(**kwargs) -> None:
     at the first step that did not finish.
     """
     from components.services import ServiceError, check_mongo, mongo_uri
+    from components.steps.main import TABLE_COLUMNS, run_pipeline
     from components.tracking.comparison import text_table
 
     params = PipelineParams(**kwargs)
@@ -59,7 +31,7 @@ def run_command(**kwargs) -> None:
         except ServiceError as exc:  # checked before hours of training, not after
             raise ServiceError(f"{exc}, or pass --sync false") from None
         try:
-            outcome = run_pipeline(params, uri, mongo)
+            outcome = run_pipeline(params, uri, mongo, job_run_id=job_run_id())
         except KeyboardInterrupt:
             click.echo("re-run the same command to resume at the first unfinished step",
                        err=True)

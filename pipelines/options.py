@@ -9,27 +9,48 @@ import sys
 from collections.abc import Callable, Iterator
 
 
-def dataclass_options(params_cls: type, help_texts: dict[str, str]) -> Callable:
-    """Decorator adding `--field-name` for every field of `params_cls`, typed by its default.
+def dataclass_options(params_cls: type) -> Callable:
+    """Decorator adding `--field-name` for every parameter of `params_cls` (a dataclass of
+    `components.params.param` fields): its default, its type (the default's) and its help.
 
-    Booleans take a value (`--cache true`), not a bare flag, so the MLproject command line
-    `--cache {cache}` and the CLI read the same way.
+    Booleans take a value (`--cache true`, click.BOOL), so the MLproject command line
+    `--cache {cache}` and the CLI read the same way; a bare `--cache` means true. The command
+    keeps the class (`params_class(command)`), so MLproject and the parameter reference are
+    generated from it.
     """
+    from components.params import fields_of
+
     def decorate(func: Callable) -> Callable:
-        for field in reversed(dataclasses.fields(params_cls)):
-            flag = "--" + field.name.replace("_", "-")
-            func = click_option(flag, field.name, field.default, help_texts[field.name])(func)
+        for field in reversed(fields_of(params_cls)):
+            func = click_option(field)(func)
+        func.params_class = params_cls  # type: ignore[attr-defined]
         return func
     return decorate
 
 
-def click_option(flag: str, name: str, default: object, help_text: str) -> Callable:
+def click_option(field: dataclasses.Field) -> Callable:
+    """The click option of one parameter field."""
     import click
 
-    kind = type(default)
-    extra = {"is_flag": False, "metavar": "true|false"} if kind is bool else {}
-    return click.option(flag, name, type=kind, default=default, show_default=True,
-                        help=help_text, **extra)
+    from components.params import help_of
+
+    default, typed = field.default, {"type": type(field.default)}
+    if isinstance(default, bool):  # "false", as MLproject spells it; click.BOOL reads it back
+        default = str(default).lower()
+        typed = {"type": click.BOOL, "metavar": "true|false", "is_flag": False,
+                 "flag_value": True}
+    return click.option(option_name(field.name), field.name, default=default,
+                        show_default=True, help=help_of(field), **typed)
+
+
+def option_name(name: str) -> str:
+    """`val_ratio` -> `--val-ratio`: the command-line spelling of a parameter."""
+    return "--" + name.replace("_", "-")
+
+
+def params_class(command: object) -> type | None:
+    """The parameter dataclass a command's options were generated from, if any."""
+    return getattr(getattr(command, "callback", None), "params_class", None)
 
 
 @contextlib.contextmanager
@@ -66,3 +87,12 @@ def reachable_tracking_uri() -> str:
     uri = tracking_uri()
     check_tracking_server(uri)
     return uri
+
+
+def job_run_id() -> str | None:
+    """The run `mlflow run` opened for this job (MLFLOW_RUN_ID), or None under `cnnflow`.
+
+    Read here, at the command-line boundary, and nowhere else: the command hands it to its
+    step as an argument, and the step fills that run in instead of opening one of its own.
+    """
+    return os.environ.get("MLFLOW_RUN_ID") or None

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import click
 
-from components.tracking import connect
-from components.tracking.registry import RegistryError, default_name, promote, version_summary
-from pipelines.options import reachable_tracking_uri, user_errors
+from components.steps.params import PromotionParams
+from pipelines.options import dataclass_options, reachable_tracking_uri, user_errors
 
 
 @click.command()
@@ -15,14 +14,14 @@ from pipelines.options import reachable_tracking_uri, user_errors
               help="Or the experiment: the name is then <experiment>-classifier.")
 @click.option("--version", default="",
               help="Make this version champion directly (rollback); skips the rule.")
-@click.option("--metric", default="test_acc", show_default=True,
-              help="Metric the rule compares (losses and costs: lower is better).")
-@click.option("--min-delta", default=0.0, show_default=True, type=float,
-              help="The challenger must beat the champion by at least this much.")
+@dataclass_options(PromotionParams)
 @click.option("--force", is_flag=True, help="Promote the challenger whatever the rule says.")
 def promote_command(registered_model: str, experiment: str, version: str, metric: str,
                     min_delta: float, force: bool) -> None:
     """Move the `champion` alias by the rule: better on the same dataset split, or stay."""
+    from components.tracking import connect
+    from components.tracking.registry import RegistryError, default_name, promote, version_summary
+
     name = registered_model or (default_name(experiment) if experiment else "")
     with user_errors():
         if not name:

@@ -4,30 +4,21 @@ from __future__ import annotations
 
 import click
 
-from components.steps.pseudo_label import PseudoLabelParams, run_pseudo_label
-from pipelines.options import dataclass_options, reachable_tracking_uri, user_errors
-
-HELP = {
-    "model": "A models:/ URI (models:/<name>@champion, models:/m-<id>) or a training run id.",
-    "images": "Folder of unlabelled images (any depth).",
-    "out": "New dataset folder for the confident images (default: <images>-pseudo).",
-    "threshold": "Keep images whose top probability is at least this, in (0, 1].",
-    "mode": "copy | hardlink | symlink: how images are placed in the new folder.",
-    "experiment": "MLflow experiment of the run (default: the model's run's experiment).",
-    "batch_size": "Prediction batch size; 0 = auto (64 on CUDA, 4 on CPU).",
-    "num_workers": "DataLoader worker processes decoding images.",
-    "device": "auto | cpu | cuda | cuda:N | mps.",
-}
+from components.steps.params import PseudoLabelParams
+from pipelines.options import dataclass_options, job_run_id, reachable_tracking_uri, user_errors
 
 
 @click.command()
-@dataclass_options(PseudoLabelParams, HELP)
+@dataclass_options(PseudoLabelParams)
 def pseudo_label_command(**kwargs) -> None:
     """Write images the model labels with >= threshold confidence into class folders."""
+    from components.steps.pseudo_label import check, run_pseudo_label
+
     params = PseudoLabelParams(**kwargs)
     with user_errors():
-        params.validate()
-        outcome = run_pseudo_label(params, reachable_tracking_uri())
+        check(params)
+        outcome = run_pseudo_label(params, reachable_tracking_uri(),
+                                   job_run_id=job_run_id())
     counts = ", ".join(f"{c} {n}" for c, n in outcome.per_class.items())
     click.echo(f"{outcome.run_name}  run {outcome.run_id}  {outcome.n_confident}/"
                f"{outcome.n_images} images >= {params.threshold} ({counts}); "

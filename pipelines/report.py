@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import click
 
-from components.steps.report import PDF_CHOICES, build_report
-from pipelines.options import reachable_tracking_uri, user_errors
+from components.params import DataParams
+from components.steps.params import ReportsParams
+from pipelines.options import dataclass_options, job_run_id, reachable_tracking_uri, user_errors
 
 
 @click.command()
-@click.option("--experiment", default="digits", show_default=True,
+@click.option("--experiment", default=DataParams.data, show_default=True,
               help="MLflow experiment (the dataset's name unless train got --experiment).")
-@click.option("--reports-dir", default="reports", show_default=True,
-              help="The report goes to <reports-dir>/<experiment>/.")
+@dataclass_options(ReportsParams)
 @click.option("--pipeline-run", default="", show_default=True,
               help="Report the runs of this pipeline run (default: the latest finished runs).")
-@click.option("--pdf", type=click.Choice(PDF_CHOICES, case_sensitive=False), default="auto",
-              show_default=True,
+@click.option("--pdf", default="auto", show_default=True, metavar="auto|true|false",
               help="auto: a PDF when chromium or wkhtmltopdf is installed; true: required.")
 def report_command(experiment: str, reports_dir: str, pipeline_run: str, pdf: str) -> None:
     """Data, models, cost, confusion matrices, tuning and registry in one document."""
+    from components.steps.report import build_report
+
     with user_errors():
         outcome = build_report(reachable_tracking_uri(), experiment, reports_dir=reports_dir,
-                               pipeline_run_id=pipeline_run, pdf=pdf, log=lambda s: None)
+                               pipeline_run_id=pipeline_run, pdf=pdf, log=lambda s: None,
+                               job_run_id=job_run_id())
     click.echo(f"wrote {outcome.markdown}")
     click.echo(f"wrote {outcome.html}")
     click.echo(f"wrote {outcome.pdf}" if outcome.pdf else f"no PDF: {outcome.pdf_note}")

@@ -8,57 +8,23 @@ import sys
 
 import click
 
-from components.nn.distributed import env_world_size
-from components.steps.train import TrainParams
-from components.steps.train import train as run_training
-from pipelines.options import dataclass_options, reachable_tracking_uri, user_errors
-
-HELP = {
-    "data": "`digits` (bundled) or a folder: root/<class>/* or root/{train,val,test}/<class>/*.",
-    "experiment": "MLflow experiment name (default: the dataset's name).",
-    "model": "Registered model name, e.g. custom_cnn, lenet5, resnet50, vgg16, mobilenetv2.",
-    "weights": "none | imagenet | auto (ImageNet if cached, else random) | PATH to a state dict.",
-    "freeze": "none | backbone (feature extraction) | partial:N (last N blocks also train).",
-    "image_size": "Square input size in pixels.",
-    "batch_size": "Images per batch.",
-    "epochs": "Maximum number of epochs.",
-    "optimizer": "adam | adamw | sgd.",
-    "lr": "Learning rate.",
-    "weight_decay": "Weight decay (L2).",
-    "scheduler": "none | plateau | cosine | onecycle.",
-    "scheduler_patience": "plateau: epochs without improvement before the LR is reduced.",
-    "scheduler_factor": "plateau: factor the LR is multiplied by.",
-    "momentum": "SGD momentum (Nesterov when > 0).",
-    "patience": "Early stopping: epochs without val_loss improvement; 0 disables.",
-    "min_delta": "Early stopping: smallest val_loss decrease that counts as improvement.",
-    "augmentation": "Augmentation preset: none | light | strong.",
-    "dropout": "Dropout in the classifier head.",
-    "head_hidden": "Hidden units of the head; 0 = the model's default.",
-    "label_smoothing": "Label smoothing for the training loss.",
-    "class_weights": "none | balanced (inverse class frequency).",
-    "val_ratio": "Validation share when the folder is not already split.",
-    "test_ratio": "Test share when the folder is not already split.",
-    "preprocess_run": "Run id of a `cnnflow preprocess` run: train on its manifest (and tensor "
-                      "cache at this image_size) instead of scanning `data`.",
-    "seed": "Random seed (split, init, batch order).",
-    "device": "auto | cpu | cuda | cuda:N | mps.",
-    "amp": "Mixed precision: auto (on for CUDA) | on | off.",
-    "num_workers": "DataLoader worker processes.",
-    "nproc": "Training processes (DistributedDataParallel via torchrun: gloo on CPU, one GPU "
-             "each with NCCL); batch_size is per process.",
-    "resume": "Run id of an unfinished run to continue from its last checkpoint.",
-    "cv": "Stratified K-fold cross-validation over train+val (test untouched); 0 = off.",
-    "cv_ensemble": "With --cv: also soft-vote the K fold models into one ensemble run.",
-    "extra_train": "Folder of extra labelled images (class sub-folders, e.g. from "
-                   "`cnnflow pseudo-label`) added to the train split only.",
-}
-
+from components.steps.params import TrainParams
+from pipelines.options import (
+    dataclass_options,
+    job_run_id,
+    option_name,
+    reachable_tracking_uri,
+    user_errors,
+)
 
 
 @click.command()
-@dataclass_options(TrainParams, HELP)
+@dataclass_options(TrainParams)
 def train(**kwargs) -> None:
     """Train one model; every epoch is logged to MLflow as it happens."""
+    from components.nn.distributed import env_world_size
+    from components.steps.train import train as run_training
+
     params = TrainParams(**kwargs)
     if params.nproc > 1 and env_world_size() == 1:
         _launch(params)
@@ -67,7 +33,7 @@ def train(**kwargs) -> None:
         _train_cv(params)
         return
     with user_errors():
-        outcome = run_training(params, reachable_tracking_uri())
+        outcome = run_training(params, reachable_tracking_uri(), job_run_id=job_run_id())
     if not outcome.run_id:  # a worker rank of a --nproc run: rank 0 reports
         return
     r = outcome.result
@@ -89,7 +55,7 @@ def _launch(params: TrainParams) -> None:
         if field.name == "nproc":  # workers read WORLD_SIZE; torchrun would take --nproc
             continue
         value = getattr(params, field.name)
-        args += [f"--{field.name.replace('_', '-')}",
+        args += [option_name(field.name),
                  str(value).lower() if isinstance(value, bool) else str(value)]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={params.nproc}", "-m", "pipelines.train", *args]
@@ -102,7 +68,7 @@ def _train_cv(params: TrainParams) -> None:
     from components.steps.crossval import run_cv
 
     with user_errors():
-        outcome = run_cv(params, reachable_tracking_uri())
+        outcome = run_cv(params, reachable_tracking_uri(), job_run_id=job_run_id())
     m = outcome.metrics
     click.echo(f"{outcome.run_name}  run {outcome.run_id}  {len(outcome.folds)} folds  "
                f"val_acc {m['cv_val_acc_mean']:.4f} ± {m['cv_val_acc_std']:.4f}  "

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import runs_of
+from helpers import runs_of
 
 from components.data.datasets import load_splits
 from components.steps.crossval import make_folds

@@ -3,18 +3,22 @@ with Streamlit's AppTest against a real secantusd-py seeded in the mirror's sche
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import uuid4
 
 import pytest
-from conftest import free_port
+from helpers import free_port
 from pymongo import MongoClient
 
 from components.mirror.dashboard import data
 from components.mirror.sync import EPOCHS, STATUS, TRAININGS, ensure_indexes, safe_key
 
-APP = str(Path(__file__).resolve().parents[1] / "components" / "mirror" / "dashboard" / "app.py")
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "components" / "mirror" / "dashboard" / "app.py")
 NOW = datetime.now(UTC).replace(microsecond=0)
 DIGEST = safe_key("cnnflow.dataset_digest")
 SOURCE = safe_key("cnnflow.weights_source")
@@ -157,7 +161,22 @@ def test_data_layer_filters_sorts_and_projects(db):
     assert list(live["progress"]) == [0.3, 0.4]
     assert list(live["heartbeat_age_sec"]) == [5.0, 1800.0]
     assert data.model_colour("resnet18") == data.MODEL_COLOURS["resnet18"]
-    assert data.model_colour("brand_new") == data.model_colour("brand_new")
+
+
+def test_each_model_keeps_one_colour_in_every_process():
+    # One colour per known model, and an unknown one gets the same spare colour whichever
+    # process draws it (a colour from hash() would change with PYTHONHASHSEED).
+    assert len(set(data.MODEL_COLOURS.values())) == len(data.MODEL_COLOURS)
+    names = ["brand_new", "my_net", "vit_tiny", "x", "?"]
+    here = [data.model_colour(name) for name in names]
+    assert not set(here) & set(data.MODEL_COLOURS.values())
+    code = ("import sys; from components.mirror.dashboard.data import model_colour; "
+            "print(*(model_colour(n) for n in sys.argv[1:]))")
+    for seed in ("0", "1"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        there = subprocess.run([sys.executable, "-c", code, *names], env=env, check=True,
+                               capture_output=True, text=True, cwd=ROOT).stdout.split()
+        assert there == here, seed
 
 
 # --------------------------------------------------------------------------- views

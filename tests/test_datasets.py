@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_image
+from helpers import write_image
 from PIL import Image
 
 from components.data import datasets as D

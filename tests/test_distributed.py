@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import BIN, free_port, history, runs_of, subprocess_env
+from helpers import BIN, free_port, history, runs_of, subprocess_env
 from torch import nn
 
 from pipelines.cli import cli

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import MESSY_EXPECTED, runs_of, write_image
+from helpers import MESSY_EXPECTED, runs_of, write_image
 
 from components.data.datasets import SPLITS, load_splits
 from components.data.images import read_file, read_files

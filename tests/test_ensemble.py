@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import BIN, subprocess_env
+from helpers import BIN, runs_of, subprocess_env
 from mlflow import MlflowClient
 
+from components.serving.ensemble import get_vote
 from components.steps.ensemble import (
     EnsembleError,
     bootstrap_train,
-    get_vote,
     resolve_weights,
     select_members,
 )
@@ -28,14 +28,6 @@ CLASSES = [f"k{i}" for i in range(6)]
 @pytest.fixture
 def client(pair_client: MlflowClient) -> MlflowClient:
     return pair_client
-
-
-def runs_of(client: MlflowClient, experiment: str, step: str):
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    return client.search_runs([exp.experiment_id], f"tags.`cnnflow.step` = '{step}'",
-                              order_by=["attributes.start_time ASC"])
 
 
 def test_votes_average_what_they_say():

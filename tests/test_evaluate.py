@@ -9,18 +9,14 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import yaml
 from click.testing import CliRunner
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from sklearn.metrics import precision_recall_fscore_support
 
 from components.nn.models import count_parameters
-from components.steps.ensemble import ensemble_defaults
-from components.steps.evaluate import eval_defaults
 from pipelines.cli import cli
 
-ROOT = Path(__file__).resolve().parents[1]
 FIGURES = {"confusion_matrix.png", "confusion_matrix_normalized.png", "per_class_accuracy.png",
            "misclassified.png", "reliability.png", "classification_report.json",
            "predictions.csv"}
@@ -212,17 +208,3 @@ def test_compare_prints_sorts_and_writes_tables(client, trained_pair, tmp_path):
     result = CliRunner().invoke(cli, ["compare", "--experiment", "no-such-exp", "--out",
                                       str(tmp_path)])
     assert "does not exist" in error_line(result)
-
-
-@pytest.mark.parametrize("entry, defaults", [("evaluate", eval_defaults()),
-                                             ("ensemble", ensemble_defaults())])
-def test_mlproject_entry_points_match_the_cli(entry, defaults):
-    spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][entry]
-    declared = {name: p["default"] for name, p in spec["parameters"].items()}
-    assert declared.keys() == defaults.keys()
-    for name, default in defaults.items():
-        if isinstance(default, bool):
-            assert str(declared[name]).lower() == str(default).lower(), name
-        else:
-            assert type(default)(declared[name]) == default, name
-        assert f"--{name.replace('_', '-')} {{{name}}}" in spec["command"], name

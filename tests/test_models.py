@@ -26,7 +26,9 @@ from components.nn.models import (
     register_model,
 )
 
-EXPECTED = {"custom_cnn", "lenet5", "resnet18", "resnet50", "vgg16", "mobilenetv2",
+# The models the docs promise: none may go missing. Every test below that should hold for
+# every model iterates `list_models()` instead, so a newly registered model is tested too.
+PROMISED = {"custom_cnn", "lenet5", "resnet18", "resnet50", "vgg16", "mobilenetv2",
             "efficientnet_b0", "googlenet", "convmixer"}
 
 
@@ -43,6 +45,25 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _as_if_pretrained(model: Classifier, size: int) -> Classifier:
+    """Give every backbone BatchNorm the statistics of a batch, as pretrained weights would.
+
+    Frozen blocks run in eval mode, and a random-init backbone there can output ~0
+    (efficientnet_b0 does), which leaves the head's BatchNorm nothing to learn from.
+    """
+    norms = [m for m in model.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in norms]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average: one batch's statistics exactly
+    model.backbone.train()
+    with torch.no_grad():
+        model.backbone(torch.randn(8, 3, size, size))
+    for bn, momentum in zip(norms, momenta, strict=True):
+        bn.momentum = momentum
+    return model.train()  # frozen blocks back to eval
+
+
 def _one_step(model: nn.Module, size: int = 32, n: int = 4) -> None:
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -56,16 +77,40 @@ def _one_step(model: nn.Module, size: int = 32, n: int = 4) -> None:
 # ---------------------------------------------------------------------------- every model
 
 
-def test_registry_lists_every_model_sorted():
-    assert set(list_models()) >= EXPECTED
-    assert list_models() == sorted(list_models())
+def test_registry_keeps_the_promised_models_and_lists_them_by_name():
+    assert set(list_models()) >= PROMISED
+    # Registered custom_cnn, lenet5, convmixer, ... and listed by name, whatever the order of
+    # registration: two late registrations in reverse order land in their places too.
+    assert [n for n in list_models() if n in PROMISED] == [
+        "convmixer", "custom_cnn", "efficientnet_b0", "googlenet", "lenet5", "mobilenetv2",
+        "resnet18", "resnet50", "vgg16"]
+    builder = MODELS["custom_cnn"].builder
+    try:
+        register_model("zz_probe_net")(builder)
+        register_model("aa_probe_net")(builder)
+        listed = list_models()
+        assert listed[0] == "aa_probe_net" and listed[-1] == "zz_probe_net", listed
+    finally:
+        MODELS.pop("zz_probe_net", None)
+        MODELS.pop("aa_probe_net", None)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", list_models())
 def test_model_trains_at_its_min_size_channels_last_and_autocast(name):
     size = get_spec(name).min_image_size
     model, source = create_model(name, 3, image_size=size)
     assert source == "random" and isinstance(model, Classifier) and model.num_blocks >= 2
+    # The seeds' head, at the model's default width, fed by the whole backbone.
+    head = [type(m).__name__ for m in model.head]
+    assert head == ["Linear", "_HeadBatchNorm", "ReLU", "Dropout", "Linear"]
+    assert model.head[0].out_features == get_spec(name).default_head_hidden
+    with torch.no_grad():
+        features = model.eval().features(torch.randn(2, 3, size, size))
+    assert model.head[0].in_features == features.shape[1]
+    # Each backbone parameter belongs to exactly one block, so freezing never misses one.
+    backbone = list(model.backbone.parameters())
+    in_blocks = [id(p) for block in model.blocks for p in block.parameters()]
+    assert sorted(in_blocks) == sorted(id(p) for p in backbone) and backbone
     model = model.to(memory_format=torch.channels_last)
     x, y = _batch(size)
     logits = model.train()(x.to(memory_format=torch.channels_last))
@@ -92,7 +137,7 @@ def test_unknown_model_lists_valid_names():
         create_model("mobilenet_v2", 3)
     message = str(err.value)
     assert "unknown model 'mobilenet_v2'" in message and "mobilenetv2" in message
-    assert all(name in message for name in EXPECTED) and "\n" not in message
+    assert all(name in message for name in list_models()) and "\n" not in message
     with pytest.raises(ModelError, match="choose one of"):
         model_normalization("nope")
 
@@ -162,13 +207,15 @@ def _changed(model: Classifier, before: dict[str, torch.Tensor]) -> set[str]:
     return {k for k in after if not torch.equal(before[k], after[k])}
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2", "custom_cnn"])
+@pytest.mark.parametrize("name", list_models())
 def test_freeze_backbone_trains_only_the_head(name):
-    model, _ = create_model(name, 3, freeze="backbone")
+    size = max(32, get_spec(name).min_image_size)
+    model, _ = create_model(name, 3, freeze="backbone", image_size=size)
+    _as_if_pretrained(model, size)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         f"head.{n}" for n, _ in model.head.named_parameters()}
     before = _snapshot(model)
-    _one_step(model)
+    _one_step(model, size)
     changed = _changed(model, before)
     # backbone: weights *and* BN running stats untouched; every head tensor moved
     assert not any(k.startswith("backbone.") for k in changed)
@@ -177,12 +224,15 @@ def test_freeze_backbone_trains_only_the_head(name):
     assert model.head.training
 
 
-@pytest.mark.parametrize("name, n", [("resnet18", 1), ("mobilenetv2", 3)])
+@pytest.mark.parametrize("name, n", [(name, 1) for name in list_models()]
+                         + [("resnet18", 2), ("mobilenetv2", 3)])
 def test_partial_freeze_trains_head_and_last_n_blocks(name, n):
-    model, _ = create_model(name, 3, freeze=f"partial:{n}")
+    size = max(32, get_spec(name).min_image_size)
+    model, _ = create_model(name, 3, freeze=f"partial:{n}", image_size=size)
+    _as_if_pretrained(model, size)
     blocks = model.blocks
     before = _snapshot(model)
-    _one_step(model)
+    _one_step(model, size)
     for i, block in enumerate(blocks):
         trainable = i >= len(blocks) - n
         for m in (m for sub in block for m in sub.modules()):
@@ -300,10 +350,3 @@ def test_bad_weight_files_raise_model_error(tmp_path):
         small = tmp_path / "patch2.pt"
         torch.save(create_model("convmixer", 3, image_size=32)[0].state_dict(), small)
         create_model("convmixer", 3, image_size=224, weights=str(small))
-
-
-def test_blocks_cover_every_backbone_parameter():
-    for name in ("vgg16", "googlenet", "efficientnet_b0", "convmixer"):
-        model, _ = create_model(name, 3, freeze="backbone")
-        in_blocks = {id(p) for b in model.blocks for p in b.parameters()}
-        assert in_blocks == {id(p) for p in model.backbone.parameters()}

@@ -11,7 +11,7 @@ from uuid import uuid4
 
 import pytest
 from click.testing import CliRunner
-from conftest import BIN, free_port, history, make_image_folder, runs_of, subprocess_env
+from helpers import BIN, free_port, history, make_image_folder, runs_of, subprocess_env
 from mlflow import MlflowClient
 from pymongo import MongoClient
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import BIN, history, make_image_folder, subprocess_env, write_image
+from helpers import BIN, history, make_image_folder, runs_of, subprocess_env, write_image
 from mlflow import MlflowClient
 
 from components.data.datasets import (
@@ -29,15 +29,6 @@ from pipelines.cli import cli
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_FAST = ["--image-size", "16", "--batch-size", "8", "--num-workers", "0", "--weights",
               "none", "--augmentation", "none", "--epochs", "2", "--patience", "0"]
-
-
-
-def runs_of(client: MlflowClient, experiment: str, step: str | None = None):
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
-    return [r for r in runs if step is None or r.data.tags.get("cnnflow.step") == step]
 
 
 def invoke(*args: str):

@@ -1,29 +1,161 @@
-"""The project's declared interfaces stay in step with the code."""
+"""The project's declared interfaces stay in step with the code: MLproject, the parameter
+reference and the command line are generated from the parameter dataclasses."""
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
+import click
+import pytest
 import yaml
+from click.testing import CliRunner
 
-from components.steps.train import param_defaults
+from components.nn.config import TrainConfig
+from components.params import DataParams, RuntimeParams, param
+from components.steps.params import (
+    EnsembleParams,
+    PipelineParams,
+    PromotionParams,
+    TrainParams,
+    TrainRecipe,
+    TuneParams,
+)
+from pipelines.mlproject import (
+    DOCS_COMMAND,
+    ENTRY_POINTS,
+    MLPROJECT_COMMAND,
+    entry_point,
+    mlproject,
+    parameters_md,
+)
+from pipelines.options import dataclass_options
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_mlproject_train_parameters_match_the_cli_defaults():
-    spec = yaml.safe_load((ROOT / "MLproject").read_text())
-    train = spec["entry_points"]["train"]
-    declared = {name: p["default"] for name, p in train["parameters"].items()}
-    defaults = param_defaults()
-    assert declared.keys() == defaults.keys()
-    for name, default in defaults.items():
-        if isinstance(default, bool):  # MLproject passes "true"/"false" strings
-            assert str(declared[name]).lower() == str(default).lower(), name
+def test_committed_mlproject_is_the_generated_one():
+    assert (ROOT / "MLproject").read_text() == mlproject(), (
+        f"MLproject differs from the parameter dataclasses: run `{MLPROJECT_COMMAND}`")
+
+
+def test_committed_parameter_reference_is_the_generated_one():
+    assert (ROOT / "docs" / "parameters.md").read_text() == parameters_md(), (
+        f"docs/parameters.md differs from the parameter dataclasses: run `{DOCS_COMMAND}`")
+
+
+def test_every_entry_point_passes_every_parameter_on_its_command_line():
+    """`mlflow run` hands each value over as `--name-with-dashes {name}`."""
+    spec = yaml.safe_load(mlproject())
+    assert spec["name"] == "cnnflow" and spec["conda_env"] == "conda.yaml"
+    assert list(spec["entry_points"]) == list(ENTRY_POINTS)
+    for name, entry in spec["entry_points"].items():
+        assert entry["command"].startswith("python -m pipelines."), name
+        for param_name in entry["parameters"]:
+            assert f"--{param_name.replace('_', '-')} {{{param_name}}}" in entry["command"]
+
+
+def test_a_field_added_to_train_params_reaches_the_cli_and_mlproject():
+    """Adding a train parameter is one field: the options and the entry point follow."""
+    extended = dataclasses.make_dataclass("Extended", [
+        ("clip_grad_norm", float, param(0.0, "Clip the gradient norm; 0 = off.")),
+        ("ema", bool, param(False, "Keep an exponential moving average of the weights.")),
+    ], bases=(TrainParams,))
+
+    @click.command()
+    @dataclass_options(extended)
+    def command(**kwargs):
+        click.echo(repr(extended(**kwargs)))
+
+    options = {p.name: p for p in command.params}
+    assert options["clip_grad_norm"].opts == ["--clip-grad-norm"]
+    assert options["clip_grad_norm"].help == "Clip the gradient norm; 0 = off."
+    assert options["ema"].type is click.BOOL
+    result = CliRunner().invoke(command, ["--clip-grad-norm", "1.5", "--ema", "true"])
+    assert "clip_grad_norm=1.5" in result.output and "ema=True" in result.output, result.output
+    assert "model='custom_cnn'" in result.output  # the inherited fields keep their defaults
+
+    entry = yaml.safe_load("entry_points:\n" + entry_point("train", "pipelines.train",
+                                                             extended))["entry_points"]["train"]
+    assert entry["parameters"]["clip_grad_norm"] == {"type": "float", "default": 0.0}
+    assert entry["parameters"]["ema"] == {"type": "string", "default": "false"}
+    assert "--clip-grad-norm {clip_grad_norm}" in entry["command"]
+    assert "--ema {ema}" in entry["command"]
+    assert entry["parameters"].keys() - {"clip_grad_norm", "ema"} == {
+        f.name for f in dataclasses.fields(TrainParams)}
+
+
+def _changed(field: dataclasses.Field):
+    """A value of the field's type that differs from its default."""
+    default = field.default
+    if isinstance(default, bool):
+        return not default
+    return default + 7 if isinstance(default, int | float) else f"{default}-changed"
+
+
+# Recipe fields a step takes under another meaning (documented in its class's docstring).
+OTHER_MEANING = {"main": {"min_delta"}, "ensemble": {"weights"}, "tune": set()}
+
+
+@pytest.mark.parametrize("step", sorted(OTHER_MEANING))
+def test_every_training_field_reaches_main_tune_and_bagging(step):
+    """main, tune and ensemble --bagging pass each recipe, data and runtime field on to the
+    TrainParams they train with, so a field added to a group reaches them with no edit."""
+    shared = [f for group in (TrainRecipe, DataParams, RuntimeParams)
+              for f in dataclasses.fields(group) if f.name not in OTHER_MEANING[step]]
+    for field in shared:
+        if field.name == "experiment" and step == "main":
+            continue  # the pipeline names each training's experiment itself
+        value = _changed(field)
+        if step == "main":
+            trained = PipelineParams(**{field.name: value}).train_params("lenet5", "")
+        elif step == "tune":
+            trained = TuneParams(**{field.name: value}).base("lenet5", {})
         else:
-            assert type(default)(declared[name]) == default, name
-        assert f"--{name.replace('_', '-')} {{{name}}}" in train["command"], name
+            trained = EnsembleParams(**{field.name: value}).train_params()
+        assert getattr(trained, field.name) == value, (step, field.name)
+
+
+def test_re_declared_fields_keep_their_own_meaning():
+    fields = {cls: {f.name: f for f in dataclasses.fields(cls)}
+              for cls in (PipelineParams, EnsembleParams, TrainRecipe)}
+    assert fields[PipelineParams]["min_delta"] is \
+        PromotionParams.__dataclass_fields__["min_delta"]
+    assert EnsembleParams().weights == "equal"
+    assert EnsembleParams(init_weights="none").train_params().weights == "none"
+    assert EnsembleParams(weights="val_acc").train_params().weights == TrainRecipe.weights
+    assert PipelineParams(min_delta=0.5).train_params("lenet5", "").min_delta == \
+        TrainConfig.min_delta
+
+
+def test_logged_train_params_rebuild_the_run_for_resume():
+    params = TrainParams(model="lenet5", lr=0.05, cv_ensemble=True, cv=3, weights="none",
+                         label_smoothing=0.1, preprocess_run="")
+    logged = {k: str(v) for k, v in params.logged().items()}  # MLflow stores text
+    runtime = {k: getattr(params, k) for k in TrainParams.RUNTIME}
+    assert TrainParams.from_logged(logged, **runtime) == params
+
+
+def test_help_imports_neither_torch_nor_mlflow():
+    """`cnnflow --help`, every `cnnflow <command> --help` and the generators stay light."""
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from pipelines.cli import COMMANDS, cli\n"
+        "from pipelines.mlproject import mlproject, parameters_md\n"
+        "for args in [['--help']] + [[name, '--help'] for name in COMMANDS]:\n"
+        "    result = CliRunner().invoke(cli, args)\n"
+        "    assert result.exit_code == 0 and 'Usage:' in result.output, (args, result.output)\n"
+        "mlproject(), parameters_md()\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'mlflow') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 def test_conda_env_lists_the_same_dependencies_as_pyproject():
@@ -32,54 +164,3 @@ def test_conda_env_lists_the_same_dependencies_as_pyproject():
     pip_deps = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
     assert sorted(d for d in pip_deps if d != "-e .") == sorted(project["dependencies"])
 
-
-def test_mlproject_data_step_parameters_match_their_dataclasses():
-    """eda and preprocess: same names, defaults and command-line flags as the CLI."""
-    import dataclasses
-
-    from components.steps.eda import EdaParams
-    from components.steps.preprocess import PreprocessParams
-
-    spec = yaml.safe_load((ROOT / "MLproject").read_text())
-    for step, params_cls in (("eda", EdaParams), ("preprocess", PreprocessParams)):
-        entry = spec["entry_points"][step]
-        declared = {name: p["default"] for name, p in entry["parameters"].items()}
-        defaults = {f.name: f.default for f in dataclasses.fields(params_cls)}
-        assert declared.keys() == defaults.keys(), step
-        for name, default in defaults.items():
-            if isinstance(default, bool):  # MLproject passes "true"/"false" strings
-                assert str(declared[name]).lower() == str(default).lower(), (step, name)
-            else:
-                assert type(default)(declared[name]) == default, (step, name)
-            assert f"--{name.replace('_', '-')} {{{name}}}" in entry["command"], (step, name)
-        assert f"python -m pipelines.{step}" in entry["command"]
-
-
-def test_mlproject_tune_pseudo_label_and_main_parameters_match_their_dataclasses():
-    import dataclasses
-
-    from components.steps.main import PipelineParams
-    from components.steps.pseudo_label import PseudoLabelParams
-    from components.steps.tune import TuneParams
-
-    spec = yaml.safe_load((ROOT / "MLproject").read_text())
-    for step, params_cls, module in (("tune", TuneParams, "tune"),
-                                     ("pseudo_label", PseudoLabelParams, "pseudo_label"),
-                                     ("main", PipelineParams, "main")):
-        entry = spec["entry_points"][step]
-        declared = {name: p["default"] for name, p in entry["parameters"].items()}
-        defaults = {f.name: f.default for f in dataclasses.fields(params_cls)}
-        assert declared.keys() == defaults.keys(), step
-        for name, default in defaults.items():
-            if isinstance(default, bool):
-                assert str(declared[name]).lower() == str(default).lower(), (step, name)
-            else:
-                assert type(default)(declared[name]) == default, (step, name)
-            assert f"--{name.replace('_', '-')} {{{name}}}" in entry["command"], (step, name)
-        assert f"python -m pipelines.{module}" in entry["command"]
-
-
-def test_readme_documents_every_train_parameter():
-    readme = (ROOT / "README.md").read_text()
-    missing = [name for name in param_defaults() if f"| `{name}` |" not in readme]
-    assert missing == []

@@ -10,7 +10,7 @@ import mlflow
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import runs_of, write_image
+from helpers import runs_of, write_image
 
 from components.data.datasets import load_splits
 from pipelines.cli import cli

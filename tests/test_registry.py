@@ -12,7 +12,7 @@ import mlflow
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import BIN, subprocess_env
+from helpers import BIN, subprocess_env
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 

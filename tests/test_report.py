@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
-from conftest import make_image_folder
+from helpers import make_image_folder
 from mlflow import MlflowClient
 
 from components.steps.report import PDF_ENV, ReportError, build_report, find_pdf_converter

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import free_port
+from helpers import free_port
 from mlflow import MlflowClient
 from pymongo import MongoClient
 
@@ -182,9 +182,38 @@ def test_uris_default_then_follow_env(home: Path, monkeypatch: pytest.MonkeyPatc
     assert services.tracking_uri() == "sqlite:///elsewhere.db"
 
 
-@pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "sqlite:///x.db", "databricks"])
-def test_non_http_tracking_uris_are_not_probed(uri: str):
-    services.check_tracking_server(uri)
+@pytest.fixture
+def probes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every probe attempt (the health GET, a DNS look-up, a socket connect) is recorded and
+    fails, so a URI that gets probed makes check_tracking_server raise."""
+    seen: list[str] = []
+
+    def refuse(what: str):
+        def probe(*args, **kwargs):
+            seen.append(what)
+            raise ConnectionRefusedError(f"test: no {what} allowed")
+        return probe
+
+    monkeypatch.setattr(services, "_http_health", refuse("health check"))
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("DNS look-up"))
+    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
+    monkeypatch.setattr(socket, "create_connection", refuse("connection"))
+    return seen
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "sqlite:///x.db", "databricks",
+                                 "postgresql://u:p@db:5432/mlflow"])
+def test_non_http_tracking_uris_are_not_probed(uri: str, probes: list[str]):
+    services.check_tracking_server(uri, timeout=0.1)  # a probe would raise ServiceError
+    assert probes == []
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:5999", "HTTPS://mlflow.example.invalid"])
+def test_http_tracking_uris_are_probed(uri: str, probes: list[str]):
+    # The other half of the test above: the same trap catches the probe of a server URI.
+    with pytest.raises(ServiceError, match="not reachable"):
+        services.check_tracking_server(uri, timeout=0.1)
+    assert probes
 
 
 def test_unreachable_servers_fail_in_one_masked_line():

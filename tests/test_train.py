@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import BIN, history, runs_of, subprocess_env
+from helpers import BIN, history, runs_of, subprocess_env
 from mlflow import MlflowClient
 
 from pipelines.cli import cli

@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 import pytest
 from click.testing import CliRunner
-from conftest import BIN, runs_of, subprocess_env
+from helpers import BIN, runs_of, subprocess_env
 from mlflow import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
@@ -66,7 +66,7 @@ def test_bad_space_is_a_one_line_error(text, message):
 def test_grid_needs_lists():
     params = tuning.TuneParams(space="lr: loguniform(1e-4, 1e-1)", sampler="grid")
     with pytest.raises(TuneError, match="sampler grid needs a list"):
-        params.validate()
+        tuning.check(params)
 
 
 def test_trials_are_nested_runs_best_params_logged_and_pruned_trial_killed(

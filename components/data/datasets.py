@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import transforms as T
 
 from components.data.images import to_rgb  # lives there: torch-free for worker processes
-from components.errors import CnnflowError
+from components.errors import CnnflowError, one_line
 from components.registrar import registrar
 from components.settings import data_cache_dir
 
@@ -55,13 +55,6 @@ _THREADED_MIN_BYTES = 16 * 1024  # below this mean file size, threads cost more 
 
 class DataError(CnnflowError, ValueError):
     """Bad input data; the message is one line saying what is wrong and what to do."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(_one_line(message))
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,7 +509,7 @@ def _check_image(path: Path | str) -> str | None:
                     img.draft(None, (1, 1))
                 img.load()
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError ...)
-        return _one_line(f"cannot decode image: {type(exc).__name__}: {exc}")
+        return one_line(f"cannot decode image: {type(exc).__name__}: {exc}")
     return None
 
 
@@ -705,6 +698,23 @@ def seed_worker(worker_id: int) -> None:
     random.seed(worker_seed)
 
 
+class ShardSampler(Sampler[int]):
+    """Every rank-th index from `rank`, without the padding DistributedSampler adds.
+
+    Evaluation needs each sample counted exactly once across ranks, or reduced val metrics
+    would differ from a single-process pass over the same split.
+    """
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def make_loaders(splits: DatasetSplits, image_size: int, batch_size: int,
                  augmentation: str = "none", mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, num_workers: int = 2, seed: int = 42,
@@ -742,8 +752,6 @@ def make_loaders(splits: DatasetSplits, image_size: int, batch_size: int,
         sampler: Sampler[int] | None = None
         per_rank = len(samples)
         if world_size > 1:
-            from components.nn.distributed import ShardSampler
-
             sampler = (DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed)
                        if train else ShardSampler(len(samples), rank, world_size))
             per_rank = len(sampler)
@@ -764,12 +772,20 @@ def make_loaders(splits: DatasetSplits, image_size: int, batch_size: int,
 
 
 def class_weights(splits: DatasetSplits, mode: str) -> torch.Tensor | None:
-    """Loss weights per class: None, or 'balanced' = n / (n_classes * count_c) over train."""
+    """Loss weights per class: None, or 'balanced' = n / (n_classes * count_c) over train.
+
+    'balanced' is scikit-learn's; a class absent from train weighs 0, and n_classes still
+    counts it (sklearn counts only the classes it is given, hence the rescaling).
+    """
     if mode == "none":
         return None
     if mode != "balanced":
         raise DataError(f"unknown class weights mode {mode!r}: use one of none, balanced")
-    counts = np.bincount([label for _, label in splits.train], minlength=len(splits.classes))
-    n_classes = len(splits.classes)
-    weights = np.where(counts > 0, len(splits.train) / (n_classes * np.maximum(counts, 1)), 0.0)
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = np.array([label for _, label in splits.train])
+    present = np.unique(labels)
+    weights = np.zeros(len(splits.classes))
+    weights[present] = (compute_class_weight("balanced", classes=present, y=labels)
+                        * (len(present) / len(splits.classes)))
     return torch.tensor(weights, dtype=torch.float32)

@@ -34,6 +34,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from components.errors import one_line
+
 _IN_MEMORY = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 HIST_SIDE = 64  # histograms are computed on images shrunk to about this size
 HIST_BINS = 256
@@ -98,7 +100,7 @@ def read_file(path: str | Path, histogram: bool = False, cache_size: int = 0) ->
         with open(path, "rb") as fh:
             data = fh.read()
     except OSError as exc:
-        facts.error = _one_line(f"cannot read file: {type(exc).__name__}: {exc}")
+        facts.error = one_line(f"cannot read file: {type(exc).__name__}: {exc}")
         return facts
     facts.n_bytes = len(data)
     facts.sha1 = hashlib.sha1(data).hexdigest()
@@ -120,7 +122,7 @@ def read_file(path: str | Path, histogram: bool = False, cache_size: int = 0) ->
                     img.load()
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError ...)
         message = _IN_MEMORY.sub("", str(exc))  # "<_io.BytesIO object at 0x..>": no information
-        facts.error = _one_line(f"cannot decode image: {type(exc).__name__}: {message}")
+        facts.error = one_line(f"cannot decode image: {type(exc).__name__}: {message}")
         facts.hist = facts.pixels = None
     return facts
 
@@ -177,7 +179,3 @@ def resolve_workers(workers: int, n_files: int) -> int:
         cores = os.cpu_count() or 1
         return 0 if n_files < _AUTO_SERIAL_BELOW or cores == 1 else cores
     return min(workers, max(1, n_files))
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())

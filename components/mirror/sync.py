@@ -38,8 +38,19 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from components.errors import CnnflowError
+from components.errors import CnnflowError, one_line
+from components.names import (
+    CLASS_NAMES_TAG,
+    DATASET_TAG,
+    EPOCH_METRICS,
+    ERROR_TAG,
+    MODEL_TAG,
+    MODEL_URI_TAG,
+    STEP_TAG,
+    VERSION_TAG,
+)
 from components.settings import mask_text, mask_uri
 from components.tracking.registry import AliasLookup
 
@@ -47,17 +58,12 @@ logger = logging.getLogger("cnnflow.mirror")
 
 TRAININGS, EPOCHS, STATUS, SYNC = "trainings", "epochs", "status", "_sync"
 STATE_ID = "state"
-STEP_TAG = "cnnflow.step"
-ERROR_TAG = "cnnflow.error"
 # Data-preparation runs describe datasets, not models, and the run `mlflow run -e sync` opens
 # for the sync job itself describes nothing: they stay out of the mirror.
 # Runs that hold no model: data steps and bookkeeping runs (an evaluate job run's metrics are
 # in the evaluated run's document already).
 EXCLUDED_STEPS = frozenset({"eda", "preprocess", "sync", "pipeline", "evaluate", "promote",
                             "report"})
-# Per-epoch metrics (logged with step = epoch >= 1) that become `epochs` documents.
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_sec",
-                 "train_images_per_sec")
 STATUS_MAP = {"RUNNING": "in_progress", "SCHEDULED": "in_progress", "FINISHED": "completed",
               "FAILED": "failed", "KILLED": "killed"}
 BULK_HISTORY_MAX = 25000  # MLflow's cap on points per get-history-bulk answer
@@ -333,10 +339,6 @@ def _num(value: str | None, kind: Callable[[str], Any]) -> Any:
         return None
 
 
-def _bool_param(value: str | None) -> bool | None:
-    return None if value is None else value.strip().lower() in ("1", "true", "yes")
-
-
 def training_doc(run: Run, experiment: str, status: str, registry: list[dict[str, Any]],
                  tracking_uri: str) -> dict[str, Any]:
     """The `trainings` document of one run; fields the run does not have are left out."""
@@ -347,11 +349,10 @@ def training_doc(run: Run, experiment: str, status: str, registry: list[dict[str
     doc: dict[str, Any] = {
         "run_id": info.run_id, "run_name": info.run_name, "experiment": experiment,
         "experiment_id": info.experiment_id, "step": tags.get(STEP_TAG),
-        "model_name": tags.get("cnnflow.model"), "version": _num(tags.get("cnnflow.version"), int),
-        "parent_run_id": tags.get("mlflow.parentRunId"),
+        "model_name": tags.get(MODEL_TAG), "version": _num(tags.get(VERSION_TAG), int),
+        "parent_run_id": tags.get(MLFLOW_PARENT_RUN_ID),
         "num_classes": _num(params.get("num_classes"), int),
-        "class_names": tags["cnnflow.class_names"].split(",")
-        if tags.get("cnnflow.class_names") else None,
+        "class_names": tags[CLASS_NAMES_TAG].split(",") if tags.get(CLASS_NAMES_TAG) else None,
         "feature_extraction": None if freeze is None else freeze != "none",
         "dropout": _num(params.get("dropout"), float),
         "batch_size": _num(params.get("batch_size"), int),
@@ -362,7 +363,7 @@ def training_doc(run: Run, experiment: str, status: str, registry: list[dict[str
         "patience": patience,
         "image_size": _num(params.get("image_size"), int),
         "weights": params.get("weights"),
-        "dataset": tags.get("cnnflow.dataset"),
+        "dataset": tags.get(DATASET_TAG),
         "epochs_run": _num(str(metrics["epochs_run"]), int) if "epochs_run" in metrics else None,
         "max_epochs": _num(params.get("epochs"), int),
         "train_accuracy": metrics.get("train_acc"),
@@ -374,7 +375,7 @@ def training_doc(run: Run, experiment: str, status: str, registry: list[dict[str
         if info.end_time and info.start_time else None,
         "start_time": _ms_to_dt(info.start_time), "end_time": _ms_to_dt(info.end_time),
         "status": status, "error": tags.get(ERROR_TAG),
-        "model_uri": tags.get("cnnflow.model_uri"),
+        "model_uri": tags.get(MODEL_URI_TAG),
         "params": {safe_key(k): v for k, v in params.items()},
         "metrics": {safe_key(k): v for k, v in metrics.items()},
         "tags": {safe_key(k): mask_text(v) for k, v in tags.items()},
@@ -393,7 +394,7 @@ def _run_url(tracking_uri: str, exp_id: str, run_id: str) -> str | None:
 def status_doc(run: Run, status: str, now: datetime) -> dict[str, Any]:
     info, params = run.info, run.data.params
     doc = {"run_id": info.run_id, "run_name": info.run_name, "status": status,
-           "model_name": run.data.tags.get("cnnflow.model"),
+           "model_name": run.data.tags.get(MODEL_TAG),
            "start_time": _ms_to_dt(info.start_time), "end_time": _ms_to_dt(info.end_time),
            "current_epoch": _current_epoch(run), "max_epochs": _num(params.get("epochs"), int),
            "last_heartbeat": _ms_to_dt(_heartbeat_ms(run)), "error": run.data.tags.get(ERROR_TAG),
@@ -622,24 +623,20 @@ def sync_once(tracking_uri: str, mongo_uri: str, options: SyncOptions) -> PassRe
     except MirrorError:
         raise
     except Exception as exc:  # noqa: BLE001 - a server that went away mid-pass
-        raise MirrorError(f"sync failed: {_one_line(exc)}") from None
+        raise MirrorError(f"sync failed: {_failure(exc)}") from None
     finally:
         mongo.close()
 
 
-def tag_job_run(tracking_uri: str) -> None:
+def tag_job_run(tracking_uri: str, job_run_id: str) -> None:
     """Under `mlflow run -e sync`, MLflow opened a run for the job: tag it so it is not
-    mirrored as if it were a model (nothing to do when run as `cnnflow sync`)."""
-    import os
-
-    job = os.environ.get("MLFLOW_RUN_ID")
-    if job:
-        MlflowClient(tracking_uri).set_tag(job, STEP_TAG, "sync")
+    mirrored as if it were a model (`cnnflow sync` has no job run, so no call)."""
+    MlflowClient(tracking_uri).set_tag(job_run_id, STEP_TAG, "sync")
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return mask_text(f"{type(exc).__name__}: {text}"[:300])
+def _failure(exc: BaseException) -> str:
+    """An unexpected exception as one masked line, its type first."""
+    return mask_text(one_line(f"{type(exc).__name__}: {exc}"))[:300]
 
 
 def follow(tracking_uri: str, mongo_uri: str, options: SyncOptions, interval: float = 2.0,
@@ -668,7 +665,7 @@ def follow(tracking_uri: str, mongo_uri: str, options: SyncOptions, interval: fl
             delay = interval
         except Exception as exc:  # noqa: BLE001 - a follower outlives server outages
             log(f"sync error, retrying in {delay:g} s: "
-                f"{exc if isinstance(exc, MirrorError) else _one_line(exc)}")
+                f"{exc if isinstance(exc, MirrorError) else _failure(exc)}")
             if mongo is not None:
                 mongo.close()
                 mongo = None

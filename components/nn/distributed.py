@@ -10,11 +10,10 @@ paths stay exactly as they were.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
 
 from components.errors import CnnflowError
 
@@ -117,20 +116,3 @@ def sync_buffers(model: torch.nn.Module) -> None:
         return
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
-
-
-class ShardSampler(Sampler[int]):
-    """Every rank-th index from `rank`, without the padding DistributedSampler adds.
-
-    Evaluation needs each sample counted exactly once across ranks, or reduced val metrics
-    would differ from a single-process pass over the same split.
-    """
-
-    def __init__(self, length: int, rank: int, world_size: int) -> None:
-        self.indices = list(range(rank, length, world_size))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)

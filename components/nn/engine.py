@@ -1,9 +1,9 @@
 """The training loop: plain PyTorch, reporting through callbacks so it never imports MLflow.
 
 Flat and explicit in the spirit of torchvision's references/classification/train.py: every
-knob is a field of `TrainConfig`, optimisers and schedulers come from small registries, and
-each epoch writes `last.pt` (and `best.pt` when validation loss improves) so any run can be
-resumed exactly where it stopped.
+knob is a field of `TrainConfig` (components/nn/config.py), optimisers and schedulers come
+from small registries, and each epoch writes `last.pt` (and `best.pt` when validation loss
+improves) so any run can be resumed exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from components.errors import CnnflowError
+from components.nn.config import TrainConfig
 from components.nn.distributed import is_main, sum_across_ranks, sync_buffers, world
+from components.params import DataParams, RuntimeParams
 
 
 class EngineError(CnnflowError, RuntimeError):
@@ -35,48 +37,28 @@ class NonFiniteLossError(EngineError):
     """Raised as soon as a batch produces NaN or inf loss: continuing would waste the run."""
 
 
-@dataclass
-class TrainConfig:
-    """Every knob of the loop, with the seeds' defaults (Adam 1e-3, wd 1e-4, patience 10)."""
-
-    epochs: int = 10
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    scheduler: str = "none"
-    scheduler_patience: int = 3
-    scheduler_factor: float = 0.1
-    patience: int = 10
-    min_delta: float = 0.0
-    label_smoothing: float = 0.0
-    device: str = "auto"
-    amp: str = "auto"
-    seed: int = 42
-    progress: bool = True
-
-    def validate(self) -> None:
-        """Reject bad values before any work starts, with one line naming the fix."""
-        checks = [
-            (self.epochs >= 1, f"epochs must be >= 1 (got {self.epochs})"),
-            (self.lr > 0, f"lr must be > 0 (got {self.lr})"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})"),
-            (self.patience >= 0, f"patience must be >= 0, 0 disables (got {self.patience})"),
-            (self.min_delta >= 0, f"min_delta must be >= 0 (got {self.min_delta})"),
-            (0 <= self.label_smoothing < 1,
-             f"label_smoothing must be in [0, 1) (got {self.label_smoothing})"),
-            (0 < self.scheduler_factor < 1,
-             f"scheduler_factor must be in (0, 1) (got {self.scheduler_factor})"),
-            (self.optimizer in OPTIMIZERS,
-             f"unknown optimizer '{self.optimizer}'; choose one of: {', '.join(OPTIMIZERS)}"),
-            (self.scheduler in SCHEDULERS,
-             f"unknown scheduler '{self.scheduler}'; choose one of: {', '.join(SCHEDULERS)}"),
-            (self.amp in ("auto", "on", "off"),
-             f"amp must be auto, on or off (got '{self.amp}')"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise EngineError(message)
+def check_config(config: TrainConfig) -> None:
+    """Reject bad values before any work starts, with one line naming the fix."""
+    checks = [
+        (config.epochs >= 1, f"epochs must be >= 1 (got {config.epochs})"),
+        (config.lr > 0, f"lr must be > 0 (got {config.lr})"),
+        (config.weight_decay >= 0, f"weight_decay must be >= 0 (got {config.weight_decay})"),
+        (config.patience >= 0, f"patience must be >= 0, 0 disables (got {config.patience})"),
+        (config.min_delta >= 0, f"min_delta must be >= 0 (got {config.min_delta})"),
+        (0 <= config.label_smoothing < 1,
+         f"label_smoothing must be in [0, 1) (got {config.label_smoothing})"),
+        (0 < config.scheduler_factor < 1,
+         f"scheduler_factor must be in (0, 1) (got {config.scheduler_factor})"),
+        (config.optimizer in OPTIMIZERS,
+         f"unknown optimizer '{config.optimizer}'; choose one of: {', '.join(OPTIMIZERS)}"),
+        (config.scheduler in SCHEDULERS,
+         f"unknown scheduler '{config.scheduler}'; choose one of: {', '.join(SCHEDULERS)}"),
+        (config.amp in ("auto", "on", "off"),
+         f"amp must be auto, on or off (got '{config.amp}')"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise EngineError(message)
 
 
 # --- registries -------------------------------------------------------------------------
@@ -245,11 +227,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         config: TrainConfig, checkpoint_dir: Path, *,
+        device: str = RuntimeParams.device, seed: int = DataParams.seed, progress: bool = True,
         class_weights: torch.Tensor | None = None,
         callbacks: Sequence[Callback] = (),
         resume_from: Path | None = None) -> FitResult:
     """Train with early stopping on val_loss; write last/best checkpoints every epoch.
 
+    `device` is `auto` or a torch device name; `seed` seeds the initial state and, with the
+    epoch added, each epoch's batch order; `progress` shows a per-batch bar on stderr.
     `resume_from` is a `last.pt` written by an earlier call: training continues at the next
     epoch with the same optimiser, scheduler, early-stopping state and history.
 
@@ -257,14 +242,14 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
     metrics are reduced across ranks, so every rank takes the same early-stopping and
     scheduler decisions; only rank 0 writes checkpoints and calls `callbacks`.
     """
-    config.validate()
-    device = resolve_device(config.device)
+    check_config(config)
+    device = resolve_device(device)
     amp = _use_amp(config, device)
     channels_last = device.type == "cuda"
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
 
-    seed_everything(config.seed)
+    seed_everything(seed)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -314,16 +299,16 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
     while not done:
         epoch += 1
         # Re-seeding per epoch makes a resumed run draw the same batches as an unbroken one.
-        torch.manual_seed(config.seed + epoch)
+        torch.manual_seed(seed + epoch)
         if isinstance(getattr(train_loader, "generator", None), torch.Generator):
-            train_loader.generator.manual_seed(config.seed + epoch)
+            train_loader.generator.manual_seed(seed + epoch)
         if hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
             train_loader.sampler.set_epoch(epoch)  # DistributedSampler: new shard order
         lr = optimizer.param_groups[0]["lr"]
         started = time.perf_counter()
         train_loss, train_acc, seen = _train_one_epoch(
             net, train_loader, criterion, optimizer, scaler, per_batch, device, amp,
-            channels_last, config.progress and main, f"epoch {epoch}/{config.epochs}")
+            channels_last, progress and main, f"epoch {epoch}/{config.epochs}")
         train_time = time.perf_counter() - started
         sync_buffers(model)
         val_loss, val_acc = evaluate(model, val_loader, eval_criterion, device, amp, channels_last)

@@ -26,11 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from components.errors import CnnflowError
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "MODELS",
     "WEIGHTS_CHOICES",
     "Backbone",
@@ -50,8 +49,6 @@ __all__ = [
     "register_model",
 ]
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 WEIGHTS_CHOICES = ("none", "imagenet", "auto")
 _STATE_DICT_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".tar"}
 _PROBE_TIMEOUT_S = 5.0
@@ -252,13 +249,7 @@ class Classifier(nn.Module):
         self.name = name
         self.block_paths: tuple[tuple[str, ...], ...] = tuple(tuple(g) for g in blocks)
         self.frozen_blocks = 0
-        self.freeze_spec = "none"
-        # Filled in by create_model so callers can log what was built.
-        self.num_classes: int | None = None
-        self.head_hidden: int | None = None
-        self.dropout: float | None = None
-        self.image_size: int | None = None
-        self.weights_source: str | None = None
+        self.weights_source: str | None = None  # filled in by create_model
         self._check_blocks()
 
     def _check_blocks(self) -> None:
@@ -304,7 +295,6 @@ class Classifier(nn.Module):
             "backbone": self.num_blocks,
             "partial": self.num_blocks - n,
         }[mode]
-        self.freeze_spec = "none" if mode == "none" else str(freeze).strip().lower()
         self.requires_grad_(True)
         for module in self.frozen_modules():
             module.requires_grad_(False)
@@ -392,11 +382,6 @@ def create_model(
         assert path is not None
         _load_file(model, path)
         source = f"file:{path.name}"
-
-    model.num_classes = num_classes
-    model.head_hidden = hidden
-    model.dropout = float(dropout)
-    model.image_size = image_size
     model.weights_source = source
     return model, source
 

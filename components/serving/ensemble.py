@@ -31,9 +31,6 @@ _HARD_TIE_BREAK = 1e-6
 class EnsembleError(CnnflowError, RuntimeError):
     """Bad ensemble input (members, vote, weights); one line saying what to do."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
-
 
 # --------------------------------------------------------------------------------------------
 # Votes: member logits (M tensors N x C) + weights (M, sum 1) -> N x C log-probabilities

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,23 +48,30 @@ def classification_metrics(log_proba: torch.Tensor, labels: np.ndarray, classes:
     Loss is the mean negative log-likelihood of the true class under the model's output
     (cross-entropy for a single model; for an ensemble, of its combined probabilities).
     """
-    from sklearn.metrics import classification_report, precision_recall_fscore_support
+    from sklearn.exceptions import UndefinedMetricWarning
+    from sklearn.metrics import (
+        classification_report,
+        confusion_matrix,
+        precision_recall_fscore_support,
+        top_k_accuracy_score,
+    )
 
     n_classes = len(classes)
+    label_ids = list(range(n_classes))
     lp = log_proba.double().numpy()
     probs = np.exp(lp)
     preds = lp.argmax(1)
     nll = -lp[np.arange(len(labels)), labels]
     correct = preds == labels
-    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(confusion, (labels, preds), 1)
+    confusion = confusion_matrix(labels, preds, labels=label_ids)  # rows: true, columns: predicted
 
     metrics: dict[str, float] = {f"{prefix}loss": float(nll.mean()),
                                  f"{prefix}acc": float(correct.mean())}
     if n_classes >= 5:
-        top5 = np.argsort(-lp, axis=1)[:, :5]
-        metrics[f"{prefix}top5_acc"] = float((top5 == labels[:, None]).any(1).mean())
-    label_ids = list(range(n_classes))
+        with warnings.catch_warnings():  # with exactly 5 classes Top-5 is 1: sklearn warns
+            warnings.simplefilter("ignore", UndefinedMetricWarning)
+            metrics[f"{prefix}top5_acc"] = float(top_k_accuracy_score(labels, lp, k=5,
+                                                                      labels=label_ids))
     for avg in ("macro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(labels, preds, labels=label_ids,
                                                      average=avg, zero_division=0)

@@ -22,9 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from components import tracking
 from components.data.datasets import DatasetSplits, load_splits
+from components.files import write_csv
+from components.names import (
+    CLASS_NAMES_TAG,
+    DATASET_DIGEST_TAG,
+    DATASET_TAG,
+    FOLD_TAG,
+    MODEL_TAG,
+)
 from components.steps.train import TrainingError, TrainOutcome, TrainParams, train
 
 # Fold-run metric -> the name of its mean/std on the parent (cv_<name>_mean, cv_<name>_std).
@@ -80,8 +89,10 @@ class CvOutcome:
 
 
 def run_cv(params: TrainParams, tracking_uri: str, *, progress: bool | None = None,
-           log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> CvOutcome:
-    """Train params.cv folds as nested runs under a `cv-vN` parent; log their mean and std."""
+           log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+           job_run_id: str | None = None) -> CvOutcome:
+    """Train params.cv folds as nested runs under a `cv-vN` parent; log their mean and std.
+    `job_run_id`: the run opened for this job, filled in as the parent instead of a new one."""
     params.validate()
     if params.resume:
         raise TrainingError("--resume does not combine with --cv: run the cross-validation "
@@ -90,20 +101,21 @@ def run_cv(params: TrainParams, tracking_uri: str, *, progress: bool | None = No
     splits = load_splits(params.data, val_ratio=params.val_ratio,
                          test_ratio=params.test_ratio, seed=params.seed)
     folds = make_folds(splits, params.cv, params.seed)
-    run_id, exp_id, run_name = tracking.open_step_run(
-        client, "cv", params.experiment or splits.name, {tracking.MODEL_TAG: params.model})
+    run_id, exp_id, run_name = tracking.open_run(
+        client, step="cv", experiment=params.experiment or splits.name, adopt=job_run_id,
+        tags={MODEL_TAG: params.model})
     with tracking.ending_run(client, run_id):
         present = client.get_run(run_id).data.params  # `mlflow run` logged its -P values
         logged = {k: v for k, v in params.logged().items() if k not in present}
         tracking.log_params_and_tags(client, run_id, logged, {
-            "cnnflow.dataset": splits.name, "cnnflow.dataset_digest": splits.digest(),
-            "cnnflow.class_names": ",".join(splits.classes)})
+            DATASET_TAG: splits.name, DATASET_DIGEST_TAG: splits.digest(),
+            CLASS_NAMES_TAG: ",".join(splits.classes)})
         fold_params = dataclasses.replace(params, experiment="")
         outcomes = []
         for i in range(params.cv):
             n_train = len(splits.train) + len(splits.val) - len(folds[i])
             log(f"cv fold {i + 1}/{params.cv}: train {n_train}, val {len(folds[i])}")
-            tags = {"cnnflow.fold": str(i), "cnnflow.cv_parent": run_id,
+            tags = {FOLD_TAG: str(i), "cnnflow.cv_parent": run_id,
                     "cnnflow.fold_n_train": str(n_train), "cnnflow.fold_n_val": str(len(folds[i]))}
             outcomes.append(train(fold_params, tracking_uri, progress=progress, log=log,
                                   train_sample=fold_sample(folds, i), parent_run_id=run_id,
@@ -144,23 +156,17 @@ def summarise(table: list[dict[str, Any]]) -> dict[str, float]:
 def _write_fold_files(folder: Path, table: list[dict[str, Any]],
                       folds: list[list[tuple[str, int]]], splits: DatasetSplits,
                       metrics: dict[str, float]) -> None:
-    import csv
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with (folder / "folds.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
-    with (folder / "fold_assignment.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "label", "fold"])
-        for i, fold in enumerate(folds):
-            for path, label in sorted(fold, key=lambda item: splits.relpath(item[0])):
-                writer.writerow([splits.relpath(path), splits.classes[label], i])
+    write_csv(folder / "folds.csv", table)
+    write_csv(folder / "fold_assignment.csv",
+              ({"path": splits.relpath(path), "label": splits.classes[label], "fold": i}
+               for i, fold in enumerate(folds)
+               for path, label in sorted(fold, key=lambda item: splits.relpath(item[0]))),
+              ["path", "label", "fold"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, (source, name) in zip(axes, (("best_val_acc", "val_acc"),
                                          ("best_val_loss", "val_loss")), strict=True):
@@ -182,12 +188,11 @@ def _ensemble(params: TrainParams, run_ids: list[str], parent: str, tracking_uri
     """Soft-vote the fold models: same test split and digest, so they are valid members."""
     from components.steps.ensemble import EnsembleParams, run_ensemble
 
-    with tracking.not_adopting():
-        outcome = run_ensemble(EnsembleParams(run_ids=",".join(run_ids), vote="soft",
-                                              num_workers=0, device=params.device),
-                               tracking_uri, log=log)
+    outcome = run_ensemble(EnsembleParams(run_ids=",".join(run_ids), vote="soft",
+                                          num_workers=0, device=params.device),
+                           tracking_uri, log=log)
     client = tracking.connect(tracking_uri)
-    client.set_tag(outcome.run_id, "mlflow.parentRunId", parent)
+    client.set_tag(outcome.run_id, MLFLOW_PARENT_RUN_ID, parent)
     client.set_tag(outcome.run_id, "cnnflow.cv_parent", parent)
     return outcome.run_id
 

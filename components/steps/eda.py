@@ -38,38 +38,14 @@ from components.data.datasets import (
     resolve_data,
 )
 from components.data.images import HIST_BINS, read_files, to_rgb
+from components.files import replace_dir
+from components.names import DATA_ROOT_TAG, DATASET_DIGEST_TAG, DATASET_TAG
+from components.steps.params import EdaParams
 
-METRICS = ("n_images", "n_classes", "imbalance_ratio", "n_corrupt", "n_duplicates",
-           "n_cross_split_duplicates", "n_distinct_sizes")
 IMBALANCE_WORTH_NOTING = 1.5
 SAMPLES_PER_CLASS = 6
 MAX_SAMPLE_CLASSES = 20
 MAX_TABLE_ROWS = 50
-
-
-@dataclass
-class EdaParams:
-    """Parameters of `cnnflow eda` / `mlflow run . -e eda`, with their defaults."""
-
-    data: str = "digits"
-    experiment: str = ""
-    reports_dir: str = "reports"
-    val_ratio: float = 0.2
-    test_ratio: float = 0.2
-    seed: int = 42
-    num_workers: int = -1
-
-    def validate(self) -> None:
-        """Cheap checks first, so a typo never creates a run or scans a folder."""
-        check_ratios(self.val_ratio, self.test_ratio)
-        if self.num_workers < -1:
-            raise DataError(f"num_workers={self.num_workers} must be -1 (one per CPU core), "
-                            "0 (in this process) or more")
-
-    def logged(self) -> dict[str, Any]:
-        """What changes the report: not where it goes nor how many processes read the files."""
-        return {"data": self.data, "val_ratio": self.val_ratio, "test_ratio": self.test_ratio,
-                "seed": self.seed}
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,23 +311,6 @@ def write_report(scan: DatasetScan, summary: EdaSummary, out_dir: Path,
     return sorted(out_dir.iterdir())
 
 
-def replace_dir(new: Path, target: Path) -> None:
-    """Swap a finished output folder into place, so readers never see a half-written one.
-
-    `new` comes from mkdtemp (mode 0700): it gets the mode a plain mkdir would have given.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(new, 0o777 & ~umask)
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}-old-{os.getpid()}-{time.time_ns()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _samples(scan: DatasetScan) -> dict[str, list[np.ndarray]]:
     """A few readable images per class, evenly spread over its sorted files (deterministic)."""
     ok = scan.readable
@@ -478,8 +437,10 @@ class EdaOutcome:
 
 
 def run_eda(params: EdaParams, tracking_uri: str, *, progress: bool | None = None,
-            log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> EdaOutcome:
-    """Scan, summarise, write `<reports_dir>/eda/<dataset>/` and log it as an `eda` run."""
+            log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+            job_run_id: str | None = None) -> EdaOutcome:
+    """Scan, summarise, write `<reports_dir>/eda/<dataset>/` and log it as an `eda` run
+    (`job_run_id`: the run opened for this job, filled in instead of a new one)."""
     params.validate()
     client = tracking.connect(tracking_uri)
     progress = sys.stderr.isatty() if progress is None else progress
@@ -487,11 +448,12 @@ def run_eda(params: EdaParams, tracking_uri: str, *, progress: bool | None = Non
                         workers=params.num_workers, progress=progress)
     summary = summarize(scan)
     out_dir = Path(params.reports_dir) / "eda" / scan.name
-    tags = {"cnnflow.dataset": scan.name, "cnnflow.data_root": str(scan.root)}
+    tags = {DATASET_TAG: scan.name, DATA_ROOT_TAG: str(scan.root)}
     if scan.digest:
-        tags["cnnflow.dataset_digest"] = scan.digest
-    run_id, exp_id, run_name = tracking.open_step_run(
-        client, "eda", params.experiment or scan.name, tags)
+        tags[DATASET_DIGEST_TAG] = scan.digest
+    run_id, exp_id, run_name = tracking.open_run(
+        client, step="eda", experiment=params.experiment or scan.name, adopt=job_run_id,
+        tags=tags)
     with tracking.ending_run(client, run_id):
         tracking.log_params_and_tags(client, run_id, params.logged(), {})
         tracking.log_metrics(client, run_id, summary.metrics)

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +36,23 @@ from mlflow.entities import Run, ViewType
 
 from components import tracking
 from components.data.datasets import DatasetSplits
+from components.names import (
+    CLASS_NAMES_TAG,
+    DATA_TAG,
+    DATASET_DIGEST_TAG,
+    DATASET_TAG,
+    DEVICE_TAG,
+    MODEL_TAG,
+    MODEL_URI_TAG,
+    STEP_TAG,
+)
 from components.nn.engine import resolve_device
 from components.serving.classifier import ImageClassifier
-from components.serving.ensemble import EnsembleClassifier, EnsembleError, get_vote, save_members
+from components.serving.ensemble import EnsembleClassifier, EnsembleError, save_members
 from components.serving.metrics import classification_metrics
 from components.serving.predict import auto_batch_size, load_model
 from components.steps.evaluate import MANIFEST, evaluate_model, get_run, run_splits, split_samples
+from components.steps.params import EnsembleParams
 from components.tracking.comparison import write_table
 from components.tracking.models import log_python_model
 
@@ -71,17 +81,17 @@ def select_members(client: MlflowClient, run_ids: Sequence[str], top_k: int,
                                 "first, or pass --run-ids")
         found = client.search_runs(
             [exp.experiment_id],
-            filter_string=f"tags.`{tracking.STEP_TAG}` = 'train' and "
+            filter_string=f"tags.`{STEP_TAG}` = 'train' and "
                           "attributes.status = 'FINISHED'",
             run_view_type=ViewType.ACTIVE_ONLY, order_by=["metrics.best_val_acc DESC"],
             max_results=5000)
-        found = [r for r in found if r.data.tags.get("cnnflow.model_uri")
+        found = [r for r in found if r.data.tags.get(MODEL_URI_TAG)
                  and "best_val_acc" in r.data.metrics]
         if not found:
             raise EnsembleError(f"experiment '{experiment}' has no finished training runs "
                                 "with a model: train some models first")
-        digest = found[0].data.tags.get("cnnflow.dataset_digest")
-        runs = [r for r in found if r.data.tags.get("cnnflow.dataset_digest") == digest][:top_k]
+        digest = found[0].data.tags.get(DATASET_DIGEST_TAG)
+        runs = [r for r in found if r.data.tags.get(DATASET_DIGEST_TAG) == digest][:top_k]
     check_members(runs)
     return runs
 
@@ -94,21 +104,20 @@ def check_members(runs: Sequence[Run]) -> None:
                             "or list more --run-ids")
     for r in runs:
         rid, tags = r.info.run_id, r.data.tags
-        if tags.get(tracking.STEP_TAG) != "train":
-            raise EnsembleError(f"run '{rid}' is not a training run (cnnflow.step="
-                                f"{tags.get(tracking.STEP_TAG, 'none')}): members must be "
+        if tags.get(STEP_TAG) != "train":
+            raise EnsembleError(f"run '{rid}' is not a training run ({STEP_TAG}="
+                                f"{tags.get(STEP_TAG, 'none')}): members must be "
                                 "cnnflow train runs")
-        if not tags.get("cnnflow.model_uri"):
+        if not tags.get(MODEL_URI_TAG):
             raise EnsembleError(f"run '{rid}' has no logged model (status {r.info.status}): "
                                 "members must be finished training runs")
     first = runs[0]
     for r in runs[1:]:
-        if r.data.tags.get("cnnflow.dataset_digest") != first.data.tags.get(
-                "cnnflow.dataset_digest"):
+        if r.data.tags.get(DATASET_DIGEST_TAG) != first.data.tags.get(DATASET_DIGEST_TAG):
             raise EnsembleError(f"runs {first.info.run_id} and {r.info.run_id} were trained on "
                                 "different dataset splits (cnnflow.dataset_digest differs): "
                                 "ensemble only members trained on the same split")
-        if r.data.tags.get("cnnflow.class_names") != first.data.tags.get("cnnflow.class_names"):
+        if r.data.tags.get(CLASS_NAMES_TAG) != first.data.tags.get(CLASS_NAMES_TAG):
             raise EnsembleError(f"runs {first.info.run_id} and {r.info.run_id} have different "
                                 "class lists: ensemble only members trained on the same classes")
 
@@ -140,20 +149,6 @@ def resolve_weights(spec: str, runs: Sequence[Run]) -> list[float]:
     return [w / total for w in raw]
 
 
-def check_weights_spec(spec: str) -> None:
-    """Syntax check before any work (the count is checked once the members are known)."""
-    text = str(spec).strip().lower()
-    if text in ("", "equal", "val_acc"):
-        return
-    try:
-        values = [float(w) for w in text.split(",")]
-    except ValueError:
-        raise EnsembleError(f"weights '{spec}' are not numbers: use equal, val_acc or a "
-                            "comma-separated list such as 0.5,0.3,0.2") from None
-    if any(w < 0 for w in values) or sum(values) <= 0:
-        raise EnsembleError(f"weights {values} must be >= 0 with a positive sum")
-
-
 def bootstrap_train(seed: int) -> Callable[[DatasetSplits], DatasetSplits]:
     """A stratified bootstrap of train (each class resampled to its size, with replacement):
     on small datasets a plain bootstrap can drop a whole class from a member's training."""
@@ -168,7 +163,7 @@ def bootstrap_train(seed: int) -> Callable[[DatasetSplits], DatasetSplits]:
 
 
 def load_member(run: Run) -> ImageClassifier:
-    model = load_model(run.data.tags["cnnflow.model_uri"])
+    model = load_model(run.data.tags[MODEL_URI_TAG])
     if not isinstance(model, ImageClassifier):
         raise EnsembleError(f"run '{run.info.run_id}' does not hold a single image classifier")
     return model
@@ -177,65 +172,6 @@ def load_member(run: Run) -> ImageClassifier:
 # --------------------------------------------------------------------------------------------
 # The `ensemble` step
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EnsembleParams:
-    """Parameters of `cnnflow ensemble` / `mlflow run . -e ensemble`, with their defaults."""
-
-    run_ids: str = ""
-    top_k: int = 3
-    experiment: str = ""
-    vote: str = "soft"
-    weights: str = "equal"
-    batch_size: int = 32
-    num_workers: int = 0
-    device: str = "auto"
-    bagging: int = 0
-    data: str = "digits"
-    model: str = "custom_cnn"
-    epochs: int = 10
-    image_size: int = 32
-    lr: float = 1e-3
-    init_weights: str = "auto"
-    augmentation: str = "light"
-    patience: int = 10
-    val_ratio: float = 0.2
-    test_ratio: float = 0.2
-    seed: int = 42
-
-    # Only used to train bagging members (TrainParams names -> ours).
-    BAGGING = {"data": "data", "model": "model", "epochs": "epochs",
-               "image_size": "image_size", "batch_size": "batch_size", "lr": "lr",
-               "weights": "init_weights", "augmentation": "augmentation",
-               "patience": "patience", "val_ratio": "val_ratio", "test_ratio": "test_ratio",
-               "seed": "seed", "device": "device", "num_workers": "num_workers"}
-
-    def validate(self) -> None:
-        get_vote(self.vote)
-        check_weights_spec(self.weights)
-        if self.top_k < 2:
-            raise EnsembleError(f"top_k must be >= 2 (got {self.top_k})")
-        if self.batch_size < 1:
-            raise EnsembleError(f"batch_size must be >= 1 (got {self.batch_size})")
-        if self.num_workers < 0:
-            raise EnsembleError(f"num_workers must be >= 0 (got {self.num_workers})")
-        if self.bagging == 1 or self.bagging < 0:
-            raise EnsembleError(f"bagging must be 0 (off) or >= 2 members (got {self.bagging})")
-        if self.bagging and self.run_ids:
-            raise EnsembleError("pass either --bagging N (train new members) or --run-ids, "
-                                "not both")
-
-    def train_params(self) -> Any:
-        from components.steps.train import TrainParams
-
-        values = {ours: getattr(self, theirs) for ours, theirs in self.BAGGING.items()}
-        return TrainParams(**values, experiment=self.experiment)
-
-
-def ensemble_defaults() -> dict[str, Any]:
-    """`name -> default` for the CLI and the MLproject consistency test."""
-    return {f.name: f.default for f in fields(EnsembleParams)}
 
 
 @dataclass
@@ -250,35 +186,40 @@ class EnsembleOutcome:
 
 
 def run_ensemble(params: EnsembleParams, tracking_uri: str,
-                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
-                 ) -> EnsembleOutcome:
-    """Select (or bag-train) members, combine them, and log the ensemble as one run."""
+                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr), *,
+                 job_run_id: str | None = None) -> EnsembleOutcome:
+    """Select (or bag-train) members, combine them, and log the ensemble as one run
+    (`job_run_id`: the run opened for this job, filled in instead of a new one)."""
     params.validate()
     client = tracking.connect(tracking_uri)
     device = resolve_device(params.device)
     if params.bagging:
-        return _bagging(params, client, tracking_uri, device, log)
+        return _bagging(params, client, tracking_uri, device, log, job_run_id)
     runs = select_members(client, parse_run_ids(params.run_ids), params.top_k,
                           params.experiment)
     weights = resolve_weights(params.weights, runs)
     splits = run_splits(client, runs[0])
     split_samples(splits, "test", runs[0].info.run_id)
     members = [load_member(r) for r in runs]  # all loadable before a run exists
-    run_id, run_name = _open_run(client, runs[0].info.experiment_id)
+    run_id, _, run_name = tracking.open_run(client, step="ensemble", model="ensemble",
+                                            exp_id=runs[0].info.experiment_id,
+                                            adopt=job_run_id)
     return _finish(client, params, run_id, run_name, runs, members, weights, splits, device,
                    log)
 
 
 def _bagging(params: EnsembleParams, client: MlflowClient, tracking_uri: str,
-             device: torch.device, log: Callable[[str], None]) -> EnsembleOutcome:
+             device: torch.device, log: Callable[[str], None],
+             job_run_id: str | None) -> EnsembleOutcome:
     from components.data.datasets import load_splits
     from components.steps.train import train
 
     params.train_params().validate()
     splits = load_splits(params.data, val_ratio=params.val_ratio, test_ratio=params.test_ratio,
                          seed=params.seed)
-    exp_id = tracking.experiment_id(client, params.experiment or splits.name)
-    run_id, run_name = _open_run(client, exp_id)
+    run_id, _, run_name = tracking.open_run(client, step="ensemble", model="ensemble",
+                                            experiment=params.experiment or splits.name,
+                                            adopt=job_run_id)
     try:
         outcomes = []
         for i in range(params.bagging):
@@ -299,24 +240,6 @@ def _bagging(params: EnsembleParams, client: MlflowClient, tracking_uri: str,
     return _finish(client, params, run_id, run_name, runs, members, weights, splits, device, log)
 
 
-def _open_run(client: MlflowClient, exp_id: str) -> tuple[str, str]:
-    """Create `ensemble-vN`, or adopt the run `mlflow run -e ensemble` started."""
-    adopted = os.environ.get("MLFLOW_RUN_ID")
-    if adopted:
-        exp_id = client.get_run(adopted).info.experiment_id
-    version = tracking.next_version(client, exp_id, "ensemble")
-    name = f"ensemble-v{version}"
-    tags = {tracking.STEP_TAG: "ensemble", tracking.MODEL_TAG: "ensemble",
-            tracking.VERSION_TAG: str(version), "mlflow.runName": name}
-    if adopted:
-        client.update_run(adopted, name=name)
-        tracking.log_params_and_tags(client, adopted, {}, tags)
-        return adopted, name
-    run = client.create_run(exp_id, run_name=name, tags=tags)
-    return run.info.run_id, name
-
-
-
 def _finish(client: MlflowClient, params: EnsembleParams, run_id: str, run_name: str,
             runs: Sequence[Run], members: Sequence[ImageClassifier], weights: list[float],
             splits: DatasetSplits, device: torch.device,
@@ -326,7 +249,7 @@ def _finish(client: MlflowClient, params: EnsembleParams, run_id: str, run_name:
         first = runs[0]
         config = {"vote": params.vote, "weights": weights,
                   "members": [{"dir": str(i), "run_id": r.info.run_id,
-                               "model": r.data.tags.get(tracking.MODEL_TAG, "")}
+                               "model": r.data.tags.get(MODEL_TAG, "")}
                               for i, r in enumerate(runs)]}
         model = EnsembleClassifier().build(config, members).to(device)
         logged = {"members": ",".join(r.info.run_id for r in runs), "n_members": len(runs),
@@ -340,11 +263,11 @@ def _finish(client: MlflowClient, params: EnsembleParams, run_id: str, run_name:
                           epochs=params.epochs, lr=params.lr, seed=params.seed)
         # Where the members' data lives, as a tag: under `mlflow run` the run already holds a
         # `data` param (the entry point's default) that cannot be changed.
-        tags = {"cnnflow.data": first.data.params.get("data", ""),
-                "cnnflow.dataset": first.data.tags.get("cnnflow.dataset", splits.name),
-                "cnnflow.dataset_digest": first.data.tags.get("cnnflow.dataset_digest", ""),
-                "cnnflow.class_names": first.data.tags.get("cnnflow.class_names", ""),
-                "cnnflow.device": device.type,
+        tags = {DATA_TAG: first.data.params.get("data", ""),
+                DATASET_TAG: first.data.tags.get(DATASET_TAG, splits.name),
+                DATASET_DIGEST_TAG: first.data.tags.get(DATASET_DIGEST_TAG, ""),
+                CLASS_NAMES_TAG: first.data.tags.get(CLASS_NAMES_TAG, ""),
+                DEVICE_TAG: device.type,
                 "cnnflow.members": ",".join(r.info.run_id for r in runs)}
         # `mlflow run` already logged the entry point's params as typed (`1e-3`); MLflow
         # refuses to change a param, so those stay as they are.
@@ -367,7 +290,7 @@ def _finish(client: MlflowClient, params: EnsembleParams, run_id: str, run_name:
                 run_id, EnsembleClassifier(),
                 {"ensemble": str(work / "model" / "ensemble.json"),
                  "members": str(work / "model" / "members")})
-        client.set_tag(run_id, "cnnflow.model_uri", model_uri)
+        client.set_tag(run_id, MODEL_URI_TAG, model_uri)
         tracking.finish_run(client, run_id, "FINISHED")
     except BaseException as exc:
         tracking.end_failed(client, run_id, exc)
@@ -383,7 +306,7 @@ def _evaluate(model: EnsembleClassifier, runs: Sequence[Run], weights: list[floa
     metrics: dict[str, float] = {}
     rows: list[dict[str, Any]] = [
         {"member": r.info.run_name, "run_id": r.info.run_id,
-         "model": r.data.tags.get(tracking.MODEL_TAG, ""), "weight": round(w, 6)}
+         "model": r.data.tags.get(MODEL_TAG, ""), "weight": round(w, 6)}
         for r, w in zip(runs, weights, strict=True)]
     rows.append({"member": "ensemble", "run_id": run_id, "model": f"{params.vote} vote",
                  "weight": 1.0})

@@ -20,14 +20,12 @@ empty split or missing image files leave the run and the registry untouched.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-import re
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,27 +38,31 @@ from mlflow.exceptions import MlflowException
 from components import tracking
 from components.data.datasets import SPLITS, DatasetSplits, load_rgb, resolve_data
 from components.errors import CnnflowError
+from components.files import read_csv, write_csv
+from components.names import (
+    DATA_TAG,
+    DEVICE_TAG,
+    EPOCH_METRICS,
+    EVALUATED_RUN_TAG,
+    MODEL_URI_TAG,
+    REGISTERED_VERSION_TAG,
+    STEP_TAG,
+)
 from components.nn.engine import resolve_device
 from components.serving.cost import PeakMemory, measure_cost
 from components.serving.metrics import classification_metrics
 from components.serving.predict import Predictions, auto_batch_size, load_model, predict_samples
+from components.steps.params import EvalParams
 from components.tracking import registry
 
 ECE_BINS = 15
 MAX_MISCLASSIFIED = 16
 WARMUP_RUNS = 2
 MANIFEST = "data/manifest.csv"
-# Training runs already log these two per epoch (step = epoch); a split=val evaluation must
-# not add a foreign point to those curves. The checkpoint's values are best_val_loss/acc.
-_EPOCH_CURVES = ("val_loss", "val_acc")
-_METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 
 class EvaluationError(CnnflowError, RuntimeError):
     """Bad evaluation input (run, model, split, data); one line saying what to do."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,7 +98,7 @@ def resolve_target(client: MlflowClient, run_id: str = "", model_uri: str = "") 
         raise EvaluationError("pass exactly one of --run-id or --model-uri")
     if run_id:
         run = get_run(client, run_id)
-        uri = run.data.tags.get("cnnflow.model_uri", "")
+        uri = run.data.tags.get(MODEL_URI_TAG, "")
         if not uri:
             raise EvaluationError(
                 f"run '{run_id}' has no logged model (no cnnflow.model_uri tag; status "
@@ -122,7 +124,7 @@ def run_splits(client: MlflowClient, run: Run) -> DatasetSplits:
     machine as long as `data` resolves there (the bundled `digits` is regenerated).
     """
     run_id = run.info.run_id
-    data = run.data.tags.get("cnnflow.data") or run.data.params.get("data")  # tag: ensembles
+    data = run.data.tags.get(DATA_TAG) or run.data.params.get("data")  # tag: ensembles
     if not data:
         raise EvaluationError(f"run '{run_id}' has no 'data' param: it was not logged by "
                               "cnnflow train or ensemble")
@@ -133,8 +135,7 @@ def run_splits(client: MlflowClient, run: Run) -> DatasetSplits:
             raise EvaluationError(f"run '{run_id}' has no {MANIFEST} artifact: its split "
                                   "cannot be rebuilt; evaluate a run logged by cnnflow "
                                   "train or ensemble") from None
-        with open(local, newline="") as fh:
-            rows = list(csv.DictReader(fh))
+        rows = read_csv(local)
     name, root = resolve_data(data)
     classes: dict[int, str] = {}
     for row in rows:
@@ -180,13 +181,12 @@ def write_evaluation_files(folder: Path, predictions: Predictions, report: dict[
     probs = predictions.probs
     preds = probs.argmax(1)
     (folder / "classification_report.json").write_text(json.dumps(report, indent=2))
-    with (folder / "predictions.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "label", "predicted", "confidence", "correct"])
-        for path, label, pred, p in zip(predictions.paths, predictions.labels, preds, probs,
-                                        strict=True):
-            writer.writerow([Path(os.path.relpath(path, root)).as_posix(), classes[label],
-                             classes[pred], f"{p[pred]:.6f}", int(pred == label)])
+    write_csv(folder / "predictions.csv",
+              ({"path": Path(os.path.relpath(path, root)).as_posix(), "label": classes[label],
+                "predicted": classes[pred], "confidence": f"{p[pred]:.6f}",
+                "correct": int(pred == label)}
+               for path, label, pred, p in zip(predictions.paths, predictions.labels, preds,
+                                               probs, strict=True)))
     wrong = [i for i in range(len(preds)) if preds[i] != predictions.labels[i]]
     wrong.sort(key=lambda i: -probs[i, preds[i]])  # most confidently wrong first
     worst = [(predictions.paths[i], classes[predictions.labels[i]], classes[preds[i]],
@@ -208,43 +208,6 @@ def write_evaluation_files(folder: Path, predictions: Predictions, report: dict[
 
 
 @dataclass
-class EvalParams:
-    """Parameters of `cnnflow evaluate` / `mlflow run . -e evaluate`, with their defaults."""
-
-    run_id: str = ""
-    model_uri: str = ""
-    split: str = "test"
-    batch_size: int = 0  # 0: auto_batch_size(device)
-    num_workers: int = 0
-    device: str = "run"
-    cost: bool = True
-    latency_runs: int = 30
-    register: bool = True
-    registered_model: str = ""
-    promote: bool = True
-    metric: str = "test_acc"
-    min_delta: float = 0.0
-
-    def validate(self) -> None:
-        if self.split not in ("val", "test"):
-            raise EvaluationError(f"split must be val or test (got '{self.split}')")
-        if self.batch_size < 0:
-            raise EvaluationError(f"batch_size must be >= 1, or 0 for auto (got "
-                                  f"{self.batch_size})")
-        if self.num_workers < 0:
-            raise EvaluationError(f"num_workers must be >= 0 (got {self.num_workers})")
-        if self.latency_runs < 1:
-            raise EvaluationError(f"latency_runs must be >= 1 (got {self.latency_runs})")
-        if self.min_delta < 0:
-            raise EvaluationError(f"min_delta must be >= 0 (got {self.min_delta})")
-
-
-def eval_defaults() -> dict[str, Any]:
-    """`name -> default` for the CLI and the MLproject consistency test."""
-    return {f.name: f.default for f in fields(EvalParams)}
-
-
-@dataclass
 class EvalOutcome:
     run_id: str
     run_name: str
@@ -260,7 +223,7 @@ def eval_device(name: str, run: Run) -> tuple[torch.device, str]:
     """`run`: the device the run trained on when this machine has it, else the best one."""
     if name != "run":
         return resolve_device(name), ""
-    trained_on = run.data.tags.get("cnnflow.device", "cpu")
+    trained_on = run.data.tags.get(DEVICE_TAG, "cpu")
     try:
         return resolve_device(trained_on), ""
     except Exception:  # noqa: BLE001 - any missing device falls back the same way
@@ -308,9 +271,11 @@ def _preload() -> None:
 
 
 def evaluate(params: EvalParams, tracking_uri: str,
-             log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> EvalOutcome:
+             log: Callable[[str], None] = lambda s: print(s, file=sys.stderr), *,
+             job_run_id: str | None = None) -> EvalOutcome:
     """Evaluate one model on its run's split, log everything into that run, then register
-    (test split) and apply the promotion rule."""
+    (test split) and apply the promotion rule. `job_run_id`: the run opened for this job
+    (by `mlflow run`, or the `main` pipeline's evaluate step), tagged with what it did."""
     params.validate()
     client = tracking.connect(tracking_uri)
     target = resolve_target(client, params.run_id, params.model_uri)
@@ -348,8 +313,10 @@ def evaluate(params: EvalParams, tracking_uri: str,
             (folder / "classification_report.json").write_text(json.dumps(report, indent=2))
             metrics.update(cost)
         logged = dict(metrics)
-        if params.split == "val" and run.data.tags.get(tracking.STEP_TAG) == "train":
-            for key in _EPOCH_CURVES:
+        if params.split == "val" and run.data.tags.get(STEP_TAG) == "train":
+            # val_loss/val_acc are curves there (step = epoch): no foreign point on them; the
+            # checkpoint's values are best_val_loss/acc.
+            for key in EPOCH_METRICS:
                 logged.pop(key, None)
         tracking.log_metrics(client, run_id, logged)
         client.set_tag(run_id, f"cnnflow.evaluated_{params.split}", device.type)
@@ -364,17 +331,16 @@ def evaluate(params: EvalParams, tracking_uri: str,
             outcome.decision = registry.promote(client, name, version=None,
                                                 metric=params.metric,
                                                 min_delta=params.min_delta)
-    _tag_job_run(client, run_id, outcome)
+    _tag_job_run(client, job_run_id, run_id, outcome)
     return outcome
 
 
-def _tag_job_run(client: MlflowClient, evaluated: str, outcome: EvalOutcome) -> None:
+def _tag_job_run(client: MlflowClient, job: str | None, evaluated: str,
+                 outcome: EvalOutcome) -> None:
     """Under `mlflow run -e evaluate`, MLflow opened a run for the job itself: say what it did."""
-    job = os.environ.get("MLFLOW_RUN_ID")
     if not job or job == evaluated:
         return
-    tags = {tracking.STEP_TAG: "evaluate", "cnnflow.evaluated_run_id": evaluated,
-            "cnnflow.split": outcome.split}
+    tags = {STEP_TAG: "evaluate", EVALUATED_RUN_TAG: evaluated, "cnnflow.split": outcome.split}
     if outcome.version is not None:
-        tags["cnnflow.registered_version"] = f"{outcome.version.name}/{outcome.version.version}"
+        tags[REGISTERED_VERSION_TAG] = f"{outcome.version.name}/{outcome.version.version}"
     tracking.log_params_and_tags(client, job, {}, tags)

@@ -13,135 +13,42 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from components import tracking
 from components.errors import CnnflowError
+from components.names import (
+    CODE_VERSION_TAG,
+    ERROR_TAG,
+    EVALUATED_RUN_TAG,
+    REGISTERED_VERSION_TAG,
+    STEP_KEY_TAG,
+    STEP_TAG,
+    VERSION_TAG,
+)
 from components.settings import mask_uri
-from components.steps.train import TrainParams as Train
+from components.steps.params import PipelineParams
+from components.steps.params import TrainParams as Train
 from components.tracking import registry
 
 PIPELINE_STEP = "pipeline"
-KEY_TAG = "cnnflow.step_key"
-PARENT_TAG = "mlflow.parentRunId"
 NAME_TAG = "cnnflow.pipeline_step"  # which of the pipeline's steps a child run is
 STEPS_ARTIFACT = "pipeline/steps.json"
 
 
 class PipelineError(CnnflowError, RuntimeError):
     """A pipeline parameter or state the user can fix, in one line."""
-
-
-@dataclass
-class PipelineParams:
-    """Parameters of `cnnflow run` / `mlflow run . -e main`, with their defaults (the
-    training ones are `cnnflow train`'s, so both commands train the same model by default)."""
-
-    data: str = Train.data
-    experiment: str = ""
-    models: str = "custom_cnn,resnet50,vgg16,mobilenetv2"
-    weights: str = Train.weights
-    freeze: str = Train.freeze
-    image_size: int = Train.image_size
-    batch_size: int = Train.batch_size
-    epochs: int = Train.epochs
-    optimizer: str = Train.optimizer
-    lr: float = Train.lr
-    augmentation: str = Train.augmentation
-    patience: int = Train.patience
-    val_ratio: float = Train.val_ratio
-    test_ratio: float = Train.test_ratio
-    seed: int = Train.seed
-    cache: bool = True
-    top_k: int = 3
-    vote: str = "soft"
-    metric: str = "test_acc"
-    min_delta: float = 0.0
-    sync: bool = True
-    report: bool = True
-    reports_dir: str = "reports"
-    device: str = Train.device
-    num_workers: int = Train.num_workers
-    force: bool = False
-
-    # How the pipeline runs, not what it computes: left out of the pipeline's key.
-    RUNTIME = ("experiment", "sync", "report", "reports_dir", "device", "num_workers", "force")
-
-    def model_list(self) -> list[str]:
-        return [m for m in self.models.replace(" ", ",").split(",") if m]
-
-    def validate(self) -> None:
-        """Every step's checks up front: a typo must not surface after an hour of training."""
-        from components.nn.models import get_spec
-        from components.steps.eda import EdaParams
-        from components.steps.ensemble import get_vote
-
-        models = self.model_list()
-        if not models:
-            raise PipelineError("models is empty: pass a comma-separated list, e.g. "
-                                "--models custom_cnn,resnet18")
-        if len(set(models)) != len(models):
-            raise PipelineError(f"a model is listed twice in --models '{self.models}': list "
-                                "each model once")
-        for model in models:
-            get_spec(model)
-        if self.top_k < 0 or self.top_k == 1:
-            raise PipelineError(f"top_k must be 0 (no ensemble) or >= 2 (got {self.top_k})")
-        get_vote(self.vote)
-        if self.min_delta < 0:
-            raise PipelineError(f"min_delta must be >= 0 (got {self.min_delta})")
-        if self.metric not in registry.VERSION_METRICS:
-            raise PipelineError(f"metric '{self.metric}' is not one evaluate records on a "
-                                f"version: choose one of {', '.join(registry.VERSION_METRICS)}")
-        EdaParams(data=self.data, val_ratio=self.val_ratio, test_ratio=self.test_ratio).validate()
-        self.preprocess_params("").validate()
-        for model in models:
-            self.train_params(model, "").validate()
-
-    def preprocess_params(self, experiment: str) -> Any:
-        from components.steps.preprocess import PreprocessParams
-
-        return PreprocessParams(
-            data=self.data, experiment=experiment,
-            train_ratio=round(1.0 - self.val_ratio - self.test_ratio, 10),
-            val_ratio=self.val_ratio, test_ratio=self.test_ratio, seed=self.seed,
-            cache=self.cache, image_size=self.image_size)
-
-    def train_params(self, model: str, preprocess_run: str, experiment: str = "") -> Train:
-        return Train(
-            data=self.data, experiment=experiment, model=model, weights=self.weights,
-            freeze=self.freeze, image_size=self.image_size, batch_size=self.batch_size,
-            epochs=self.epochs, optimizer=self.optimizer, lr=self.lr,
-            augmentation=self.augmentation, patience=self.patience, val_ratio=self.val_ratio,
-            test_ratio=self.test_ratio, preprocess_run=preprocess_run, seed=self.seed,
-            device=self.device, num_workers=self.num_workers)
-
-    def logged(self) -> dict[str, Any]:
-        return {f.name: _text(getattr(self, f.name)) for f in fields(self)
-                if f.name not in ("experiment", "force")}
-
-    def key_inputs(self) -> dict[str, Any]:
-        return {k: v for k, v in self.logged().items() if k not in self.RUNTIME}
-
-
-def pipeline_defaults() -> dict[str, Any]:
-    """`name -> default` for the CLI and the MLproject consistency test."""
-    return {f.name: f.default for f in fields(PipelineParams)}
-
-
-def _text(value: Any) -> Any:
-    return str(value).lower() if isinstance(value, bool) else value
 
 
 def step_key(step: str, inputs: dict[str, Any], code: str) -> str:
@@ -186,8 +93,10 @@ class Pipeline:
     """One invocation of the pipeline: the parent run and the steps it runs or reuses."""
 
     def __init__(self, params: PipelineParams, tracking_uri: str, mongo_uri: str,
-                 log: Callable[[str], None], progress: bool) -> None:
+                 log: Callable[[str], None], progress: bool,
+                 job_run_id: str | None = None) -> None:
         self.params = params
+        self.job_run_id = job_run_id  # the parent `mlflow run -e main` opened, if any
         self.uri = tracking_uri
         self.mongo_uri = mongo_uri
         self.log = log
@@ -210,7 +119,7 @@ class Pipeline:
     def _finished(self, key: str) -> Run | None:
         if self.params.force:
             return None
-        found = self._search(f"tags.`{KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'")
+        found = self._search(f"tags.`{STEP_KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'")
         return found[0] if found else None
 
     # ---------------------------------------------------------------------------- the parent
@@ -218,25 +127,24 @@ class Pipeline:
     def open_parent(self, experiment: str, key: str) -> tuple[str, str, bool]:
         """Re-open the last unfinished pipeline run with this key (resume), or start one."""
         self.exp_id = tracking.experiment_id(self.client, experiment)
-        last = self._search(f"tags.`{tracking.STEP_TAG}` = '{PIPELINE_STEP}' and "
-                            f"tags.`{KEY_TAG}` = '{key}'")
+        last = self._search(f"tags.`{STEP_TAG}` = '{PIPELINE_STEP}' and "
+                            f"tags.`{STEP_KEY_TAG}` = '{key}'")
         unfinished = last[0] if last and last[0].info.status != "FINISHED" else None
         if unfinished is not None:
             self._close_orphans(unfinished.info.run_id)
-        if unfinished is not None and not os.environ.get("MLFLOW_RUN_ID") \
-                and not self.params.force:
-            run_id = unfinished.info.run_id
-            self.client.update_run(run_id, status="RUNNING")
+        if unfinished is not None and not self.job_run_id and not self.params.force:
+            run_id, _, name = tracking.reopen_run(self.client, unfinished.info.run_id)
             with contextlib.suppress(MlflowException):
-                self.client.delete_tag(run_id, tracking.ERROR_TAG)
-            return run_id, unfinished.info.run_name, True
+                self.client.delete_tag(run_id, ERROR_TAG)
+            return run_id, name, True
         if unfinished is not None and unfinished.info.status == "RUNNING":
             # `mlflow run` brought its own parent (or --force): the killed one is over, and
             # its killed training runs can still be resumed under the new parent.
             tracking.finish_run(self.client, unfinished.info.run_id, "KILLED",
                                 "the pipeline stopped; a later run took over")
-        run_id, _, name = tracking.open_step_run(self.client, PIPELINE_STEP, experiment,
-                                                 {KEY_TAG: key, "cnnflow.code_version": self.code})
+        run_id, _, name = tracking.open_run(self.client, step=PIPELINE_STEP,
+                                            experiment=experiment, adopt=self.job_run_id,
+                                            tags={STEP_KEY_TAG: key, CODE_VERSION_TAG: self.code})
         present = self.client.get_run(run_id).data.params  # `mlflow run -e main` logged -P
         tracking.log_params_and_tags(self.client, run_id, {
             k: v for k, v in self.params.logged().items() if k not in present}, {})
@@ -244,7 +152,7 @@ class Pipeline:
 
     def _close_orphans(self, parent: str) -> None:
         """Children a killed pipeline left RUNNING end KILLED, so none is mistaken for live."""
-        for run in self._search(f"tags.`{PARENT_TAG}` = '{parent}' and "
+        for run in self._search(f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}' and "
                                 "attributes.status = 'RUNNING'", max_results=1000):
             tracking.finish_run(self.client, run.info.run_id, "KILLED",
                                 "the pipeline stopped while this step ran")
@@ -256,8 +164,9 @@ class Pipeline:
              still_valid: Callable[[Run], bool] = lambda run: True) -> StepRecord:
         """Reuse the finished run with this step's key, or create a child run and `work(child)`.
 
-        `work` fills the child in (adopting it, as under `mlflow run`) and returns
-        (summary line, run id holding the result) - usually the child itself.
+        `work(child)` hands the child to the step, which fills it in (as it fills in the run
+        `mlflow run` opens) and returns (summary line, run id holding the result) - usually
+        the child itself.
         """
         key = step_key(step, inputs, self.code)
         index = len(self.records) + 1
@@ -272,11 +181,11 @@ class Pipeline:
         self.log(f"{label}: running")
         start = time.monotonic()
         child = self._resumable(step, key) or self.client.create_run(
-            self.exp_id, tags={PARENT_TAG: self.parent, KEY_TAG: key,
-                               tracking.STEP_TAG: step, NAME_TAG: name}).info.run_id
+            self.exp_id, tags={MLFLOW_PARENT_RUN_ID: self.parent, STEP_KEY_TAG: key,
+                               STEP_TAG: step, NAME_TAG: name}).info.run_id
         # A step that ends its own run (train, eda...) has set FINISHED already; one that does
         # not (evaluate, promote, sync) is ended here; a failure ends it FAILED / KILLED.
-        with tracking.ending_run(self.client, child), tracking.adopting(child):
+        with tracking.ending_run(self.client, child):
             summary, run_id = work(child)
         run = self.client.get_run(run_id)
         record = StepRecord(step, name, run_id, run.info.run_name or "", False,
@@ -290,10 +199,11 @@ class Pipeline:
         """A killed training run of this key with a checkpoint: continue it, not start over."""
         if step != "train" or self.params.force:
             return None
-        for run in self._search(f"tags.`{KEY_TAG}` = '{key}' and attributes.status = 'KILLED'"):
+        killed = f"tags.`{STEP_KEY_TAG}` = '{key}' and attributes.status = 'KILLED'"
+        for run in self._search(killed):
             names = {f.path for f in self.client.list_artifacts(run.info.run_id, "checkpoints")}
             if "checkpoints/last.pt" in names:
-                self.client.set_tag(run.info.run_id, PARENT_TAG, self.parent)
+                self.client.set_tag(run.info.run_id, MLFLOW_PARENT_RUN_ID, self.parent)
                 return run.info.run_id
         return None
 
@@ -315,9 +225,10 @@ def _reused_summary(step: str, run: Run) -> str:
 
 def run_pipeline(params: PipelineParams, tracking_uri: str, mongo_uri: str = "", *,
                  progress: bool | None = None,
-                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
-                 ) -> PipelineOutcome:
-    """Run (or resume) the whole pipeline; returns its parent run, steps and final table."""
+                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+                 job_run_id: str | None = None) -> PipelineOutcome:
+    """Run (or resume) the whole pipeline; returns its parent run, steps and final table.
+    `job_run_id`: the run `mlflow run -e main` opened, filled in as the parent run."""
     from components.data.datasets import folder_fingerprint, resolve_data
 
     params.validate()
@@ -326,9 +237,9 @@ def run_pipeline(params: PipelineParams, tracking_uri: str, mongo_uri: str = "",
                             "MONGO_URI, or pass --sync false")
     dataset, _ = resolve_data(params.data)
     progress = sys.stderr.isatty() if progress is None else progress
-    p = Pipeline(params, tracking_uri, mongo_uri, log, progress)
+    p = Pipeline(params, tracking_uri, mongo_uri, log, progress, job_run_id)
     experiment = _experiment_name(p.client, params.experiment or dataset,
-                                  explicit=bool(params.experiment))
+                                  explicit=bool(params.experiment), job_run_id=job_run_id)
     data_digest = folder_fingerprint(params.data)
     key = step_key(PIPELINE_STEP, {**params.key_inputs(), "data_digest": data_digest}, p.code)
     models = params.model_list()
@@ -371,7 +282,7 @@ def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
                            test_ratio=params.test_ratio, seed=params.seed)
 
     def eda(child: str) -> tuple[str, str]:
-        out = run_eda(eda_params, p.uri, progress=p.progress, log=p.log)
+        out = run_eda(eda_params, p.uri, progress=p.progress, log=p.log, job_run_id=child)
         return f"{int(out.metrics['n_images'])} images, {len(out.findings)} findings", child
 
     p.step("eda", "eda", {**eda_params.logged(), "data_digest": data_digest}, eda)
@@ -379,7 +290,8 @@ def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
     prep_params = params.preprocess_params(experiment)
 
     def preprocess(child: str) -> tuple[str, str]:
-        out = run_preprocess(prep_params, p.uri, progress=p.progress, log=p.log)
+        out = run_preprocess(prep_params, p.uri, progress=p.progress, log=p.log,
+                             job_run_id=child)
         return f"split digest {out.digest[:12]}", child
 
     prep = p.step("preprocess", "preprocess",
@@ -390,12 +302,11 @@ def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
         tp = params.train_params(model, prep.run_id, experiment)
 
         def fit(child: str, tp=tp) -> tuple[str, str]:
-            if client.get_run(child).data.tags.get(tracking.VERSION_TAG):  # killed: resume it
-                with tracking.not_adopting():
-                    resume = Train(resume=child, device=tp.device, num_workers=tp.num_workers)
-                    out = train(resume, p.uri, progress=p.progress, log=p.log)
+            if client.get_run(child).data.tags.get(VERSION_TAG):  # killed: resume it
+                resume = Train(resume=child, device=tp.device, num_workers=tp.num_workers)
+                out = train(resume, p.uri, progress=p.progress, log=p.log)
             else:
-                out = train(tp, p.uri, progress=p.progress, log=p.log)
+                out = train(tp, p.uri, progress=p.progress, log=p.log, job_run_id=child)
             r = out.result
             return (f"best_val_acc {r.best_val_acc:.4f} (epoch {r.best_epoch}/{r.epochs_run})",
                     out.run_id)
@@ -409,10 +320,11 @@ def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
 
     def evaluation_step(label: str, run_id: str) -> None:
         def run(child: str) -> tuple[str, str]:
-            tracking.open_step_run(client, "evaluate", experiment,
-                                   {"cnnflow.evaluated_run_id": run_id})
+            tracking.open_run(client, step="evaluate", experiment=experiment, adopt=child,
+                              tags={EVALUATED_RUN_TAG: run_id})
             out = evaluate(EvalParams(run_id=run_id, registered_model=name, promote=False,
-                                      metric=params.metric), p.uri, log=p.log)
+                                      metric=params.metric), p.uri, log=p.log,
+                           job_run_id=child)
             keep = {k: out.metrics[k] for k in ("test_acc", "test_loss", "latency_ms_p50",
                                                 "model_size_mb") if k in out.metrics}
             tracking.log_metrics(client, child, keep)
@@ -444,7 +356,8 @@ def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
         def combine(child: str) -> tuple[str, str]:
             out = run_ensemble(EnsembleParams(run_ids=",".join(members), experiment=experiment,
                                               vote=params.vote, device=params.device,
-                                              num_workers=0), p.uri, log=p.log)
+                                              num_workers=0), p.uri, log=p.log,
+                               job_run_id=child)
             return (f"{len(members)} members ({', '.join(ranked[:params.top_k])}); "
                     f"test_acc {out.metrics.get('test_acc', float('nan')):.4f}", child)
 
@@ -453,7 +366,7 @@ def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
         evaluation_step("ensemble", ensemble_run)
 
     def promote(child: str) -> tuple[str, str]:
-        tracking.open_step_run(client, "promote", experiment)
+        tracking.open_run(client, step="promote", experiment=experiment, adopt=child)
         best = _best_version(client, name, versions, params.metric)
         client.set_registered_model_alias(name, registry.CHALLENGER, best)
         decision = registry.promote(client, name, metric=params.metric,
@@ -473,7 +386,7 @@ def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
         from components.mirror.sync import SyncOptions, sync_once
 
         def mirror(child: str) -> tuple[str, str]:
-            tracking.open_step_run(client, "sync", experiment)
+            tracking.open_run(client, step="sync", experiment=experiment, adopt=child)
             report = sync_once(p.uri, p.mongo_uri, SyncOptions(experiments=[experiment]))
             tracking.log_metrics(client, child, {"runs_listed": report.listed,
                                                  "runs_written": report.changed,
@@ -505,15 +418,15 @@ def _weights_input(model: str, weights: str) -> str:
 
 def _registered_version(run: Run) -> str:
     """N of the `name/N` an evaluate step run records (what `evaluate` tags its job run with)."""
-    return run.data.tags.get("cnnflow.registered_version", "").rpartition("/")[2]
+    return run.data.tags.get(REGISTERED_VERSION_TAG, "").rpartition("/")[2]
 
 
-def _experiment_name(client: MlflowClient, name: str, explicit: bool) -> str:
+def _experiment_name(client: MlflowClient, name: str, explicit: bool,
+                     job_run_id: str | None) -> str:
     """Under `mlflow run -e main` the parent run exists already: its experiment is ours."""
-    adopted = os.environ.get("MLFLOW_RUN_ID")
-    if not adopted:
+    if not job_run_id:
         return name
-    actual = client.get_experiment(client.get_run(adopted).info.experiment_id).name
+    actual = client.get_experiment(client.get_run(job_run_id).info.experiment_id).name
     if explicit and actual != name:
         raise PipelineError(f"-P experiment={name} but mlflow run started the run in "
                             f"experiment '{actual}': pass the same name to --experiment-name")

@@ -18,9 +18,7 @@ run tagged `cnnflow.step=preprocess`. `train --preprocess-run <id>` reads them b
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 import os
 import shutil
 import sys
@@ -41,63 +39,20 @@ from components.data.datasets import (
     SPLITS,
     DataError,
     DatasetSplits,
-    check_ratios,
     list_images,
     load_splits,
     remove_stale_tmp,
     resolve_data,
 )
 from components.data.images import read_files
+from components.errors import one_line
+from components.files import read_csv, write_csv
+from components.names import DATA_ROOT_TAG, DATASET_DIGEST_TAG, DATASET_TAG, STEP_TAG
 from components.settings import data_cache_dir
+from components.steps.params import PreprocessParams
 
 MANIFEST_COLUMNS = ("path", "label", "class_index", "split", "sha1", "width", "height")
 KEEP_LEAKED_IN = ("test", "val", "train")  # a leaked image stays in the first split listed
-MIN_IMAGE_SIZE = 8
-
-
-@dataclass
-class PreprocessParams:
-    """Parameters of `cnnflow preprocess` / `mlflow run . -e preprocess`, with their defaults."""
-
-    data: str = "digits"
-    experiment: str = ""
-    train_ratio: float = 0.6
-    val_ratio: float = 0.2
-    test_ratio: float = 0.2
-    seed: int = 42
-    cache: bool = False
-    image_size: int = 32
-    num_workers: int = -1
-
-    def validate(self) -> None:
-        """Cheap checks first: a typo must not cost a scan of the folder or create a run."""
-        for name in ("train_ratio", "val_ratio", "test_ratio"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
-                raise DataError(f"{name}={value} is outside [0, 1]: pass a share such as 0.2")
-        total = self.train_ratio + self.val_ratio + self.test_ratio
-        if not math.isclose(total, 1.0, abs_tol=1e-6):
-            raise DataError(
-                f"train_ratio + val_ratio + test_ratio = {total:g}, not 1: pass shares that "
-                "add up to 1, e.g. 0.6 0.2 0.2, 0.7 0.3 0 or 0.9 0.1 0")
-        if self.train_ratio <= 0:
-            raise DataError("train_ratio=0 leaves nothing to train on: give train a share > 0")
-        check_ratios(self.val_ratio, self.test_ratio)
-        if self.image_size < MIN_IMAGE_SIZE:
-            raise DataError(f"image_size={self.image_size} is below {MIN_IMAGE_SIZE}: pass the "
-                            "square size the model trains at, e.g. 32 or 224")
-        if self.num_workers < -1:
-            raise DataError(f"num_workers={self.num_workers} must be -1 (one per CPU core), "
-                            "0 (in this process) or more")
-
-    def logged(self) -> dict[str, Any]:
-        """Everything that changes the outputs (not the worker count or the experiment).
-
-        `cache` is logged as true/false, the form `mlflow run -P cache=true` logs it in.
-        """
-        logged = {k: getattr(self, k) for k in ("data", "train_ratio", "val_ratio",
-                                                "test_ratio", "seed", "image_size")}
-        return {**logged, "cache": str(self.cache).lower()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,11 +210,11 @@ def write_outputs(plan: SplitPlan, out_dir: Path) -> Path:
     data_dir = Path(out_dir) / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     s = plan.splits
-    _write_csv(data_dir / "manifest.csv", plan.manifest_rows(), list(MANIFEST_COLUMNS))
-    _write_csv(data_dir / "skipped_files.csv",
-               [{"path": s.relpath(p), "reason": r} for p, r in s.skipped], ["path", "reason"])
-    _write_csv(data_dir / "leakage_moved.csv", plan.moved,
-               ["path", "label", "sha1", "from_split", "to_split"])
+    write_csv(data_dir / "manifest.csv", plan.manifest_rows(), list(MANIFEST_COLUMNS))
+    write_csv(data_dir / "skipped_files.csv",
+              [{"path": s.relpath(p), "reason": r} for p, r in s.skipped], ["path", "reason"])
+    write_csv(data_dir / "leakage_moved.csv", plan.moved,
+              ["path", "label", "sha1", "from_split", "to_split"])
     if plan.pixels is not None:
         write_cache(plan, Path(out_dir) / "cache")
     return Path(out_dir)
@@ -293,13 +248,6 @@ def write_cache(plan: SplitPlan, cache_dir: Path, chunk: int = 512) -> None:
     (cache_dir / "cache.json").write_text(json.dumps(info, indent=2))
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]], header: list[str]) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=header)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 # --------------------------------------------------------------------------------------------
 # The tracked step
 # --------------------------------------------------------------------------------------------
@@ -320,9 +268,10 @@ def prepared_dir() -> Path:
 
 
 def run_preprocess(params: PreprocessParams, tracking_uri: str, *, progress: bool | None = None,
-                   log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
-                   ) -> PreprocessOutcome:
-    """Plan the split (no run yet), then write and log the outputs as a `preprocess` run."""
+                   log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+                   job_run_id: str | None = None) -> PreprocessOutcome:
+    """Plan the split (no run yet), then write and log the outputs as a `preprocess` run
+    (`job_run_id`: the run opened for this job, filled in instead of a new one)."""
     params.validate()
     client = tracking.connect(tracking_uri)
     progress = sys.stderr.isatty() if progress is None else progress
@@ -333,10 +282,11 @@ def run_preprocess(params: PreprocessParams, tracking_uri: str, *, progress: boo
     try:
         plan = plan_split(params, work / "scratch", progress=progress, log=log)
         s = plan.splits
-        tags = {"cnnflow.dataset": s.name, "cnnflow.dataset_digest": s.digest(),
-                "cnnflow.data_root": str(s.root), "cnnflow.presplit": str(s.presplit).lower()}
-        run_id, exp_id, run_name = tracking.open_step_run(
-            client, "preprocess", params.experiment or s.name, tags)
+        tags = {DATASET_TAG: s.name, DATASET_DIGEST_TAG: s.digest(),
+                DATA_ROOT_TAG: str(s.root), "cnnflow.presplit": str(s.presplit).lower()}
+        run_id, exp_id, run_name = tracking.open_run(
+            client, step="preprocess", experiment=params.experiment or s.name,
+            adopt=job_run_id, tags=tags)
         with tracking.ending_run(client, run_id):
             tracking.log_params_and_tags(client, run_id, params.logged(), {})
             out = write_outputs(plan, work / "out")
@@ -378,8 +328,7 @@ def read_manifest(path: Path, root: Path, name: str,
                   presplit: bool = False) -> DatasetSplits:
     """A manifest CSV back into DatasetSplits (same rows, same order, same digest)."""
     try:
-        with Path(path).open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
+        rows = read_csv(path)
     except OSError as exc:
         raise DataError(f"cannot read manifest {path}: {exc}") from None
     if not rows or not set(MANIFEST_COLUMNS[:4]) <= set(rows[0]):
@@ -419,7 +368,7 @@ def load_prepared(client: MlflowClient, run_id: str, image_size: int,
     except MlflowException:
         raise DataError(f"preprocess run '{run_id}' does not exist on this tracking server: "
                         "pass the run id `cnnflow preprocess` printed") from None
-    if run.data.tags.get(tracking.STEP_TAG) != "preprocess":
+    if run.data.tags.get(STEP_TAG) != "preprocess":
         raise DataError(f"run '{run_id}' is not a cnnflow preprocess run: pass the run id "
                         "`cnnflow preprocess` printed")
     if run.info.status != "FINISHED":
@@ -427,18 +376,17 @@ def load_prepared(client: MlflowClient, run_id: str, image_size: int,
                         "run `cnnflow preprocess` again and use the new run")
     params, tags = run.data.params, run.data.tags
     asked, data = data, params.get("data", "")
-    root = resolve_data(data)[1] if data in BUNDLED_DATASETS else Path(tags["cnnflow.data_root"])
+    root = resolve_data(data)[1] if data in BUNDLED_DATASETS else Path(tags[DATA_ROOT_TAG])
     if asked is not None and asked != data and not _same_folder(asked, root):
         raise DataError(f"data={asked} is not the dataset of preprocess run {run_id} ({data}): "
                         "leave --data out or pass the same folder")
     local = prepared_dir() / run_id
     data_dir = _fetch(client, run_id, "data", local)
-    skipped = []
-    with (data_dir / "skipped_files.csv").open(newline="") as fh:
-        skipped = [(str(root / r["path"]), r["reason"]) for r in csv.DictReader(fh)]
-    splits = read_manifest(data_dir / "manifest.csv", root, tags.get("cnnflow.dataset", data),
+    skipped = [(str(root / r["path"]), r["reason"])
+               for r in read_csv(data_dir / "skipped_files.csv")]
+    splits = read_manifest(data_dir / "manifest.csv", root, tags.get(DATASET_TAG, data),
                            skipped, tags.get("cnnflow.presplit") == "true")
-    if splits.digest() != tags.get("cnnflow.dataset_digest"):
+    if splits.digest() != tags.get(DATASET_DIGEST_TAG):
         raise DataError(f"the manifest in {data_dir} does not match run {run_id}'s digest: "
                         f"delete {local} and train again")
 
@@ -482,7 +430,7 @@ def _fetch(client: MlflowClient, run_id: str, artifact: str, local: Path) -> Pat
             client.download_artifacts(run_id, artifact, str(tmp))
         except (MlflowException, OSError) as exc:
             raise DataError(f"cannot fetch '{artifact}' of preprocess run {run_id}: "
-                            f"{' '.join(str(exc).split())[:200]}") from None
+                            f"{one_line(exc)[:200]}") from None
         try:
             os.replace(tmp / artifact, target)
         except OSError:

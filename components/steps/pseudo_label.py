@@ -16,14 +16,12 @@ val/test images never leaked into train. Here:
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 from components import tracking
 from components.data.datasets import (
@@ -31,17 +29,16 @@ from components.data.datasets import (
     verify_images,
 )
 from components.errors import CnnflowError
+from components.files import write_csv
 from components.nn.engine import resolve_device
 from components.serving.metrics import metric_key
 from components.serving.predict import auto_batch_size, load_model, predict_samples
 from components.steps.evaluate import resolve_target
+from components.steps.params import PseudoLabelParams
 
 
 class PseudoLabelError(CnnflowError, ValueError):
     """Bad pseudo-labelling input; one line saying what to do."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,48 +57,12 @@ PLACERS: dict[str, Callable[[Path, Path], None]] = {
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class PseudoLabelParams:
-    """Parameters of `cnnflow pseudo-label`, with their defaults."""
-
-    model: str = ""
-    images: str = ""
-    out: str = ""
-    threshold: float = 0.95
-    mode: str = "copy"
-    experiment: str = ""
-    batch_size: int = 0
-    num_workers: int = 0
-    device: str = "auto"
-
-    def validate(self) -> None:
-        if not self.model:
-            raise PseudoLabelError("pass --model: a models:/ URI or the run id of a trained "
-                                   "model")
-        if not (0.0 < self.threshold <= 1.0):
-            raise PseudoLabelError(f"threshold must be in (0, 1] (got {self.threshold})")
-        if self.mode not in PLACERS:
-            raise PseudoLabelError(f"unknown mode '{self.mode}': use one of "
-                                   f"{', '.join(sorted(PLACERS))}")
-        if self.batch_size < 0 or self.num_workers < 0:
-            raise PseudoLabelError("batch_size and num_workers must be >= 0")
-        images = Path(self.images).expanduser()
-        if not self.images or not images.is_dir():
-            raise PseudoLabelError(f"images folder '{self.images}' does not exist: pass a "
-                                   "folder of unlabelled images")
-        out = self.out_dir()
-        if out.exists() and any(out.iterdir()):
-            raise PseudoLabelError(f"output folder {out} is not empty: pass a new --out")
-        if out.resolve().is_relative_to(images.resolve()):
-            raise PseudoLabelError(f"output folder {out} is inside the images folder: pass "
-                                   "an --out elsewhere")
-
-    def out_dir(self) -> Path:
-        """Default: `<images>-pseudo` next to the images folder."""
-        if self.out:
-            return Path(self.out).expanduser()
-        images = Path(self.images).expanduser().resolve()
-        return images.with_name(f"{images.name}-pseudo")
+def check(params: PseudoLabelParams) -> None:
+    """Every check before a run exists: the parameters' own, then `mode` against PLACERS."""
+    params.validate()
+    if params.mode not in PLACERS:
+        raise PseudoLabelError(f"unknown mode '{params.mode}': use one of "
+                               f"{', '.join(sorted(PLACERS))}")
 
 
 @dataclass
@@ -128,10 +89,11 @@ def _unlabelled_images(folder: Path) -> list[Path]:
 
 
 def run_pseudo_label(params: PseudoLabelParams, tracking_uri: str,
-                     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
-                     ) -> PseudoLabelOutcome:
-    """Label confidently predicted images into a new class-layout folder; log the run."""
-    params.validate()
+                     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr), *,
+                     job_run_id: str | None = None) -> PseudoLabelOutcome:
+    """Label confidently predicted images into a new class-layout folder; log the run
+    (`job_run_id`: the run opened for this job, filled in instead of a new one)."""
+    check(params)
     client = tracking.connect(tracking_uri)
     is_uri = params.model.startswith("models:/")
     target = resolve_target(client, run_id="" if is_uri else params.model,
@@ -145,8 +107,9 @@ def run_pseudo_label(params: PseudoLabelParams, tracking_uri: str,
         raise PseudoLabelError(f"no readable images in {images_dir}")
     device = resolve_device(params.device)
     model = load_model(target.model_uri).to(device)
-    run_id, _, run_name = tracking.open_step_run(client, "pseudo_label",
-                                                 params.experiment or target.experiment)
+    run_id, _, run_name = tracking.open_run(
+        client, step="pseudo_label", experiment=params.experiment or target.experiment,
+        adopt=job_run_id)
     out = params.out_dir()
     with tracking.ending_run(client, run_id):
         log(f"pseudo-labelling {len(paths)} images with {target.model_uri} ({device.type})")
@@ -169,11 +132,11 @@ def run_pseudo_label(params: PseudoLabelParams, tracking_uri: str,
             PLACERS[params.mode](src, dst)
             entry["file"] = dst.relative_to(out).as_posix()
             per_class[entry["predicted"]] += 1
-        _write_csv(out / "pseudo_labels.csv", confident,
-                   ["path", "file", "predicted", "confidence"])
-        _write_csv(out / "below_threshold.csv", below, ["path", "predicted", "confidence"])
-        _write_csv(out / "skipped_files.csv", [{"path": p, "reason": r} for p, r in skipped],
-                   ["path", "reason"])
+        write_csv(out / "pseudo_labels.csv", confident,
+                  ["path", "file", "predicted", "confidence"])
+        write_csv(out / "below_threshold.csv", below, ["path", "predicted", "confidence"])
+        write_csv(out / "skipped_files.csv", [{"path": p, "reason": r} for p, r in skipped],
+                  ["path", "reason"])
         logged = {f.name: getattr(params, f.name) for f in fields(params)}
         logged["out"] = str(out)
         present = client.get_run(run_id).data.params
@@ -205,10 +168,3 @@ def _free_name(folder: Path, src: Path, root: Path) -> Path:
         dst = folder / f"{n}_{flat}"
         n += 1
     return dst
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]], header: list[str]) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)

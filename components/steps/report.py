@@ -27,9 +27,20 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from components import plots, tracking
 from components.errors import CnnflowError
+from components.files import replace_dir
+from components.names import (
+    BEST_TRIAL_TAG,
+    DATASET_TAG,
+    FOLD_TAG,
+    MODEL_TAG,
+    RETRAINED_RUN_TAG,
+    STEP_TAG,
+    TRIAL_TAG,
+)
 from components.settings import mask_uri
 from components.tracking import comparison, registry
 
@@ -55,9 +66,6 @@ PIPELINE_STEPS = "pipeline/steps.json"
 
 class ReportError(CnnflowError, RuntimeError):
     """A report that cannot be built; one line saying what to do."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
 
 
 @dataclass
@@ -98,7 +106,7 @@ def check_pdf(pdf: str) -> str:
 
 def _search(client: MlflowClient, exp_id: str, step: str, finished: bool = True) -> list[Run]:
     """The experiment's runs of one step, newest first."""
-    query = f"tags.`{tracking.STEP_TAG}` = '{step}'"
+    query = f"tags.`{STEP_TAG}` = '{step}'"
     if finished:
         query += " and attributes.status = 'FINISHED'"
     return client.search_runs([exp_id], filter_string=query, run_view_type=ViewType.ACTIVE_ONLY,
@@ -118,9 +126,9 @@ def pipeline_run(client: MlflowClient, run_id: str, exp_id: str, experiment: str
     if run is None:
         raise ReportError(f"pipeline run '{run_id}' not found on this tracking server: pass the "
                           "run id cnnflow pipeline printed, or leave --pipeline-run out")
-    if run.data.tags.get(tracking.STEP_TAG) != "pipeline":
+    if run.data.tags.get(STEP_TAG) != "pipeline":
         raise ReportError(f"run '{run_id}' is not a pipeline run (cnnflow.step="
-                          f"{run.data.tags.get(tracking.STEP_TAG, 'none')}): pass a pipeline "
+                          f"{run.data.tags.get(STEP_TAG, 'none')}): pass a pipeline "
                           "run's id, or leave --pipeline-run out")
     if run.info.experiment_id != exp_id:
         raise ReportError(f"pipeline run '{run_id}' belongs to another experiment than "
@@ -164,7 +172,7 @@ def select_runs(client: MlflowClient, exp_id: str, experiment: str,
         parents: dict[str, str] = {}
         newest: dict[str, Run] = {}  # model -> its latest finished run
         for run in _search(client, exp_id, "train"):
-            model = run.data.tags.get(tracking.MODEL_TAG, run.info.run_id)
+            model = run.data.tags.get(MODEL_TAG, run.info.run_id)
             if model not in newest and _top_level(client, run, parents):
                 newest[model] = run
         train = list(reversed(newest.values()))
@@ -185,14 +193,14 @@ def _top_level(client: MlflowClient, run: Run, parents: dict[str, str]) -> bool:
     `parents` caches parent run id -> its step, so siblings cost one lookup.
     """
     tags = run.data.tags
-    if "cnnflow.fold" in tags or "cnnflow.trial" in tags:
+    if FOLD_TAG in tags or TRIAL_TAG in tags:
         return False
-    parent = tags.get("mlflow.parentRunId")
+    parent = tags.get(MLFLOW_PARENT_RUN_ID)
     if not parent:
         return True
     if parent not in parents:
         found = _get_run(client, parent)
-        parents[parent] = found.data.tags.get(tracking.STEP_TAG, "") if found else ""
+        parents[parent] = found.data.tags.get(STEP_TAG, "") if found else ""
     return parents[parent] == "pipeline"
 
 
@@ -427,7 +435,7 @@ def _eda_section(doc: Document, figs: _Figures, sel: Selection) -> None:
         doc.para("No finished eda run in this experiment: run `cnnflow eda` for a dataset "
                  "summary.")
         return
-    dataset = run.data.tags.get("cnnflow.dataset", "")
+    dataset = run.data.tags.get(DATASET_TAG, "")
     doc.para(f"From eda run `{_name(run)}` (`{run.info.run_id}`)"
              + (f", dataset `{dataset}`." if dataset else "."))
     metrics = run.data.metrics
@@ -566,12 +574,12 @@ def _tuning_section(doc: Document, figs: _Figures, sel: Selection) -> None:
         if "best_value" in metrics:
             items.append(f"best {metric}: {comparison.format_cell(metrics['best_value'])}"
                          + (f" (trial {run.data.tags['cnnflow.best_trial']})"
-                            if "cnnflow.best_trial" in run.data.tags else ""))
+                            if BEST_TRIAL_TAG in run.data.tags else ""))
         counts = [f"{metrics[k]:.0f} {k.split('_')[-1]}" for k in
                   ("n_trials_complete", "n_trials_pruned", "n_trials_failed") if k in metrics]
         if counts:
             items.append("trials: " + ", ".join(counts))
-        if retrained := run.data.tags.get("cnnflow.retrained_run_id"):
+        if retrained := run.data.tags.get(RETRAINED_RUN_TAG):
             items.append(f"best configuration retrained as run `{retrained}`")
         doc.bullets(items)
         best = [{"param": k[len("best_"):], "value": v} for k, v in sorted(params.items())
@@ -615,10 +623,11 @@ def _registry_section(doc: Document, client: MlflowClient, experiment: str) -> N
 
 def build_report(tracking_uri: str, experiment: str, *, reports_dir: str | Path = "reports",
                  pipeline_run_id: str = "", pdf: str = "auto",
-                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
-                 ) -> ReportOutcome:
+                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+                 job_run_id: str | None = None) -> ReportOutcome:
     """Write `<reports_dir>/<experiment>/` (report.md, report.html, figures/, maybe report.pdf)
-    in one step and log it under `report/` into the pipeline run (or a `report-vN` run)."""
+    in one step and log it under `report/` into the pipeline run (or a `report-vN` run: the
+    job's run `job_run_id` when given, else a new one)."""
     pdf = check_pdf(pdf)
     client = tracking.connect(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
@@ -642,7 +651,8 @@ def build_report(tracking_uri: str, experiment: str, *, reports_dir: str | Path 
     if pipeline is not None:
         outcome = _write(*args, pipeline.info.run_id, _name(pipeline))
     else:
-        run_id, _, run_name = tracking.open_step_run(client, "report", experiment)
+        run_id, _, run_name = tracking.open_run(client, step="report", experiment=experiment,
+                                                adopt=job_run_id)
         with tracking.ending_run(client, run_id):
             outcome = _write(*args, run_id, run_name)
     outcome.pdf_note = outcome.pdf_note or pdf_note
@@ -657,8 +667,6 @@ def _write(client: MlflowClient, tracking_uri: str, experiment: str, sel: Select
            folder: Path, converter: str | None, pdf: str, log: Callable[[str], None],
            run_id: str, run_name: str) -> ReportOutcome:
     """Build in a sibling temp folder, log it, then swap it into place: all or nothing."""
-    from components.steps.eda import replace_dir
-
     made = [p for p in (folder.parent, *folder.parent.parents) if not p.exists()]
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-tmp-", dir=folder.parent))

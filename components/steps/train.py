@@ -1,32 +1,44 @@
 """One training run end to end: data -> model -> engine -> MLflow run.
 
-`TrainParams` is the single source of the `train` entry point's parameters and defaults:
-the click command, the MLproject entry point and resumed runs all go through it.
+Its parameters are `TrainParams` (components/steps/params.py): the click command, the
+MLproject entry point and resumed runs all go through it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
 from components import tracking
 from components.data.datasets import DatasetSplits, class_weights, load_splits, make_loaders
 from components.data.extra_train import extra_train_samples
 from components.errors import CnnflowError
+from components.files import write_csv
+from components.names import (
+    CLASS_NAMES_TAG,
+    DATASET_DIGEST_TAG,
+    DATASET_TAG,
+    DEVICE_TAG,
+    FOLD_TAG,
+    MODEL_URI_TAG,
+    PREPROCESS_RUN_TAG,
+    STEP_TAG,
+    TRIAL_TAG,
+    WEIGHTS_SOURCE_TAG,
+)
 from components.nn import distributed
 from components.nn.engine import (
     Callback,
     ConsoleCallback,
     FitResult,
-    TrainConfig,
     fit,
     load_checkpoint,
     seed_everything,
@@ -34,6 +46,7 @@ from components.nn.engine import (
 from components.nn.engine import resolve_device as _resolve_device
 from components.nn.models import create_model, model_normalization
 from components.settings import mask_uri
+from components.steps.params import TrainParams
 from components.steps.preprocess import load_prepared
 from components.tracking.callback import MLflowCallback
 from components.tracking.models import log_pyfunc_model
@@ -41,101 +54,6 @@ from components.tracking.models import log_pyfunc_model
 
 class TrainingError(CnnflowError, RuntimeError):
     """A run-level problem (bad resume target, bad parameter) with a one-line message."""
-
-
-@dataclass
-class TrainParams:
-    """Parameters of `cnnflow train` / `mlflow run . -e train`, with their defaults."""
-
-    data: str = "digits"
-    experiment: str = ""
-    model: str = "custom_cnn"
-    weights: str = "auto"
-    freeze: str = "none"
-    image_size: int = 32
-    batch_size: int = 32
-    epochs: int = 10
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    scheduler: str = "none"
-    scheduler_patience: int = 3
-    scheduler_factor: float = 0.1
-    momentum: float = 0.9
-    patience: int = 10
-    min_delta: float = 0.0
-    augmentation: str = "light"
-    dropout: float = 0.5
-    head_hidden: int = 0
-    label_smoothing: float = 0.0
-    class_weights: str = "none"
-    val_ratio: float = 0.2
-    test_ratio: float = 0.2
-    preprocess_run: str = ""
-    seed: int = 42
-    device: str = "auto"
-    amp: str = "auto"
-    num_workers: int = 2
-    nproc: int = 1
-    resume: str = ""
-    cv: int = 0
-    cv_ensemble: bool = False
-    extra_train: str = ""
-
-    # Parameters that describe the run, not the result; a resumed run may change them.
-    RUNTIME = ("device", "amp", "num_workers", "resume", "experiment")
-
-    def engine_config(self, progress: bool) -> TrainConfig:
-        """The engine's knobs carry the same names as the run's parameters."""
-        shared = {f.name: getattr(self, f.name) for f in fields(TrainConfig)
-                  if f.name != "progress"}
-        return TrainConfig(**shared, progress=progress)
-
-    def validate(self) -> None:
-        """Cheap checks first, so a typo never creates an empty MLflow run."""
-        if self.image_size < 8:
-            raise TrainingError(f"image_size must be >= 8 (got {self.image_size})")
-        if self.batch_size < 1:
-            raise TrainingError(f"batch_size must be >= 1 (got {self.batch_size})")
-        if self.num_workers < 0:
-            raise TrainingError(f"num_workers must be >= 0 (got {self.num_workers})")
-        if self.cv < 0 or self.cv == 1:
-            raise TrainingError(f"cv must be 0 (off) or >= 2 folds (got {self.cv})")
-        if self.cv_ensemble and not self.cv:
-            raise TrainingError("cv_ensemble needs --cv K (K >= 2 folds to ensemble)")
-        if self.preprocess_run and (self.cv or self.extra_train):
-            raise TrainingError("cv and extra_train read the image folder: drop "
-                                "--preprocess-run, or use it without --cv / --extra-train")
-        distributed.check_nproc(self.nproc, self.device)
-        if self.nproc > 1 and (self.resume or self.cv or self.preprocess_run):
-            raise TrainingError("nproc > 1 trains a new run from the image folder: drop "
-                                "--resume / --cv / --preprocess-run, or use --nproc 1")
-        self.engine_config(progress=False).validate()
-
-    def logged(self) -> dict[str, Any]:
-        """Params of the run. An empty `preprocess_run` is left out: `mlflow run` logs an empty
-        value itself (as "''"), and MLflow refuses a second, different value."""
-        return {f.name: _param_text(getattr(self, f.name)) for f in fields(self)
-                if f.name not in ("resume", "experiment")
-                and not (f.name in ("preprocess_run", "extra_train")
-                         and not getattr(self, f.name))}
-
-    @classmethod
-    def from_logged(cls, logged: dict[str, str], **runtime: Any) -> TrainParams:
-        """Rebuild the parameters of an earlier run from its MLflow params (for resume)."""
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name in logged and isinstance(f.default, bool):
-                values[f.name] = logged[f.name].lower() == "true"
-            elif f.name in logged:
-                values[f.name] = type(f.default)(logged[f.name])
-        values.update(runtime)
-        return cls(**values)
-
-
-def _param_text(value: Any) -> Any:
-    """Booleans as `mlflow run` logs MLproject values ("true"), so both agree."""
-    return str(value).lower() if isinstance(value, bool) else value
 
 
 @dataclass
@@ -159,12 +77,15 @@ def train(params: TrainParams, tracking_uri: str, *, progress: bool | None = Non
           log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
           train_sample: Callable[[DatasetSplits], DatasetSplits] | None = None,
           parent_run_id: str | None = None, callbacks: Sequence[Callback] = (),
-          run_tags: dict[str, str] | None = None) -> TrainOutcome:
+          run_tags: dict[str, str] | None = None, job_run_id: str | None = None
+          ) -> TrainOutcome:
     """Train one model as one MLflow run (or continue `params.resume`); returns where it went.
 
     Hooks for bagging (components.steps.ensemble): `train_sample` swaps the train list the loaders
     read (a bootstrap sample) while the logged manifest and digest stay the dataset's own, so
     members stay comparable; `parent_run_id` nests the run under the ensemble's run.
+    `job_run_id`: the run opened for this job (by `mlflow run`, or the `main` pipeline's
+    child), filled in instead of a new run; a resumed run reopens `params.resume` instead.
     Hooks for tuning / cross-validation: `callbacks` run after MLflow's each epoch (a pruning
     callback raises there; an exception with `run_status` / `run_tags` attributes ends the
     run with that status and those tags instead of FAILED); `run_tags` go on the new run.
@@ -191,13 +112,13 @@ def train(params: TrainParams, tracking_uri: str, *, progress: bool | None = Non
             raise TrainingError(f"nproc={params.nproc} needs worker processes: use "
                                 "`cnnflow train --nproc N` or torchrun")
         return _train(client, params, tracking_uri, progress, log, train_sample,
-                      parent_run_id, callbacks, run_tags, resumed)
+                      parent_run_id, callbacks, run_tags, resumed, job_run_id)
     device = _resolve_device(distributed.device_for_rank(params.device))
     distributed.init_process_group(device.type)
     try:
         quiet = log if distributed.is_main() else lambda s: None
         outcome = _train(client, params, tracking_uri, progress, quiet, train_sample,
-                         parent_run_id, callbacks, run_tags, resumed)
+                         parent_run_id, callbacks, run_tags, resumed, job_run_id)
     except BaseException:
         distributed.destroy_process_group()
         raise
@@ -209,18 +130,19 @@ def _train(client, params: TrainParams, tracking_uri: str, progress: bool,
            log: Callable[[str], None],
            train_sample: Callable[[DatasetSplits], DatasetSplits] | None,
            parent_run_id: str | None, callbacks: Sequence[Callback],
-           run_tags: dict[str, str] | None, resumed: TrainParams | None) -> TrainOutcome:
+           run_tags: dict[str, str] | None, resumed: TrainParams | None,
+           job_run_id: str | None) -> TrainOutcome:
     """`train` after validation, in one process or as one rank of a process group."""
 
     # Everything that can fail on bad input happens before a run exists.
-    params, splits, arrays, source = _load_data(client, params, log)
+    params, splits, arrays, source = _load_data(client, params, log, job_run_id)
     if not splits.val:
         raise TrainingError(f"dataset '{splits.name}' has no validation images: use "
                             "--val-ratio > 0 or add a val/ folder")
     device = _resolve_device(distributed.device_for_rank(params.device))
-    config = params.engine_config(progress)
-    if distributed.world()[1] > 1:  # this rank's GPU (cuda:LOCAL_RANK), not plain `cuda`
-        config.device = str(device)
+    config = params.engine_config()
+    # On a process group `device` is this rank's GPU (cuda:LOCAL_RANK), not plain `cuda`.
+    run_on = {"device": str(device), "seed": params.seed, "progress": progress}
     weights = class_weights(splits, params.class_weights)
     seed_everything(params.seed)  # before the model exists: its initial weights are seeded too
     model, weights_source = create_model(
@@ -246,11 +168,17 @@ def _train(client, params: TrainParams, tracking_uri: str, progress: bool,
     if not distributed.is_main():  # a worker rank: train its shard, leave MLflow to rank 0
         with tempfile.TemporaryDirectory(prefix="cnnflow-train-") as tmp:
             result = fit(model, loaders["train"], loaders["val"], config, Path(tmp),
-                         class_weights=weights)
+                         **run_on, class_weights=weights)
         return TrainOutcome("", "", "", result, "", "")
     if resumed is not None:
         _check_same_data(client, params.resume, splits.digest())
-    run_id, exp_id, run_name = _open_run(client, params, splits.name, parent_run_id)
+    if params.resume:  # the run keeps its name and version
+        run_id, exp_id, run_name = tracking.reopen_run(client, params.resume)
+    else:
+        run_id, exp_id, run_name = tracking.open_run(
+            client, step="train", model=params.model,
+            experiment=params.experiment or splits.name, adopt=job_run_id,
+            parent=parent_run_id)
     if run_tags:
         tracking.log_params_and_tags(client, run_id, {}, run_tags)
     callback = MLflowCallback(client, run_id)
@@ -268,7 +196,7 @@ def _train(client, params: TrainParams, tracking_uri: str, progress: bool,
                 if extra is not None:
                     _log_extra_train(client, run_id, extra, work)
             result = fit(model, loaders["train"], loaders["val"], config,
-                         work / "ckpt", class_weights=weights,
+                         work / "ckpt", **run_on, class_weights=weights,
                          callbacks=[ConsoleCallback(f"{run_name} "), callback, *callbacks],
                          resume_from=resume_from)
             callback.flush()
@@ -278,7 +206,7 @@ def _train(client, params: TrainParams, tracking_uri: str, progress: bool,
                 "model": params.model, "class_names": splits.classes,
                 "image_size": params.image_size, "mean": list(mean), "std": list(std),
                 "dropout": params.dropout, "head_hidden": params.head_hidden or None})
-            client.set_tag(run_id, "cnnflow.model_uri", model_uri)
+            client.set_tag(run_id, MODEL_URI_TAG, model_uri)
             tracking.finish_run(client, run_id, "FINISHED")
         except KeyboardInterrupt:
             _abort(client, callback, run_id, "KILLED", "interrupted by the user (Ctrl-C)")
@@ -306,7 +234,8 @@ def _abort(client, callback: MLflowCallback, run_id: str, status: str,
         pass
 
 
-def _load_data(client, params: TrainParams, log: Callable[[str], None]
+def _load_data(client, params: TrainParams, log: Callable[[str], None],
+               job_run_id: str | None = None
                ) -> tuple[TrainParams, DatasetSplits, dict[str, Path] | None, str]:
     """The split to train on: scanned from the folder, or read from a preprocess run.
 
@@ -324,9 +253,8 @@ def _load_data(client, params: TrainParams, log: Callable[[str], None]
         params, data=prepared.params.get("data", params.data),
         val_ratio=float(prepared.params.get("val_ratio", params.val_ratio)),
         test_ratio=float(prepared.params.get("test_ratio", params.test_ratio)))
-    adopted = os.environ.get("MLFLOW_RUN_ID")
-    if adopted and not params.resume:  # `mlflow run` logged its -P values already
-        logged = client.get_run(adopted).data.params
+    if job_run_id and not params.resume:  # `mlflow run` logged its -P values already
+        logged = client.get_run(job_run_id).data.params
         clash = {k: getattr(params, k) for k in ("data", "val_ratio", "test_ratio")
                  if k in logged and logged[k] != str(getattr(params, k))}
         if clash:
@@ -351,12 +279,12 @@ def _load_resume(client, params: TrainParams) -> TrainParams:
     except MlflowException:
         raise TrainingError(f"cannot resume: run '{params.resume}' does not exist on this "
                             "tracking server") from None
-    if run.data.tags.get(tracking.STEP_TAG) != "train":
+    if run.data.tags.get(STEP_TAG) != "train":
         raise TrainingError(f"cannot resume: run '{params.resume}' is not a cnnflow train run")
     if run.info.status == "FINISHED":
         raise TrainingError(f"cannot resume: run '{params.resume}' already finished; "
                             "start a new run instead")
-    if "cnnflow.fold" in run.data.tags or "cnnflow.trial" in run.data.tags:
+    if FOLD_TAG in run.data.tags or TRIAL_TAG in run.data.tags:
         raise TrainingError(f"cannot resume: run '{params.resume}' is a cross-validation fold "
                             "or a tuning trial; run train --cv / tune again instead")
     runtime = {k: getattr(params, k) for k in TrainParams.RUNTIME}
@@ -364,38 +292,10 @@ def _load_resume(client, params: TrainParams) -> TrainParams:
 
 
 def _check_same_data(client, run_id: str, digest: str) -> None:
-    logged = client.get_run(run_id).data.tags.get("cnnflow.dataset_digest")
+    logged = client.get_run(run_id).data.tags.get(DATASET_DIGEST_TAG)
     if logged and logged != digest:
         raise TrainingError(f"cannot resume run {run_id}: its dataset changed since it started "
                             "(different split manifest); start a new run instead")
-
-
-def _open_run(client, params: TrainParams, dataset: str,
-              parent_run_id: str | None = None) -> tuple[str, str, str]:
-    """Create `<model>-vN`, adopt the run `mlflow run` started, or reopen a resumed run."""
-    if params.resume:
-        run = client.get_run(params.resume)
-        client.update_run(run.info.run_id, status="RUNNING")
-        return run.info.run_id, run.info.experiment_id, run.info.run_name
-    adopted = None if parent_run_id else os.environ.get("MLFLOW_RUN_ID")
-    if adopted or parent_run_id:
-        exp_id = client.get_run(adopted or parent_run_id).info.experiment_id
-    else:
-        exp_id = tracking.experiment_id(client, params.experiment or dataset)
-    version = tracking.next_version(client, exp_id, params.model)
-    name = f"{params.model}-v{version}"
-    tags = {tracking.STEP_TAG: "train", tracking.MODEL_TAG: params.model,
-            tracking.VERSION_TAG: version}
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    if adopted:
-        client.update_run(adopted, name=name)
-        client.set_tag(adopted, tracking.MODEL_TAG, params.model)
-        client.set_tag(adopted, tracking.VERSION_TAG, str(version))
-        client.set_tag(adopted, tracking.STEP_TAG, "train")
-        return adopted, exp_id, name
-    run = client.create_run(exp_id, run_name=name, tags={k: str(v) for k, v in tags.items()})
-    return run.info.run_id, exp_id, name
 
 
 def _log_run_start(client, run_id: str, params: TrainParams, splits, device: str,
@@ -405,23 +305,20 @@ def _log_run_start(client, run_id: str, params: TrainParams, splits, device: str
     logged.update(num_classes=len(splits.classes), n_train=len(splits.train),
                   n_val=len(splits.val), n_test=len(splits.test))
     digest = splits.digest()
-    tags = {"cnnflow.dataset": splits.name, "cnnflow.dataset_digest": digest,
-            "cnnflow.weights_source": weights_source, "cnnflow.device": device,
-            "cnnflow.class_names": ",".join(splits.classes), "mlflow.runName": run_name,
+    tags = {DATASET_TAG: splits.name, DATASET_DIGEST_TAG: digest,
+            WEIGHTS_SOURCE_TAG: weights_source, DEVICE_TAG: device,
+            CLASS_NAMES_TAG: ",".join(splits.classes), MLFLOW_RUN_NAME: run_name,
             "cnnflow.data_source": source}
-    if params.preprocess_run:
-        tags["cnnflow.preprocess_run"] = params.preprocess_run
-    tracking.log_params_and_tags(client, run_id, logged, tags)
-    input_tags = {"cnnflow.preprocess_run": params.preprocess_run} if params.preprocess_run \
-        else {}
+    input_tags = {PREPROCESS_RUN_TAG: params.preprocess_run} if params.preprocess_run else {}
+    tracking.log_params_and_tags(client, run_id, logged, {**tags, **input_tags})
     tracking.log_dataset_input(client, run_id, splits.manifest_rows(), name=splits.name,
                                digest=digest, source=str(splits.root), tags=input_tags)
     tracking.log_metrics(client, run_id, {"skipped_files": len(splits.skipped)})
     data_dir = work / "data"
     data_dir.mkdir()
-    _write_csv(data_dir / "manifest.csv", splits.manifest_rows())
-    _write_csv(data_dir / "skipped_files.csv",
-               [{"path": p, "reason": r} for p, r in splits.skipped], ["path", "reason"])
+    write_csv(data_dir / "manifest.csv", splits.manifest_rows())
+    write_csv(data_dir / "skipped_files.csv",
+              [{"path": p, "reason": r} for p, r in splits.skipped], ["path", "reason"])
     client.log_artifacts(run_id, str(data_dir), artifact_path="data")
 
 
@@ -430,21 +327,7 @@ def _log_extra_train(client, run_id: str, extra: Any, work: Path) -> None:
     tracking.log_metrics(client, run_id, {"n_extra_train": len(extra.samples),
                                           "n_extra_excluded": extra.n_excluded})
     (work / "extra").mkdir()
-    _write_csv(work / "extra" / "extra_train.csv", extra.rows,
-               ["path", "label", "sha1", "used", "reason"])
+    write_csv(work / "extra" / "extra_train.csv", extra.rows,
+              ["path", "label", "sha1", "used", "reason"])
     client.log_artifact(run_id, str(work / "extra" / "extra_train.csv"), artifact_path="data")
 
-
-def _write_csv(path: Path, rows: list[dict[str, Any]], header: list[str] | None = None) -> None:
-    import csv
-
-    header = header or (list(rows[0]) if rows else [])
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=header)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def param_defaults() -> dict[str, Any]:
-    """`name -> default` for the CLI and for checking MLproject stays in sync."""
-    return {f.name: f.default for f in dataclasses.fields(TrainParams)}

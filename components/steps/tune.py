@@ -34,6 +34,7 @@ from typing import Any
 import optuna
 import yaml
 from mlflow import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.distributions import (
     BaseDistribution,
     CategoricalDistribution,
@@ -43,20 +44,26 @@ from optuna.distributions import (
 
 from components import tracking
 from components.errors import CnnflowError
+from components.names import (
+    BEST_TRIAL_TAG,
+    DATASET_TAG,
+    EPOCH_METRICS,
+    RETRAINED_RUN_TAG,
+    TRIAL_TAG,
+)
 from components.nn.engine import Callback
 from components.registrar import registrar
-from components.settings import mask_uri, state_dir
-from components.steps.train import TrainParams, train
+from components.settings import mask_uri
+from components.steps.params import TrainParams, TuneParams
+from components.steps.train import train
 
 Space = dict[str, BaseDistribution]
-EPOCH_METRICS = ("val_loss", "val_acc", "train_loss", "train_acc")
+# The epoch metrics a study can optimise: losses and accuracies.
+TUNABLE_METRICS = tuple(m for m in EPOCH_METRICS if m.endswith(("_loss", "_acc")))
 
 
 class TuneError(CnnflowError, RuntimeError):
     """Bad tuning input (space, sampler, pruner, storage); one line saying what to do."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,80 +269,32 @@ class PruningCallback(Callback):
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TuneParams:
-    """Parameters of `cnnflow tune` / `mlflow run . -e tune`, with their defaults.
-
-    The training fields here are the trials' base configuration; anything else a trial
-    needs comes from the space (ranges, lists, fixed values) or `train`'s defaults.
-    """
-
-    space: str = "lr: loguniform(1e-5, 1e-2); batch_size: [16, 32, 64]; dropout: uniform(0, 0.6)"
-    data: str = "digits"
-    experiment: str = ""
-    model: str = "custom_cnn"
-    n_trials: int = 10
-    timeout: float = 0.0
-    metric: str = "val_loss"
-    direction: str = "minimize"
-    sampler: str = "tpe"
-    pruner: str = "median"
-    storage: str = ""
-    study: str = ""
-    epochs: int = 10
-    trial_epochs: int = 0
-    retrain_best: bool = False
-    weights: str = "auto"
-    image_size: int = 32
-    augmentation: str = "light"
-    patience: int = 10
-    val_ratio: float = 0.2
-    test_ratio: float = 0.2
-    seed: int = 42
-    device: str = "auto"
-    num_workers: int = 2
-
-    def validate(self) -> tuple[Space, dict[str, Any]]:
-        """Everything checkable before a study or a run exists; returns the parsed space."""
-        space, fixed = parse_space(self.space)
-        models = _models(self.model)
-        if len(models) > 1:
-            space["model"] = CategoricalDistribution(models)
-        if self.n_trials < 1 and self.timeout <= 0:
-            raise TuneError(f"n_trials must be >= 1 (got {self.n_trials}), or give a timeout")
-        if self.timeout < 0:
-            raise TuneError(f"timeout must be >= 0 seconds, 0 = none (got {self.timeout})")
-        if self.metric not in EPOCH_METRICS:
-            raise TuneError(f"metric '{self.metric}' is not an epoch metric: use one of "
-                            f"{', '.join(EPOCH_METRICS)}")
-        if self.direction not in ("minimize", "maximize"):
-            raise TuneError(f"direction must be minimize or maximize (got '{self.direction}')")
-        if self.sampler not in SAMPLERS:
-            raise TuneError(f"unknown sampler '{self.sampler}': use one of "
-                            f"{', '.join(sorted(SAMPLERS))}")
-        if self.pruner not in PRUNERS:
-            raise TuneError(f"unknown pruner '{self.pruner}': use one of "
-                            f"{', '.join(sorted(PRUNERS))}")
-        if self.trial_epochs < 0:
-            raise TuneError(f"trial_epochs must be >= 0, 0 = epochs (got {self.trial_epochs})")
-        SAMPLERS[self.sampler](space, self.seed)  # grid checks its space here
-        self.base(models[0], fixed).validate()
-        return space, fixed
-
-    def base(self, model: str, fixed: dict[str, Any]) -> TrainParams:
-        """A trial's TrainParams before its sampled values."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)
-                  if f.name in _TRAIN_FIELDS}
-        values.update(model=model, epochs=self.trial_epochs or self.epochs, **fixed)
-        return TrainParams(**values)
-
-    def storage_url(self) -> str:
-        """The study's RDB URL: the given one, or an SQLite file under the state folder."""
-        if self.storage:
-            return self.storage
-        folder = state_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{folder / 'optuna.db'}"
+def check(params: TuneParams) -> tuple[Space, dict[str, Any]]:
+    """Everything checkable before a study or a run exists; returns the parsed space."""
+    space, fixed = parse_space(params.space)
+    models = _models(params.model)
+    if len(models) > 1:
+        space["model"] = CategoricalDistribution(models)
+    if params.n_trials < 1 and params.timeout <= 0:
+        raise TuneError(f"n_trials must be >= 1 (got {params.n_trials}), or give a timeout")
+    if params.timeout < 0:
+        raise TuneError(f"timeout must be >= 0 seconds, 0 = none (got {params.timeout})")
+    if params.metric not in TUNABLE_METRICS:
+        raise TuneError(f"metric '{params.metric}' is not an epoch metric: use one of "
+                        f"{', '.join(TUNABLE_METRICS)}")
+    if params.direction not in ("minimize", "maximize"):
+        raise TuneError(f"direction must be minimize or maximize (got '{params.direction}')")
+    if params.sampler not in SAMPLERS:
+        raise TuneError(f"unknown sampler '{params.sampler}': use one of "
+                        f"{', '.join(sorted(SAMPLERS))}")
+    if params.pruner not in PRUNERS:
+        raise TuneError(f"unknown pruner '{params.pruner}': use one of "
+                        f"{', '.join(sorted(PRUNERS))}")
+    if params.trial_epochs < 0:
+        raise TuneError(f"trial_epochs must be >= 0, 0 = epochs (got {params.trial_epochs})")
+    SAMPLERS[params.sampler](space, params.seed)  # grid checks its space here
+    params.base(models[0], fixed).validate()
+    return space, fixed
 
 
 def _models(text: str) -> list[str]:
@@ -403,9 +362,11 @@ def _create_study(url: str, kwargs: dict[str, Any], params: TuneParams, space: S
 
 
 def run_tune(params: TuneParams, tracking_uri: str,
-             log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> TuneOutcome:
-    """Run the study as a `tune-vN` parent run with one nested training run per trial."""
-    space, fixed = params.validate()
+             log: Callable[[str], None] = lambda s: print(s, file=sys.stderr), *,
+             job_run_id: str | None = None) -> TuneOutcome:
+    """Run the study as a `tune-vN` parent run with one nested training run per trial
+    (`job_run_id`: the run opened for this job, filled in as the parent instead of a new one)."""
+    space, fixed = check(params)
     client = tracking.connect(tracking_uri)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Fail on a bad dataset before a run exists (train() would only fail inside a trial).
@@ -414,8 +375,9 @@ def run_tune(params: TuneParams, tracking_uri: str,
                          test_ratio=params.test_ratio, seed=params.seed, verify=False)
     # A named (shared) study is opened first: a bad storage or direction creates no run.
     study = open_study(params, space, params.study) if params.study else None
-    run_id, _, run_name = tracking.open_step_run(client, "tune",
-                                                 params.experiment or splits.name)
+    run_id, _, run_name = tracking.open_run(client, step="tune",
+                                            experiment=params.experiment or splits.name,
+                                            adopt=job_run_id)
     study_name = params.study or f"tune-{run_id}"
     with tracking.ending_run(client, run_id):
         study = study or open_study(params, space, study_name)
@@ -424,7 +386,7 @@ def run_tune(params: TuneParams, tracking_uri: str,
         present = client.get_run(run_id).data.params  # `mlflow run` logged its -P values
         tracking.log_params_and_tags(
             client, run_id, {k: v for k, v in logged.items() if k not in present},
-            {"cnnflow.study": study_name, "cnnflow.dataset": splits.name,
+            {"cnnflow.study": study_name, DATASET_TAG: splits.name,
              "cnnflow.optuna_storage": mask_uri(params.storage_url())})
         objective = _objective(client, params, space, fixed, tracking_uri, run_id, study_name, log)
         study.optimize(objective, n_trials=params.n_trials if params.n_trials > 0 else None,
@@ -452,7 +414,7 @@ def _objective(client: MlflowClient, params: TuneParams, space: Space, fixed: di
         model = sampled.pop("model", _models(params.model)[0])
         train_params = dataclasses.replace(params.base(model, fixed), **sampled)
         log(f"trial {trial.number}: {model} {sampled}")
-        tags = {"cnnflow.trial": str(trial.number), "cnnflow.study": study_name}
+        tags = {TRIAL_TAG: str(trial.number), "cnnflow.study": study_name}
         try:
             outcome = train(train_params, tracking_uri, progress=False, log=log,
                             parent_run_id=parent, run_tags=tags,
@@ -469,8 +431,8 @@ def _objective(client: MlflowClient, params: TuneParams, space: Space, fixed: di
 def _remember_pruned_run(client: MlflowClient, trial: optuna.Trial, parent: str) -> None:
     runs = client.search_runs(
         [client.get_run(parent).info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and "
-                      f"tags.`cnnflow.trial` = '{trial.number}'", max_results=1)
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}' and "
+                      f"tags.`{TRIAL_TAG}` = '{trial.number}'", max_results=1)
     if runs:
         trial.set_user_attr("run_id", runs[0].info.run_id)
 
@@ -506,7 +468,7 @@ def _log_study(client: MlflowClient, study: optuna.Study, run_id: str, run_name:
     tracking.log_metrics(client, run_id, metrics)
     tracking.log_params_and_tags(
         client, run_id, {f"best_{k}": v for k, v in best_params.items()},
-        {"cnnflow.best_trial": str(best.number),
+        {BEST_TRIAL_TAG: str(best.number),
          "cnnflow.best_run_id": best.user_attrs.get("run_id", "")})
     with tempfile.TemporaryDirectory(prefix="cnnflow-tune-") as tmp:
         folder = Path(tmp)
@@ -598,15 +560,14 @@ def _retrain(client: MlflowClient, params: TuneParams, fixed: dict[str, Any],
     # Next to the tune run (not the dataset's default experiment), as a run of its own.
     train_params.experiment = client.get_experiment(
         client.get_run(parent).info.experiment_id).name
-    with tracking.not_adopting():
-        trained = train(train_params, tracking_uri, progress=False, log=log,
-                        run_tags={"cnnflow.tuned_by": parent})
-        evaluated = evaluate(EvalParams(run_id=trained.run_id, cost=False, register=False,
-                                        num_workers=0), tracking_uri, log=log)
+    trained = train(train_params, tracking_uri, progress=False, log=log,
+                    run_tags={"cnnflow.tuned_by": parent})
+    evaluated = evaluate(EvalParams(run_id=trained.run_id, cost=False, register=False,
+                                    num_workers=0), tracking_uri, log=log)
     outcome.retrained_run_id = trained.run_id
     outcome.retrained_metrics = {k: v for k, v in evaluated.metrics.items()
                                  if k in ("test_acc", "test_loss")}
-    client.set_tag(parent, "cnnflow.retrained_run_id", trained.run_id)
+    client.set_tag(parent, RETRAINED_RUN_TAG, trained.run_id)
     tracking.log_metrics(client, parent, {f"retrained_{k}": v
                                           for k, v in outcome.retrained_metrics.items()
                                           if math.isfinite(v)})

@@ -1,4 +1,5 @@
-"""Everything cnnflow writes to MLflow: run naming, params/tags, the epoch callback, the model.
+"""Everything cnnflow writes to MLflow: opening and naming runs (`open_run`, the one place a
+step's run is created or adopted), params/tags, the epoch callback, the model.
 
 The engine knows nothing of MLflow; `MLflowCallback` turns its callbacks into MLflow calls on
 one background worker, so uploads and metric writes never stall the training loop.
@@ -9,22 +10,20 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from components.errors import one_line
+from components.names import ERROR_TAG, MODEL_TAG, STEP_TAG, VERSION_TAG
 from components.settings import mask_text, mask_uri
 
-STEP_TAG = "cnnflow.step"
-MODEL_TAG = "cnnflow.model"
-VERSION_TAG = "cnnflow.version"
-ERROR_TAG = "cnnflow.error"
 MAX_PARAM_LENGTH = 6000
 
 
@@ -119,30 +118,61 @@ def log_history(client: MlflowClient, run_id: str, history: list[dict[str, float
 
 
 # --------------------------------------------------------------------------------------------
-# Runs of the data steps (eda, preprocess) and the dataset input of training runs
+# Opening and ending a step's run, and the dataset input of training runs
 # --------------------------------------------------------------------------------------------
 
 
-def open_step_run(client: MlflowClient, step: str, experiment: str,
-                  tags: dict[str, Any] | None = None) -> tuple[str, str, str]:
-    """Create the run `<step>-vN` of a non-training step, or adopt the one `mlflow run` started.
+class OpenedRun(NamedTuple):
+    """A step's run as `open_run` / `reopen_run` hand it back."""
 
-    Returns (run_id, experiment_id, run_name); N counts that step's runs in the experiment,
-    as `<model>-vN` counts a model's, so `preprocess-v3` is a stable way to talk about a split.
+    run_id: str
+    experiment_id: str
+    name: str
+
+
+def open_run(client: MlflowClient, *, step: str, model: str | None = None,
+             experiment: str = "", exp_id: str = "", adopt: str | None = None,
+             parent: str | None = None, tags: dict[str, Any] | None = None) -> OpenedRun:
+    """Open the run of one step: the one place cnnflow creates, names and tags step runs.
+
+    The run is named `<model>-vN` when it holds a model (train, ensemble), N counting that
+    model's runs (`cnnflow.model`), else `<step>-vN`, N counting that step's runs
+    (`cnnflow.step`), so `preprocess-v3` is a stable way to talk about a split.
+    - `adopt`: fill in a run opened for this step by someone else (the job's run that
+      `mlflow run` started, or the child the `main` pipeline created): rename it and tag it;
+    - else a new run, nested under `parent` (`mlflow.parentRunId`) when given.
+    The experiment is the adopted or parent run's, else `exp_id`, else the one named
+    `experiment` (created on first use). `tags` are added to the run (URIs masked).
     """
-    adopted = os.environ.get("MLFLOW_RUN_ID")
-    exp_id = (client.get_run(adopted).info.experiment_id if adopted
-              else experiment_id(client, experiment))
-    version = next_version(client, exp_id, step, tag=STEP_TAG)
-    name = f"{step}-v{version}"
-    all_tags = {STEP_TAG: step, VERSION_TAG: version, **(tags or {})}
-    if adopted:
-        client.update_run(adopted, name=name)
-        log_params_and_tags(client, adopted, {}, all_tags)
-        return adopted, exp_id, name
+    source = adopt or parent
+    if source:
+        exp_id = client.get_run(source).info.experiment_id
+    elif not exp_id:
+        exp_id = experiment_id(client, experiment)
+    label = model or step
+    version = next_version(client, exp_id, label, tag=MODEL_TAG if model else STEP_TAG)
+    name = f"{label}-v{version}"
+    all_tags: dict[str, Any] = {STEP_TAG: step, VERSION_TAG: version}
+    if model:
+        all_tags[MODEL_TAG] = model
+    if parent:
+        all_tags[MLFLOW_PARENT_RUN_ID] = parent
+    all_tags.update(tags or {})
+    if adopt:
+        client.update_run(adopt, name=name)
+        log_params_and_tags(client, adopt, {}, all_tags)
+        return OpenedRun(adopt, exp_id, name)
     run = client.create_run(exp_id, run_name=name,
                             tags={k: mask_uri(str(v)) for k, v in all_tags.items()})
-    return run.info.run_id, exp_id, name
+    return OpenedRun(run.info.run_id, exp_id, name)
+
+
+def reopen_run(client: MlflowClient, run_id: str) -> OpenedRun:
+    """Set an unfinished run RUNNING again, keeping its name and version (a resumed training
+    run, a resumed pipeline): beside `open_run`, for runs that already have a name."""
+    run = client.get_run(run_id)
+    client.update_run(run_id, status="RUNNING")
+    return OpenedRun(run_id, run.info.experiment_id, run.info.run_name)
 
 
 @contextlib.contextmanager
@@ -165,7 +195,7 @@ def end_failed(client: MlflowClient, run_id: str, exc: BaseException) -> None:
     interrupted = isinstance(exc, KeyboardInterrupt)
     reason = "interrupted by the user (Ctrl-C)" if interrupted else f"{type(exc).__name__}: {exc}"
     try:
-        finish_run(client, run_id, "KILLED" if interrupted else "FAILED", " ".join(reason.split()))
+        finish_run(client, run_id, "KILLED" if interrupted else "FAILED", one_line(reason))
     except Exception:  # noqa: BLE001
         pass
 
@@ -191,31 +221,6 @@ def log_dataset_input(client: MlflowClient, run_id: str, rows: list[dict[str, An
     input_tags = [InputTag(MLFLOW_DATASET_CONTEXT, "training")]
     input_tags += [InputTag(k, mask_uri(str(v))) for k, v in (tags or {}).items()]
     client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=input_tags)])
-
-
-@contextlib.contextmanager
-def adopting(run_id: str | None):
-    """Inside the block, the step called adopts `run_id` as its own run (None: opens new ones).
-
-    The hand-over `mlflow run` does with MLFLOW_RUN_ID: the pipeline creates each child run
-    (parent link, step key) and the step fills it in as if MLflow had started it. With None, a
-    run a step starts besides its own (the retrained best model, the fold ensemble, a resumed
-    training run) does not adopt the job's run.
-    """
-    saved = os.environ.pop("MLFLOW_RUN_ID", None)
-    if run_id is not None:
-        os.environ["MLFLOW_RUN_ID"] = run_id
-    try:
-        yield
-    finally:
-        os.environ.pop("MLFLOW_RUN_ID", None)
-        if saved is not None:
-            os.environ["MLFLOW_RUN_ID"] = saved
-
-
-def not_adopting():
-    """Open new runs inside the block even under `mlflow run` (see `adopting`)."""
-    return adopting(None)
 
 
 def code_version() -> str:

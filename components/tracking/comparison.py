@@ -9,7 +9,6 @@ direction, and `write_table` saves it as CSV and Markdown.
 
 from __future__ import annotations
 
-import csv
 import re
 from pathlib import Path
 from typing import Any
@@ -18,16 +17,17 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 
-from components import tracking
 from components.errors import CnnflowError
+from components.files import columns_of, write_csv
+from components.names import MODEL_TAG, STEP_TAG, VERSION_TAG
 from components.tracking import registry
 
 # column -> its source: ("metric", names...), ("param", name), ("tag", name), ("info", attr)
 COLUMNS: dict[str, tuple[str, ...]] = {
     "run": ("info", "run_name"),
-    "model": ("tag", tracking.MODEL_TAG),
-    "version": ("tag", tracking.VERSION_TAG),
-    "step": ("tag", tracking.STEP_TAG),
+    "model": ("tag", MODEL_TAG),
+    "version": ("tag", VERSION_TAG),
+    "step": ("tag", STEP_TAG),
     "status": ("info", "status"),
     "train_acc": ("metric", "train_acc"),
     "val_acc": ("metric", "best_val_acc", "val_acc"),
@@ -102,7 +102,7 @@ def compare_runs(client: MlflowClient, experiment: str) -> list[dict[str, Any]]:
                               "cnnflow train used (the dataset's name by default)")
     runs = client.search_runs([exp.experiment_id], run_view_type=ViewType.ACTIVE_ONLY,
                               max_results=50000, order_by=["attributes.start_time DESC"])
-    runs = [r for r in runs if r.data.tags.get(tracking.STEP_TAG) in STEPS]
+    runs = [r for r in runs if r.data.tags.get(STEP_TAG) in STEPS]
     labels = _registry_labels(client, [r.info.run_id for r in runs])
     rows = []
     for run in runs:
@@ -171,16 +171,10 @@ def text_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def write_table(rows: list[dict[str, Any]], folder: Path, stem: str,
                 columns: list[str] | None = None) -> tuple[Path, Path]:
     """`<stem>.csv` and `<stem>.md` (columns: given, else every key in first-seen order)."""
-    if columns is None:
-        columns = []
-        for row in rows:
-            columns += [c for c in row if c not in columns]
+    columns = columns_of(rows) if columns is None else columns
     folder.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = folder / f"{stem}.csv", folder / f"{stem}.md"
-    with csv_path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    csv_path = write_csv(folder / f"{stem}.csv", rows, columns)
+    md_path = folder / f"{stem}.md"
     md_path.write_text(markdown_table(rows, columns))
     return csv_path, md_path
 

@@ -25,13 +25,16 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from components.errors import CnnflowError
+from components.names import DATASET_DIGEST_TAG, DATASET_TAG, MODEL_TAG, STEP_TAG
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-DIGEST_TAG = "cnnflow.dataset_digest"
+# Version tags (beside the run's identity tags from components.names).
 RUN_TAG = "cnnflow.run_id"
+RUN_NAME_TAG = "cnnflow.run_name"
 DECISION_TAG = "cnnflow.promotion"
 REASON_TAG = "cnnflow.promotion_reason"
+DECISION_TIME_TAG = "cnnflow.promotion_time"
 # Metrics copied onto the version as tags, so promotion (and the UI) need not open the run.
 VERSION_METRICS = ("test_acc", "test_loss", "test_top5_acc", "test_f1_macro", "test_f1_weighted",
                    "test_precision_macro", "test_recall_macro", "test_ece", "params_count",
@@ -46,9 +49,6 @@ _LOGGED_URI = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]+)$")
 
 class RegistryError(CnnflowError, RuntimeError):
     """A registry request that cannot be honoured; one line saying what to do."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
 
 
 def default_name(experiment: str) -> str:
@@ -148,11 +148,11 @@ def register_version(client: MlflowClient, model_uri: str, run: Run, name: str,
     created) is deleted again, so a failure never leaves a half-registered model.
     """
     check_name(name)
-    tags = {RUN_TAG: run.info.run_id, "cnnflow.run_name": run.info.run_name or "",
-            "cnnflow.model": run.data.tags.get("cnnflow.model", ""),
-            "cnnflow.step": run.data.tags.get("cnnflow.step", ""),
-            "cnnflow.dataset": dataset or run.data.tags.get("cnnflow.dataset", ""),
-            DIGEST_TAG: digest}
+    tags = {RUN_TAG: run.info.run_id, RUN_NAME_TAG: run.info.run_name or "",
+            MODEL_TAG: run.data.tags.get(MODEL_TAG, ""),
+            STEP_TAG: run.data.tags.get(STEP_TAG, ""),
+            DATASET_TAG: dataset or run.data.tags.get(DATASET_TAG, ""),
+            DATASET_DIGEST_TAG: digest}
     tags.update({k: repr(float(metrics[k])) for k in VERSION_METRICS if k in metrics})
     created_model = False
     try:
@@ -244,7 +244,8 @@ def decide(candidate: ModelVersion, champion: ModelVersion | None, metric: str,
         return "promoted", "no champion yet"
     if force:
         return "forced", f"--force (champion was v{champion.version})"
-    digest, champion_digest = candidate.tags.get(DIGEST_TAG), champion.tags.get(DIGEST_TAG)
+    digest = candidate.tags.get(DATASET_DIGEST_TAG)
+    champion_digest = champion.tags.get(DATASET_DIGEST_TAG)
     if not digest or digest != champion_digest:
         return "kept", (f"v{v} was evaluated on a different dataset split than champion "
                         f"v{champion.version} (digest {str(digest)[:12]} vs "
@@ -300,7 +301,7 @@ def promote(client: MlflowClient, name: str, *, version: str | int | None = None
 def _write_decision(client: MlflowClient, decision: Decision) -> None:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for key, value in ((DECISION_TAG, decision.action), (REASON_TAG, decision.reason),
-                       ("cnnflow.promotion_time", stamp)):
+                       (DECISION_TIME_TAG, stamp)):
         client.set_model_version_tag(decision.name, decision.version, key, value)
 
 

@@ -17,6 +17,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from pymongo.errors import PyMongoError
 
+from components.errors import one_line
 from components.mirror.dashboard import data
 from components.mirror.sync import connect_mongo, database
 from components.services import ServiceError, check_mongo, mongo_uri
@@ -62,9 +63,10 @@ def unreachable(error: str) -> None:
 MISSING = "—"  # not "-": Streamlit's tables render a lone "-" as a Markdown bullet
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return mask_text(text[:200])
+def stopped_answering(uri: str, exc: BaseException) -> None:
+    """Mongo went away after the check: one masked line, no traceback."""
+    reason = mask_text(one_line(exc) or type(exc).__name__)[:200]
+    unreachable(f"MongoDB at {mask_uri(uri)} stopped answering ({reason})")
 
 
 def _fmt(value: Any, kind: str = "") -> str:
@@ -251,7 +253,7 @@ def live_panel(uri: str) -> None:
         live = data.live_runs(db)
         curves = data.load_curves(db, list(live["run_id"]))
     except PyMongoError as exc:
-        unreachable(f"MongoDB at {mask_uri(uri)} stopped answering ({_one_line(exc)})")
+        stopped_answering(uri, exc)
         return
     st.caption(f"Refreshed {datetime.now(UTC):%H:%M:%S} UTC, every {REFRESH_SECONDS} s")
     if live.empty:
@@ -309,8 +311,8 @@ def main() -> None:
     try:
         {"Model detail": detail_view, "Model comparison": comparison_view,
          "Time filter": time_view}[view](db)
-    except PyMongoError as exc:  # the server went away after the check: one line, no traceback
-        unreachable(f"MongoDB at {mask_uri(uri)} stopped answering ({_one_line(exc)})")
+    except PyMongoError as exc:
+        stopped_answering(uri, exc)
 
 
 main()

@@ -18,9 +18,10 @@ from typing import Any
 import pandas as pd
 
 from components.mirror.sync import EPOCHS, STATUS, TRAININGS, safe_key
+from components.names import DATASET_DIGEST_TAG
 
 LIVE_STATUSES = ("in_progress", "died")
-DIGEST_TAG = safe_key("cnnflow.dataset_digest")
+DIGEST_TAG = safe_key(DATASET_DIGEST_TAG)
 
 # One colour per model in every view, so resnet18 is the same blue in the table's bar chart,
 # the overlaid curves and the live panel. Models not listed get a stable colour from a hash.

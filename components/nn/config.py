@@ -1,0 +1,36 @@
+"""The training loop's knobs, declared once: `train`, `tune`, the `main` pipeline and bagging
+inherit them (components/steps/params.py), and the command line, MLproject and the parameter
+reference are generated from them.
+
+Torch-free on purpose, so help and MLproject generation never load torch. Where the loop
+runs and how it reports (`device`, `seed`, `progress`) are arguments of `engine.fit`, not
+knobs: `device` and `seed` are declared by the shared groups in components/params.py.
+`engine.check_config` validates these values against the optimiser and scheduler registries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from components.params import param
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of the loop, with the seeds' defaults (Adam 1e-3, wd 1e-4, patience 10)."""
+
+    epochs: int = param(10, "Maximum number of epochs.")
+    optimizer: str = param("adam", "adam | adamw | sgd.")
+    lr: float = param(1e-3, "Learning rate.")
+    weight_decay: float = param(1e-4, "Weight decay (L2).")
+    momentum: float = param(0.9, "SGD momentum (Nesterov when > 0).")
+    scheduler: str = param("none", "none | plateau | cosine | onecycle.")
+    scheduler_patience: int = param(3, "plateau: epochs without improvement before the LR is "
+                                       "reduced.")
+    scheduler_factor: float = param(0.1, "plateau: factor the LR is multiplied by.")
+    patience: int = param(10, "Early stopping: epochs without val_loss improvement; "
+                              "0 disables.")
+    min_delta: float = param(0.0, "Early stopping: smallest val_loss decrease that counts as "
+                                  "improvement.")
+    label_smoothing: float = param(0.0, "Label smoothing for the training loss.")
+    amp: str = param("auto", "Mixed precision: auto (on for CUDA) | on | off.")

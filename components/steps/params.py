@@ -1,0 +1,526 @@
+"""The parameters of every entry point, each declared once: type, default and help.
+
+One dataclass per MLproject entry point (and `cnnflow` command); `pipelines/` turns them
+into click options, `python -m pipelines.mlproject` into the MLproject file and
+`docs/parameters.md`. Groups are shared by inheritance, so a parameter several steps take
+means and defaults the same in all of them:
+
+- `DataParams` (data, experiment, val_ratio, test_ratio, seed) and `RuntimeParams` (device,
+  num_workers), from components/params.py;
+- `TrainRecipe`: how a model is trained (the engine's `TrainConfig` plus the model and data
+  knobs). `train`, `tune`, the `main` pipeline and `ensemble --bagging` inherit it, so a new
+  training parameter is one field here (or in `TrainConfig`) and reaches all four;
+- small groups for what a few steps share (reports folder, promotion rule, ensemble vote,
+  prediction batches).
+
+A step re-declares a group's field only where its meaning or default differs, and says so
+in its docstring (`inherited` then leaves that field out of what is passed on).
+
+`validate()` checks values before any run or scan exists. It imports the layers below the
+steps (data, nn, serving, tracking) lazily, never a step module: a step's own registries
+(tune's samplers and search space, pseudo-label's placers) are checked by that step.
+
+Import-light on purpose (no torch, torchvision or mlflow): `cnnflow <command> --help` and
+MLproject generation read this module only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from components.nn.config import TrainConfig
+from components.params import DataParams, ParamError, RuntimeParams, inherited, param
+from components.settings import state_dir
+
+MIN_IMAGE_SIZE = 8
+
+
+def _text(value: Any) -> Any:
+    """Booleans as `mlflow run` logs MLproject values ("true"), so both agree."""
+    return str(value).lower() if isinstance(value, bool) else value
+
+
+# --------------------------------------------------------------------------------------------
+# Groups several steps share
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainRecipe(TrainConfig):
+    """How a model is trained: the loop's knobs (`TrainConfig`) plus the model and data ones."""
+
+    weights: str = param("auto", "none | imagenet | auto (ImageNet if cached, else random) | "
+                                 "PATH to a state dict.")
+    freeze: str = param("none", "none | backbone (feature extraction) | partial:N (last N "
+                                "blocks also train).")
+    image_size: int = param(32, "Square input size in pixels.")
+    batch_size: int = param(32, "Images per batch.")
+    augmentation: str = param("light", "Augmentation preset: none | light | strong.")
+    dropout: float = param(0.5, "Dropout in the classifier head.")
+    head_hidden: int = param(0, "Hidden units of the head; 0 = the model's default.")
+    class_weights: str = param("none", "none | balanced (inverse class frequency).")
+
+
+@dataclass
+class ScanParams:
+    """Steps that read every file of a folder (eda, preprocess): `num_workers` counts
+    file-reading processes, not DataLoader workers, hence its own declaration and default."""
+
+    num_workers: int = param(-1, "Processes reading files: -1 = one per CPU core, 0 = this "
+                                 "process only.")
+
+
+@dataclass
+class ReportsParams:
+    reports_dir: str = param("reports", "Folder for reports: eda's go to "
+                                        "<reports_dir>/eda/<dataset>/, an experiment's to "
+                                        "<reports_dir>/<experiment>/.")
+
+
+@dataclass
+class PromotionParams:
+    """The promotion rule: evaluate, the `main` pipeline and `cnnflow promote` apply it."""
+
+    metric: str = param("test_acc", "Metric the promotion rule compares (losses and costs: "
+                                    "lower is better); `run` also picks its best candidate "
+                                    "by it.")
+    min_delta: float = param(0.0, "The challenger must beat the champion by at least this "
+                                  "much.")
+
+
+@dataclass
+class VoteParams:
+    """How an ensemble is formed from trained runs (ensemble and the `main` pipeline)."""
+
+    top_k: int = param(3, "Ensemble the k best training runs by validation accuracy "
+                          "(ensemble: without --run-ids; run: 0 = no ensemble).")
+    vote: str = param("soft", "soft (mean of probabilities) | logits (mean of logits) | hard "
+                              "(majority).")
+
+
+@dataclass
+class PredictRuntimeParams(RuntimeParams):
+    """Steps that predict with logged models (evaluate, ensemble, pseudo-label) decode images
+    in this process by default: same meaning as `RuntimeParams.num_workers`, default 0."""
+
+    num_workers: int = param(0, "DataLoader worker processes decoding images.")
+
+
+@dataclass
+class PredictParams(PredictRuntimeParams):
+    batch_size: int = param(0, "Prediction batch size (evaluate: also for throughput); 0 = auto "
+                               "(64 on CUDA, 4 on CPU).")
+
+
+# --------------------------------------------------------------------------------------------
+# One class per entry point
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EdaParams(DataParams, ReportsParams, ScanParams):
+    """`cnnflow eda` / `mlflow run . -e eda`. A flat folder's report shows the split `train`
+    makes with the same val_ratio, test_ratio and seed."""
+
+    def validate(self) -> None:
+        """Cheap checks first, so a typo never creates a run or scans a folder."""
+        from components.data.datasets import check_ratios
+
+        check_ratios(self.val_ratio, self.test_ratio)
+        _check_scan_workers(self.num_workers)
+
+    def logged(self) -> dict[str, Any]:
+        """What changes the report: not where it goes nor how many processes read the files."""
+        return {"data": self.data, "val_ratio": self.val_ratio, "test_ratio": self.test_ratio,
+                "seed": self.seed}
+
+
+@dataclass
+class PreprocessParams(DataParams, ScanParams):
+    """`cnnflow preprocess` / `mlflow run . -e preprocess`."""
+
+    train_ratio: float = param(0.6, "Train share of a flat folder (the three shares must add "
+                                    "up to 1).")
+    cache: bool = param(False, "Also store every image decoded and resized to image_size "
+                               "(uint8 .npy).")
+    image_size: int = param(TrainRecipe.image_size, "Square size of the cached images; train "
+                                                    "uses the cache at this size.")
+
+    def validate(self) -> None:
+        """Cheap checks first: a typo must not cost a scan of the folder or create a run."""
+        from components.data.datasets import check_ratios
+
+        for name in ("train_ratio", "val_ratio", "test_ratio"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
+                raise ParamError(f"{name}={value} is outside [0, 1]: pass a share such as 0.2")
+        total = self.train_ratio + self.val_ratio + self.test_ratio
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ParamError(
+                f"train_ratio + val_ratio + test_ratio = {total:g}, not 1: pass shares that "
+                "add up to 1, e.g. 0.6 0.2 0.2, 0.7 0.3 0 or 0.9 0.1 0")
+        if self.train_ratio <= 0:
+            raise ParamError("train_ratio=0 leaves nothing to train on: give train a share > 0")
+        check_ratios(self.val_ratio, self.test_ratio)
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise ParamError(f"image_size={self.image_size} is below {MIN_IMAGE_SIZE}: pass "
+                             "the square size the model trains at, e.g. 32 or 224")
+        _check_scan_workers(self.num_workers)
+
+    def logged(self) -> dict[str, Any]:
+        """Everything that changes the outputs (not the worker count or the experiment).
+
+        `cache` is logged as true/false, the form `mlflow run -P cache=true` logs it in.
+        """
+        logged = {k: getattr(self, k) for k in ("data", "train_ratio", "val_ratio",
+                                                "test_ratio", "seed", "image_size")}
+        return {**logged, "cache": _text(self.cache)}
+
+
+def _check_scan_workers(num_workers: int) -> None:
+    if num_workers < -1:
+        raise ParamError(f"num_workers={num_workers} must be -1 (one per CPU core), "
+                         "0 (in this process) or more")
+
+
+@dataclass
+class TrainParams(DataParams, TrainRecipe, RuntimeParams):
+    """`cnnflow train` / `mlflow run . -e train`; resumed runs are rebuilt from these too."""
+
+    model: str = param("custom_cnn", "Registered model name, e.g. custom_cnn, lenet5, resnet50, "
+                                     "vgg16, mobilenetv2.")
+    preprocess_run: str = param("", "Run id of a `cnnflow preprocess` run: train on its "
+                                    "manifest (and tensor cache at this image_size) instead of "
+                                    "scanning `data`.")
+    nproc: int = param(1, "Training processes (DistributedDataParallel via torchrun: gloo on "
+                          "CPU, one GPU each with NCCL); batch_size is per process.")
+    resume: str = param("", "Run id of an unfinished run to continue from its last "
+                            "checkpoint.")
+    cv: int = param(0, "Stratified K-fold cross-validation over train+val (test untouched); "
+                       "0 = off.")
+    cv_ensemble: bool = param(False, "With --cv: also soft-vote the K fold models into one "
+                                     "ensemble run.")
+    extra_train: str = param("", "Folder of extra labelled images (class sub-folders, e.g. "
+                                 "from `cnnflow pseudo-label`) added to the train split only.")
+
+    # Parameters that describe the run, not the result; a resumed run may change them.
+    RUNTIME = ("device", "amp", "num_workers", "resume", "experiment")
+
+    def engine_config(self) -> TrainConfig:
+        """The engine's knobs carry the same names as the run's parameters."""
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
+
+    def validate(self) -> None:
+        """Cheap checks first, so a typo never creates an empty MLflow run."""
+        from components.nn.distributed import check_nproc
+        from components.nn.engine import check_config
+
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise ParamError(f"image_size must be >= {MIN_IMAGE_SIZE} (got {self.image_size})")
+        if self.batch_size < 1:
+            raise ParamError(f"batch_size must be >= 1 (got {self.batch_size})")
+        if self.num_workers < 0:
+            raise ParamError(f"num_workers must be >= 0 (got {self.num_workers})")
+        if self.cv < 0 or self.cv == 1:
+            raise ParamError(f"cv must be 0 (off) or >= 2 folds (got {self.cv})")
+        if self.cv_ensemble and not self.cv:
+            raise ParamError("cv_ensemble needs --cv K (K >= 2 folds to ensemble)")
+        if self.preprocess_run and (self.cv or self.extra_train):
+            raise ParamError("cv and extra_train read the image folder: drop "
+                             "--preprocess-run, or use it without --cv / --extra-train")
+        check_nproc(self.nproc, self.device)
+        if self.nproc > 1 and (self.resume or self.cv or self.preprocess_run):
+            raise ParamError("nproc > 1 trains a new run from the image folder: drop "
+                             "--resume / --cv / --preprocess-run, or use --nproc 1")
+        check_config(self.engine_config())
+
+    def logged(self) -> dict[str, Any]:
+        """Params of the run. An empty `preprocess_run` is left out: `mlflow run` logs an empty
+        value itself (as "''"), and MLflow refuses a second, different value."""
+        return {f.name: _text(getattr(self, f.name)) for f in fields(self)
+                if f.name not in ("resume", "experiment")
+                and not (f.name in ("preprocess_run", "extra_train")
+                         and not getattr(self, f.name))}
+
+    @classmethod
+    def from_logged(cls, logged: dict[str, str], **runtime: Any) -> TrainParams:
+        """Rebuild the parameters of an earlier run from its MLflow params (for resume)."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in logged and isinstance(f.default, bool):
+                values[f.name] = logged[f.name].lower() == "true"
+            elif f.name in logged:
+                values[f.name] = type(f.default)(logged[f.name])
+        values.update(runtime)
+        return cls(**values)
+
+
+@dataclass
+class EvalParams(PromotionParams, PredictParams):
+    """`cnnflow evaluate` / `mlflow run . -e evaluate`. `device` is re-declared: its default
+    `run` (the device the run trained on) is a value only evaluate understands."""
+
+    run_id: str = param("", "Run to evaluate (a train or ensemble run); or use --model-uri.")
+    model_uri: str = param("", "models:/<name>@<alias>, models:/<name>/<version> or "
+                               "models:/m-<id>.")
+    split: str = param("test", "val | test: a split of the run's own manifest.")
+    device: str = param("run", "run (the device the run trained on) | auto | cpu | cuda | "
+                               "cuda:N | mps.")
+    cost: bool = param(True, "Measure parameters, size, latency, throughput and peak memory.")
+    latency_runs: int = param(30, "Single-image predictions timed for latency p50/p95.")
+    register: bool = param(True, "Register the model (test split) as a new version with alias "
+                                 "challenger.")
+    registered_model: str = param("", "Registered model name (default: "
+                                      "<experiment>-classifier).")
+    promote: bool = param(True, "Apply the promotion rule after registering.")
+
+    def validate(self) -> None:
+        if self.split not in ("val", "test"):
+            raise ParamError(f"split must be val or test (got '{self.split}')")
+        if self.batch_size < 0:
+            raise ParamError(f"batch_size must be >= 1, or 0 for auto (got {self.batch_size})")
+        if self.num_workers < 0:
+            raise ParamError(f"num_workers must be >= 0 (got {self.num_workers})")
+        if self.latency_runs < 1:
+            raise ParamError(f"latency_runs must be >= 1 (got {self.latency_runs})")
+        if self.min_delta < 0:
+            raise ParamError(f"min_delta must be >= 0 (got {self.min_delta})")
+
+
+@dataclass
+class EnsembleParams(VoteParams, DataParams, TrainRecipe, PredictRuntimeParams):
+    """`cnnflow ensemble` / `mlflow run . -e ensemble`. The training recipe applies to
+    `--bagging` members; `weights` is re-declared as the vote weights (the members' starting
+    weights are `init_weights`), and `model` names the members' model."""
+
+    run_ids: str = param("", "Member run ids, comma-separated (default: the experiment's "
+                             "top-k).")
+    weights: str = param("equal", "Vote weights: equal | val_acc | comma-separated list, one "
+                                  "per member.")
+    bagging: int = param(0, "Train N members on bootstrap samples of train (0: off); the "
+                            "training options apply to them.")
+    model: str = param(TrainParams.model, "Bagging: the members' model.")
+    init_weights: str = param(TrainRecipe.weights, "Bagging: the members' starting weights: "
+                                                   "none | imagenet | auto | PATH.")
+
+    def validate(self) -> None:
+        from components.serving.ensemble import get_vote
+
+        get_vote(self.vote)
+        _check_vote_weights(self.weights)
+        if self.top_k < 2:
+            raise ParamError(f"top_k must be >= 2 (got {self.top_k})")
+        if self.batch_size < 1:
+            raise ParamError(f"batch_size must be >= 1 (got {self.batch_size})")
+        if self.num_workers < 0:
+            raise ParamError(f"num_workers must be >= 0 (got {self.num_workers})")
+        if self.bagging == 1 or self.bagging < 0:
+            raise ParamError(f"bagging must be 0 (off) or >= 2 members (got {self.bagging})")
+        if self.bagging and self.run_ids:
+            raise ParamError("pass either --bagging N (train new members) or --run-ids, "
+                             "not both")
+
+    def train_params(self) -> TrainParams:
+        """A bagging member's parameters: the shared recipe, data and runtime fields as given."""
+        values = {name: getattr(self, name) for name in inherited(EnsembleParams, TrainParams)}
+        return TrainParams(**values, model=self.model, weights=self.init_weights,
+                           num_workers=self.num_workers)
+
+
+def _check_vote_weights(spec: str) -> None:
+    """Syntax check before any work (the count is checked once the members are known)."""
+    text = str(spec).strip().lower()
+    if text in ("", "equal", "val_acc"):
+        return
+    try:
+        values = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise ParamError(f"weights '{spec}' are not numbers: use equal, val_acc or a "
+                         "comma-separated list such as 0.5,0.3,0.2") from None
+    if any(w < 0 for w in values) or sum(values) <= 0:
+        raise ParamError(f"weights {values} must be >= 0 with a positive sum")
+
+
+@dataclass
+class TuneParams(DataParams, TrainRecipe, RuntimeParams):
+    """`cnnflow tune` / `mlflow run . -e tune`. The training fields are the trials' base
+    configuration; the space overrides them (ranges, lists, fixed values). `model` is
+    re-declared: it may list several models, and then `model` is tuned too.
+
+    Checked by `components.steps.tune.check` (the space, samplers and pruners are its
+    registries)."""
+
+    space: str = param("lr: loguniform(1e-5, 1e-2); batch_size: [16, 32, 64]; "
+                       "dropout: uniform(0, 0.6)",
+                       "Search space: a YAML file, or inline 'lr: loguniform(1e-5, 1e-2); "
+                       "batch_size: [16, 32, 64]' (uniform, loguniform, int, logint, choice, "
+                       "lists, fixed values).")
+    model: str = param(TrainParams.model, "Model, or several comma-separated (then `model` is "
+                                          "tuned too).")
+    n_trials: int = param(10, "Trials this worker runs (0 with a timeout: until the timeout).")
+    timeout: float = param(0.0, "Stop starting trials after this many seconds; 0 = no limit.")
+    metric: str = param("val_loss", "Epoch metric to optimise: val_loss | val_acc | "
+                                    "train_loss | train_acc.")
+    direction: str = param("minimize", "minimize | maximize.")
+    sampler: str = param("tpe", "tpe | random | grid (grid: every parameter a list).")
+    pruner: str = param("median", "median | hyperband | none.")
+    storage: str = param("", "Optuna storage URL (default: sqlite under .cnnflow/); a "
+                             "PostgreSQL URL lets workers on many machines share a study.")
+    study: str = param("", "Study name; workers with the same name and storage share it "
+                           "(default: a new study per run).")
+    trial_epochs: int = param(0, "Maximum epochs per trial; 0 = epochs (which the "
+                                 "--retrain-best run always gets).")
+    retrain_best: bool = param(False, "Train the best configuration with full epochs, then "
+                                      "evaluate it.")
+
+    def base(self, model: str, fixed: dict[str, Any]) -> TrainParams:
+        """A trial's TrainParams before its sampled values."""
+        values = {name: getattr(self, name) for name in inherited(TuneParams, TrainParams)}
+        values.update(model=model, epochs=self.trial_epochs or self.epochs, **fixed)
+        return TrainParams(**values)
+
+    def storage_url(self) -> str:
+        """The study's RDB URL: the given one, or an SQLite file under the state folder."""
+        if self.storage:
+            return self.storage
+        folder = state_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{folder / 'optuna.db'}"
+
+
+@dataclass
+class PseudoLabelParams(PredictParams):
+    """`cnnflow pseudo-label` / `mlflow run . -e pseudo_label`. `experiment` is its own: by
+    default the run goes to the model's run's experiment. `mode` is checked by the step
+    against its placers."""
+
+    model: str = param("", "A models:/ URI (models:/<name>@champion, models:/m-<id>) or a "
+                           "training run id.")
+    images: str = param("", "Folder of unlabelled images (any depth).")
+    out: str = param("", "New dataset folder for the confident images (default: "
+                         "<images>-pseudo).")
+    threshold: float = param(0.95, "Keep images whose top probability is at least this, in "
+                                   "(0, 1].")
+    mode: str = param("copy", "copy | hardlink | symlink: how images are placed in the new "
+                              "folder.")
+    experiment: str = param("", "MLflow experiment of the run (default: the model's run's "
+                                "experiment).")
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ParamError("pass --model: a models:/ URI or the run id of a trained model")
+        if not (0.0 < self.threshold <= 1.0):
+            raise ParamError(f"threshold must be in (0, 1] (got {self.threshold})")
+        if self.batch_size < 0 or self.num_workers < 0:
+            raise ParamError("batch_size and num_workers must be >= 0")
+        images = Path(self.images).expanduser()
+        if not self.images or not images.is_dir():
+            raise ParamError(f"images folder '{self.images}' does not exist: pass a folder of "
+                             "unlabelled images")
+        out = self.out_dir()
+        if out.exists() and any(out.iterdir()):
+            raise ParamError(f"output folder {out} is not empty: pass a new --out")
+        if out.resolve().is_relative_to(images.resolve()):
+            raise ParamError(f"output folder {out} is inside the images folder: pass an --out "
+                             "elsewhere")
+
+    def out_dir(self) -> Path:
+        """Default: `<images>-pseudo` next to the images folder."""
+        if self.out:
+            return Path(self.out).expanduser()
+        images = Path(self.images).expanduser().resolve()
+        return images.with_name(f"{images.name}-pseudo")
+
+
+@dataclass
+class SyncParams:
+    """`cnnflow sync` / `mlflow run . -e sync`."""
+
+    experiments: str = param("", "Comma-separated experiment names to mirror (default: all).")
+    follow: bool = param(False, "Keep polling until stopped (Ctrl-C / SIGTERM) instead of one "
+                                "pass.")
+    interval: float = param(2.0, "Seconds between passes with --follow.")
+    dead_after: float = param(120.0, "A RUNNING run silent this many seconds shows as `died`.")
+    reconcile_every: float = param(60.0, "Seconds between full listings that catch edits to "
+                                         "long-finished runs (0 = every pass).")
+    rebuild: bool = param(False, "Drop the mirror and rebuild it from MLflow.")
+
+    def experiment_list(self) -> list[str]:
+        return [e.strip() for e in self.experiments.split(",") if e.strip()]
+
+
+@dataclass
+class PipelineParams(DataParams, VoteParams, PromotionParams, ReportsParams, TrainRecipe,
+                     RuntimeParams):
+    """`cnnflow run` / `mlflow run . -e main`: the training recipe is `train`'s, so both
+    commands train the same model by default. `min_delta` is the promotion rule's
+    (PromotionParams comes before TrainRecipe, so its field wins): training's early-stopping
+    `min_delta` keeps train's default here."""
+
+    models: str = param("custom_cnn,resnet50,vgg16,mobilenetv2",
+                        "Comma-separated models to train, e.g. "
+                        "custom_cnn,resnet50,vgg16,mobilenetv2.")
+    cache: bool = param(True, "Build preprocess's uint8 tensor cache and train from it.")
+    sync: bool = param(True, "Mirror the experiment into MongoDB at the end (needs MONGO_URI "
+                             "or `cnnflow up`).")
+    report: bool = param(True, "Write reports/<experiment>/report.{md,html} and log it into "
+                               "the parent run.")
+    force: bool = param(False, "Re-run every step even when a finished run with the same "
+                               "inputs exists.")
+
+    # How the pipeline runs, not what it computes: left out of the pipeline's key.
+    RUNTIME = ("experiment", "sync", "report", "reports_dir", "device", "num_workers", "force")
+
+    def model_list(self) -> list[str]:
+        return [m for m in self.models.replace(" ", ",").split(",") if m]
+
+    def validate(self) -> None:
+        """Every step's checks up front: a typo must not surface after an hour of training."""
+        from components.nn.models import get_spec
+        from components.serving.ensemble import get_vote
+        from components.tracking.registry import VERSION_METRICS
+
+        models = self.model_list()
+        if not models:
+            raise ParamError("models is empty: pass a comma-separated list, e.g. "
+                             "--models custom_cnn,resnet18")
+        if len(set(models)) != len(models):
+            raise ParamError(f"a model is listed twice in --models '{self.models}': list "
+                             "each model once")
+        for model in models:
+            get_spec(model)
+        if self.top_k < 0 or self.top_k == 1:
+            raise ParamError(f"top_k must be 0 (no ensemble) or >= 2 (got {self.top_k})")
+        get_vote(self.vote)
+        if self.min_delta < 0:
+            raise ParamError(f"min_delta must be >= 0 (got {self.min_delta})")
+        if self.metric not in VERSION_METRICS:
+            raise ParamError(f"metric '{self.metric}' is not one evaluate records on a "
+                             f"version: choose one of {', '.join(VERSION_METRICS)}")
+        EdaParams(data=self.data, val_ratio=self.val_ratio, test_ratio=self.test_ratio).validate()
+        self.preprocess_params("").validate()
+        for model in models:
+            self.train_params(model, "").validate()
+
+    def preprocess_params(self, experiment: str) -> PreprocessParams:
+        return PreprocessParams(
+            data=self.data, experiment=experiment,
+            train_ratio=round(1.0 - self.val_ratio - self.test_ratio, 10),
+            val_ratio=self.val_ratio, test_ratio=self.test_ratio, seed=self.seed,
+            cache=self.cache, image_size=self.image_size)
+
+    def train_params(self, model: str, preprocess_run: str, experiment: str = "") -> TrainParams:
+        """One model's training: every recipe, data and runtime field as given here."""
+        values = {name: getattr(self, name) for name in inherited(PipelineParams, TrainParams)}
+        values.update(model=model, preprocess_run=preprocess_run, experiment=experiment)
+        return TrainParams(**values)
+
+    def logged(self) -> dict[str, Any]:
+        return {f.name: _text(getattr(self, f.name)) for f in fields(self)
+                if f.name not in ("experiment", "force")}
+
+    def key_inputs(self) -> dict[str, Any]:
+        return {k: v for k, v in self.logged().items() if k not in self.RUNTIME}

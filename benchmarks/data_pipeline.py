@@ -35,9 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synth_images import SIZE_PRESETS, make_photo_folder  # noqa: E402
 
 from components.data.datasets import SPLITS, make_loaders  # noqa: E402
-from components.nn.engine import TrainConfig, fit, seed_everything  # noqa: E402
+from components.nn.config import TrainConfig  # noqa: E402
+from components.nn.engine import fit, seed_everything  # noqa: E402
 from components.nn.models import create_model  # noqa: E402
-from components.steps.preprocess import PreprocessParams, plan_split, write_outputs  # noqa: E402
+from components.steps.params import PreprocessParams  # noqa: E402
+from components.steps.preprocess import plan_split, write_outputs  # noqa: E402
 
 TARGET = 3.0
 

@@ -4,7 +4,7 @@ The cup/glass seed measured MobileNetV2, ResNet50 and VGG16 on 600 images (15 s,
 170 s on its machine) with the loop everybody writes first: open a file with PIL, transform
 it, run the model on a batch of one, next file. `cnnflow evaluate` instead decodes through a
 DataLoader and runs one forward pass per batch under `torch.inference_mode`
-(`components.steps.evaluate.predict_samples`, the same code the evaluate step runs, with the
+(`components.serving.predict.predict_samples`, the same code the evaluate step runs, with the
 served model's channels-last network and evaluate's default batch size: 4 on CPU, 64 on CUDA).
 
 For each model (random init: nothing is downloaded; speed does not depend on the weights)

@@ -5,7 +5,7 @@ ports, via `components.services.up`), fills MLflow with `--runs` training-like r
 `--epochs` epochs each (seven per-epoch metrics, params and tags, written with log_batch;
 `--live` of them left RUNNING, the rest FINISHED), then times, against fresh databases:
 
-* full sync: `components.mirror.sync_pass` into an empty mirror;
+* full sync: `components.mirror.sync.sync_pass` into an empty mirror;
 * no-change pass: the next incremental pass (nothing changed in MLflow);
 * reconcile pass: the full listing with fingerprint checks (nothing changed either);
 * 5-run update: `--live` running runs each log one more epoch, then an incremental pass;

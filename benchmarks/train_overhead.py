@@ -119,15 +119,18 @@ def machine_cpu() -> float:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from components.params import DataParams
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="digits", help="dataset (default: bundled digits)")
+    parser.add_argument("--data", default=DataParams.data,
+                        help="dataset (default: bundled digits)")
     parser.add_argument("--model", default="custom_cnn")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=DataParams.seed)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (both loops)")
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.repeats < 1:
@@ -197,7 +200,8 @@ def run_bare(args: argparse.Namespace, ckpt_dir: Path) -> Timing:
 
 def run_cnnflow(args: argparse.Namespace, tracking_uri: str) -> Timing:
     """`components.steps.train.train` end to end, its console output captured and time-stamped."""
-    from components.steps.train import TrainParams, train
+    from components.steps.params import TrainParams
+    from components.steps.train import train
 
     params = TrainParams(
         data=args.data, experiment=EXPERIMENT, model=args.model, weights="none",

@@ -25,14 +25,19 @@ MODEL_URI_TAG = "cnnflow.model_uri"
 WEIGHTS_SOURCE_TAG = "cnnflow.weights_source"
 PREPROCESS_RUN_TAG = "cnnflow.preprocess_run"
 DATA_ROOT_TAG = "cnnflow.data_root"
+PRESPLIT_TAG = "cnnflow.presplit"  # "true": the folder came split into train/val/test
 FOLD_TAG = "cnnflow.fold"
+CV_PARENT_TAG = "cnnflow.cv_parent"
 TRIAL_TAG = "cnnflow.trial"
+STUDY_TAG = "cnnflow.study"
 
 # What later steps made of a run: its evaluation, its registered version, the tuning outcome.
 EVALUATED_RUN_TAG = "cnnflow.evaluated_run_id"
+SPLIT_TAG = "cnnflow.split"  # which split an evaluate job run judged
 REGISTERED_VERSION_TAG = "cnnflow.registered_version"
 BEST_TRIAL_TAG = "cnnflow.best_trial"
 RETRAINED_RUN_TAG = "cnnflow.retrained_run_id"
+DECISION_REASON_TAG = "cnnflow.decision_reason"
 
 # Per-epoch metrics the engine reports (step = epoch >= 1) and the mirror turns into `epochs`.
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_sec",

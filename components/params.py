@@ -16,6 +16,7 @@ Import-light on purpose (no torch, torchvision or mlflow): `cnnflow --help` read
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,19 @@ def param(default: Any, help: str) -> Any:
     if type(default) not in (str, int, float, bool):
         raise TypeError(f"a parameter default must be str, int, float or bool, not {default!r}")
     return dataclasses.field(default=default, metadata={"help": help})
+
+
+def bool_text(value: Any) -> Any:
+    """A boolean as `mlflow run` logs it and the command line reads it ("true" / "false");
+    any other value unchanged."""
+    return str(value).lower() if isinstance(value, bool) else value
+
+
+def split_list(text: str, *, whitespace: bool = True) -> list[str]:
+    """A list parameter's items ("a,b", "a, b", "a b"): split on commas and, unless
+    `whitespace` is false (names that may hold spaces), on white space; empty items dropped."""
+    items = re.split(r"[,\s]+" if whitespace else ",", str(text))
+    return [item.strip() for item in items if item.strip()]
 
 
 def help_of(field: dataclasses.Field) -> str:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from components.errors import CnnflowError
+from components.errors import CnnflowError, one_line
 from components.settings import (
     DEFAULT_HOST,
     DEFAULT_MLFLOW_PORT,
@@ -131,7 +131,7 @@ def _short_reason(exc: BaseException, timeout: float) -> str:
     name = type(exc).__name__
     if "Timeout" in name or "timed out" in text.lower():
         return f"no answer within {timeout:g} s"
-    first = text.splitlines()[0] if text else name
+    first = one_line(text) or name
     return mask_text(first[:160])
 
 

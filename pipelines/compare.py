@@ -7,16 +7,18 @@ from pathlib import Path
 import click
 
 from components.params import DataParams
+from components.steps.params import PromotionParams, ReportsParams
 from pipelines.options import reachable_tracking_uri, user_errors
 
 
 @click.command()
 @click.option("--experiment", default=DataParams.data, show_default=True,
               help="MLflow experiment (the dataset's name unless train got --experiment).")
-@click.option("--sort", "sort", default="test_acc", show_default=True,
+@click.option("--sort", "sort", default=PromotionParams.metric, show_default=True,
               help="Column to sort by, better first (e.g. val_acc, latency_ms_p50).")
 @click.option("--reverse", is_flag=True, help="Reverse the sort order.")
-@click.option("--out", default="reports", show_default=True, type=click.Path(path_type=Path),
+@click.option("--out", default=ReportsParams.reports_dir, show_default=True,
+              type=click.Path(path_type=Path),
               help="Folder for compare-<experiment>.csv and .md.")
 def compare_command(experiment: str, sort: str, reverse: bool, out: Path) -> None:
     """Print and save a table of the experiment's training and ensemble runs."""

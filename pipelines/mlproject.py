@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from components.params import fields_of, help_of
+from components.params import bool_text, fields_of, help_of
 from pipelines.cli import COMMANDS, cli
 from pipelines.options import option_name, params_class
 
@@ -65,7 +65,7 @@ def entry_points() -> dict[str, tuple[str, type]]:
 
 def yaml_default(value: Any) -> str:
     if isinstance(value, bool):
-        return f'"{str(value).lower()}"'
+        return f'"{bool_text(value)}"'
     if isinstance(value, str):
         return json.dumps(value)  # a JSON string is a YAML double-quoted string
     return repr(value)
@@ -116,9 +116,7 @@ def _md(text: str) -> str:
 
 
 def _code(value: Any) -> str:
-    if isinstance(value, bool):
-        value = str(value).lower()
-    text = str(value).replace("|", "\\|")
+    text = str(bool_text(value)).replace("|", "\\|")
     return f"`{text}`" if text else '`""`'
 
 

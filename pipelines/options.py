@@ -32,11 +32,10 @@ def click_option(field: dataclasses.Field) -> Callable:
     """The click option of one parameter field."""
     import click
 
-    from components.params import help_of
+    from components.params import bool_text, help_of
 
-    default, typed = field.default, {"type": type(field.default)}
-    if isinstance(default, bool):  # "false", as MLproject spells it; click.BOOL reads it back
-        default = str(default).lower()
+    default, typed = bool_text(field.default), {"type": type(field.default)}
+    if isinstance(field.default, bool):  # "false", as MLproject spells it; click.BOOL reads it
         typed = {"type": click.BOOL, "metavar": "true|false", "is_flag": False,
                  "flag_value": True}
     return click.option(option_name(field.name), field.name, default=default,
@@ -61,14 +60,14 @@ def user_errors() -> Iterator[None]:
     """
     import click
 
-    from components.errors import CnnflowError
+    from components.errors import CnnflowError, one_line
     from components.settings import mask_text
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         yield
     except (CnnflowError, FileNotFoundError) as exc:
-        raise click.ClickException(mask_text(str(exc).splitlines()[0])) from None
+        raise click.ClickException(mask_text(one_line(exc))) from None
     except KeyboardInterrupt:
         click.echo("interrupted: the run was marked KILLED", err=True)
         sys.exit(130)
@@ -76,7 +75,7 @@ def user_errors() -> Iterator[None]:
         if not type(exc).__module__.startswith("mlflow."):
             raise
         # The server went away or refused a request half-way: the step ended its run FAILED.
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        first = one_line(exc) or type(exc).__name__
         raise click.ClickException(mask_text(f"MLflow: {first}"[:500])) from None
 
 

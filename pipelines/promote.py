@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import click
 
-from components.steps.params import PromotionParams
+from components.steps.params import PromoteParams
 from pipelines.options import dataclass_options, reachable_tracking_uri, user_errors
 
 
 @click.command()
-@click.option("--registered-model", default="", help="Registered model name.")
-@click.option("--experiment", default="",
-              help="Or the experiment: the name is then <experiment>-classifier.")
-@click.option("--version", default="",
-              help="Make this version champion directly (rollback); skips the rule.")
-@dataclass_options(PromotionParams)
-@click.option("--force", is_flag=True, help="Promote the challenger whatever the rule says.")
+@dataclass_options(PromoteParams)
 def promote_command(registered_model: str, experiment: str, version: str, metric: str,
                     min_delta: float, force: bool) -> None:
     """Move the `champion` alias by the rule: better on the same dataset split, or stay."""

@@ -19,9 +19,10 @@ from pipelines.options import dataclass_options, job_run_id, reachable_tracking_
               help="auto: a PDF when chromium or wkhtmltopdf is installed; true: required.")
 def report_command(experiment: str, reports_dir: str, pipeline_run: str, pdf: str) -> None:
     """Data, models, cost, confusion matrices, tuning and registry in one document."""
-    from components.steps.report import build_report
+    from components.steps.report import build_report, check_pdf
 
     with user_errors():
+        pdf = check_pdf(pdf)  # a bad value costs no server check
         outcome = build_report(reachable_tracking_uri(), experiment, reports_dir=reports_dir,
                                pipeline_run_id=pipeline_run, pdf=pdf, log=lambda s: None,
                                job_run_id=job_run_id())

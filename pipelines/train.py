@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from components.params import bool_text
 from components.steps.params import TrainParams
 from pipelines.options import (
     dataclass_options,
@@ -54,9 +55,7 @@ def _launch(params: TrainParams) -> None:
     for field in dataclasses.fields(TrainParams):
         if field.name == "nproc":  # workers read WORLD_SIZE; torchrun would take --nproc
             continue
-        value = getattr(params, field.name)
-        args += [option_name(field.name),
-                 str(value).lower() if isinstance(value, bool) else str(value)]
+        args += [option_name(field.name), str(bool_text(getattr(params, field.name)))]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={params.nproc}", "-m", "pipelines.train", *args]
     code = subprocess.run(command).returncode

@@ -22,6 +22,7 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory):
     os.environ["TORCH_HOME"] = str(root / "torch-home")  # empty hub cache: no weights
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("MONGO_URI", None)
+    os.environ.pop("MLFLOW_RUN_ID", None)
     yield root
     os.environ.clear()
     os.environ.update(saved)
@@ -96,7 +97,8 @@ def trained_pair(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory):
     """
     from types import SimpleNamespace
 
-    from components.steps.train import TrainParams, train
+    from components.steps.params import TrainParams
+    from components.steps.train import train
 
     data = make_image_folder(tmp_path_factory.mktemp("pair") / "pair6",
                              {f"k{i}": 10 for i in range(6)})

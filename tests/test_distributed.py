@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -57,6 +58,10 @@ def _eval_worker(rank: int, world_size: int, port: int, data: Path, state_file: 
         destroy_process_group()
         raise
     destroy_process_group(wait_for_all=True)
+    # The numbers are written and the group is gone: leave without interpreter finalisation,
+    # where gloo's leftover C++ threads have aborted a finished worker (SIGABRT, once in a
+    # full run); this test is about the reduced metrics, not about teardown.
+    os._exit(0)
 
 
 def test_evaluate_in_two_processes_equals_one_process_with_the_same_weights(image_folder,

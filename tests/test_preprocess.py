@@ -23,7 +23,8 @@ from components.data.datasets import (
     load_splits,
     make_loaders,
 )
-from components.steps.preprocess import PreprocessParams, plan_split, prepared_dir, write_outputs
+from components.steps.params import PreprocessParams
+from components.steps.preprocess import plan_split, prepared_dir, write_outputs
 from pipelines.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]

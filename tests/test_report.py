@@ -27,11 +27,18 @@ quiet = {"log": lambda s: None}
 def experiment(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory):
     """eda, two tiny trained + evaluated (registered, promoted) models, their ensemble and a
     two-trial tuning study."""
-    from components.steps.eda import EdaParams, run_eda
-    from components.steps.ensemble import EnsembleParams, run_ensemble
-    from components.steps.evaluate import EvalParams, evaluate
-    from components.steps.train import TrainParams, train
-    from components.steps.tune import TuneParams, run_tune
+    from components.steps.eda import run_eda
+    from components.steps.ensemble import run_ensemble
+    from components.steps.evaluate import evaluate
+    from components.steps.params import (
+        EdaParams,
+        EnsembleParams,
+        EvalParams,
+        TrainParams,
+        TuneParams,
+    )
+    from components.steps.train import train
+    from components.steps.tune import run_tune
 
     root = tmp_path_factory.mktemp("report")
     data = make_image_folder(root / "rep3", {"red": 8, "green": 8, "blue": 8})

@@ -131,3 +131,25 @@ def test_mlflow_run_id_is_read_in_one_module():
     assert readers == ["pipelines/options.py"], (
         f"MLFLOW_RUN_ID appears in {readers}: read it only through "
         "pipelines.options.job_run_id() and pass the run id down")
+
+
+def test_a_reserved_child_is_opened_by_its_step(client: MlflowClient, experiment: str):
+    parent = tracking.open_run(client, step="pipeline", experiment=experiment)
+    child = tracking.reserve_child(client, parent.run_id, parent.experiment_id, "evaluate",
+                                   {"cnnflow.step_key": "k"})
+    tags = client.get_run(child).data.tags
+    assert tags[MLFLOW_PARENT_RUN_ID] == parent.run_id and VERSION_TAG not in tags
+    opened = tracking.open_run(client, step="evaluate", adopt=child)
+    assert opened == (child, parent.experiment_id, "evaluate-v1")
+    with pytest.raises(ValueError, match="not both"):
+        tracking.open_run(client, step="train", model="lenet5", adopt=child,
+                          parent=parent.run_id)
+
+
+def test_runs_are_created_in_tracking_only():
+    """Every other module opens runs through tracking.open_run / reserve_child."""
+    creators = sorted(str(path.relative_to(ROOT))
+                      for folder in ("components", "pipelines")
+                      for path in (ROOT / folder).rglob("*.py")
+                      if "create_run(" in path.read_text(encoding="utf-8"))
+    assert creators == ["components/tracking/__init__.py"], creators

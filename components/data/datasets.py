@@ -36,6 +36,7 @@ from torchvision import transforms as T
 
 from components.data.images import to_rgb  # lives there: torch-free for worker processes
 from components.errors import CnnflowError, one_line
+from components.params import DataParams, RuntimeParams
 from components.registrar import registrar
 from components.settings import data_cache_dir
 
@@ -264,8 +265,9 @@ def list_images(root: Path) -> FolderListing:
     return FolderListing(root=root, presplit=presplit, dirs=dirs, files=files, skipped=skipped)
 
 
-def load_splits(data: str | Path, val_ratio: float = 0.2, test_ratio: float = 0.2,
-                seed: int = 42, verify: bool = True,
+def load_splits(data: str | Path, val_ratio: float = DataParams.val_ratio,
+                test_ratio: float = DataParams.test_ratio, seed: int = DataParams.seed,
+                verify: bool = True,
                 known_bad: Mapping[str, str] | None = None) -> DatasetSplits:
     """Read an image folder into reproducible, stratified train/val/test splits.
 
@@ -717,7 +719,8 @@ class ShardSampler(Sampler[int]):
 
 def make_loaders(splits: DatasetSplits, image_size: int, batch_size: int,
                  augmentation: str = "none", mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, num_workers: int = 2, seed: int = 42,
+                 std: Sequence[float] = IMAGENET_STD,
+                 num_workers: int = RuntimeParams.num_workers, seed: int = DataParams.seed,
                  device_type: str = "cpu", arrays: Mapping[str, Path] | None = None,
                  array_rows: Mapping[str, Sequence[int]] | None = None,
                  rank: int = 0, world_size: int = 1) -> dict[str, DataLoader | None]:

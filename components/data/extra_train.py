@@ -56,12 +56,12 @@ def extra_train_samples(folder: str | Path, splits: DatasetSplits) -> ExtraTrain
     listing = list_images(root)
     if listing.presplit:
         raise DataError(f"extra_train folder {root} has a train/ folder: pass a folder "
-                               "of class sub-folders (its images all go to train)")
+                        "of class sub-folders (its images all go to train)")
     per_class = listing.files["all"]
     unknown = sorted(set(per_class) - set(splits.classes))
     if unknown:
         raise DataError(f"extra_train classes {', '.join(unknown)} are not classes of "
-                               f"the dataset ({', '.join(splits.classes)})")
+                        f"the dataset ({', '.join(splits.classes)})")
     held_out = {file_sha1(p) for p, _ in splits.val + splits.test}
     index = {c: i for i, c in enumerate(splits.classes)}
     paths = [p for cls in sorted(per_class) for p in per_class[cls]]

@@ -40,6 +40,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from components import tracking
 from components.errors import CnnflowError, one_line
 from components.names import (
     CLASS_NAMES_TAG,
@@ -51,7 +52,7 @@ from components.names import (
     STEP_TAG,
     VERSION_TAG,
 )
-from components.settings import mask_text, mask_uri
+from components.settings import mask_text
 from components.tracking.registry import AliasLookup
 
 logger = logging.getLogger("cnnflow.mirror")
@@ -380,15 +381,10 @@ def training_doc(run: Run, experiment: str, status: str, registry: list[dict[str
         "metrics": {safe_key(k): v for k, v in metrics.items()},
         "tags": {safe_key(k): mask_text(v) for k, v in tags.items()},
         "registry": {"versions": registry} if registry else None,
-        "mlflow_url": _run_url(tracking_uri, info.experiment_id, info.run_id),
+        "mlflow_url": (tracking.run_url(tracking_uri, info.experiment_id, info.run_id)
+                       if tracking_uri.startswith(("http://", "https://")) else None),
     }
     return {k: v for k, v in doc.items() if v is not None}
-
-
-def _run_url(tracking_uri: str, exp_id: str, run_id: str) -> str | None:
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"{mask_uri(tracking_uri).rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
-    return None
 
 
 def status_doc(run: Run, status: str, now: datetime) -> dict[str, Any]:
@@ -629,9 +625,9 @@ def sync_once(tracking_uri: str, mongo_uri: str, options: SyncOptions) -> PassRe
 
 
 def tag_job_run(tracking_uri: str, job_run_id: str) -> None:
-    """Under `mlflow run -e sync`, MLflow opened a run for the job: tag it so it is not
-    mirrored as if it were a model (`cnnflow sync` has no job run, so no call)."""
-    MlflowClient(tracking_uri).set_tag(job_run_id, STEP_TAG, "sync")
+    """Under `mlflow run -e sync`, MLflow opened a run for the job: open it as `sync-vN`, so
+    it is not mirrored as if it were a model (`cnnflow sync` has no job run, so no call)."""
+    tracking.open_run(tracking.connect(tracking_uri), step="sync", adopt=job_run_id)
 
 
 def _failure(exc: BaseException) -> str:

@@ -133,6 +133,3 @@ def measure_cost(model: Any, images: Sequence[Image.Image], batch_size: int,
             "latency_ms_p50": float(np.percentile(latencies, 50)),
             "latency_ms_p95": float(np.percentile(latencies, 95)),
             "throughput_images_per_sec": batch_size * throughput_batches / max(elapsed, 1e-9)}
-
-
-# --------------------------------------------------------------------------------------------

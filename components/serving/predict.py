@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from components.data.datasets import load_rgb
-from components.errors import CnnflowError
+from components.errors import CnnflowError, one_line
 
 
 class ModelLoadError(CnnflowError, RuntimeError):
@@ -25,15 +26,27 @@ def load_model(model_uri: str) -> Any:
     """The cnnflow model behind a URI (ImageClassifier or EnsembleClassifier), on the CPU."""
     import mlflow.pyfunc
 
+    _accept_old_layout()
     try:
         pyfunc = mlflow.pyfunc.load_model(model_uri)
-    except MlflowException as exc:
+    except (MlflowException, OSError, ImportError, AttributeError) as exc:
         raise ModelLoadError(f"cannot load model {model_uri}: "
-                              f"{str(exc).splitlines()[0]}") from None
+                             f"{one_line(f'{type(exc).__name__}: {exc}')}") from None
     model = pyfunc.unwrap_python_model()
     if not hasattr(model, "score_batch"):
         raise ModelLoadError(f"{model_uri} is not a cnnflow image model (no score_batch)")
     return model
+
+
+def _accept_old_layout() -> None:
+    """Models logged before the layout by layer pickled their class by its old name,
+    `components.serving.ImageClassifier` or `components.ensemble.EnsembleClassifier`: point
+    those names at the classes' homes now, so the champion of an existing registry loads."""
+    import components.serving as package
+    from components.serving import classifier, ensemble
+
+    package.ImageClassifier = classifier.ImageClassifier  # type: ignore[attr-defined]
+    sys.modules.setdefault("components.ensemble", ensemble)
 
 
 class TransformedImages(Dataset):
@@ -96,6 +109,3 @@ def predict_samples(model: Any, samples: Sequence[tuple[str, int]], batch_size: 
                        paths=[p for p, _ in samples],
                        members=[torch.cat([m[i] for m in members]).double()
                                 for i in range(n_members)])
-
-
-# --------------------------------------------------------------------------------------------

@@ -29,12 +29,14 @@ from components.data.datasets import DatasetSplits, load_splits
 from components.files import write_csv
 from components.names import (
     CLASS_NAMES_TAG,
+    CV_PARENT_TAG,
     DATASET_DIGEST_TAG,
     DATASET_TAG,
     FOLD_TAG,
     MODEL_TAG,
 )
-from components.steps.train import TrainingError, TrainOutcome, TrainParams, train
+from components.steps.params import EnsembleParams, TrainParams
+from components.steps.train import TrainingError, TrainOutcome, train
 
 # Fold-run metric -> the name of its mean/std on the parent (cv_<name>_mean, cv_<name>_std).
 CV_METRICS = {"best_val_acc": "val_acc", "best_val_loss": "val_loss",
@@ -115,7 +117,7 @@ def run_cv(params: TrainParams, tracking_uri: str, *, progress: bool | None = No
         for i in range(params.cv):
             n_train = len(splits.train) + len(splits.val) - len(folds[i])
             log(f"cv fold {i + 1}/{params.cv}: train {n_train}, val {len(folds[i])}")
-            tags = {FOLD_TAG: str(i), "cnnflow.cv_parent": run_id,
+            tags = {FOLD_TAG: str(i), CV_PARENT_TAG: run_id,
                     "cnnflow.fold_n_train": str(n_train), "cnnflow.fold_n_val": str(len(folds[i]))}
             outcomes.append(train(fold_params, tracking_uri, progress=progress, log=log,
                                   train_sample=fold_sample(folds, i), parent_run_id=run_id,
@@ -138,7 +140,7 @@ def run_cv(params: TrainParams, tracking_uri: str, *, progress: bool | None = No
                                         tracking_uri, log)
             client.set_tag(run_id, "cnnflow.ensemble_run_id", ensemble_run_id)
     return CvOutcome(run_id, run_name, outcomes, metrics, table, ensemble_run_id,
-                     _url(tracking_uri, exp_id, run_id))
+                     tracking.run_url(tracking_uri, exp_id, run_id))
 
 
 def summarise(table: list[dict[str, Any]]) -> dict[str, float]:
@@ -186,18 +188,12 @@ def _write_fold_files(folder: Path, table: list[dict[str, Any]],
 def _ensemble(params: TrainParams, run_ids: list[str], parent: str, tracking_uri: str,
               log: Callable[[str], None]) -> str:
     """Soft-vote the fold models: same test split and digest, so they are valid members."""
-    from components.steps.ensemble import EnsembleParams, run_ensemble
+    from components.steps.ensemble import run_ensemble
 
     outcome = run_ensemble(EnsembleParams(run_ids=",".join(run_ids), vote="soft",
                                           num_workers=0, device=params.device),
                            tracking_uri, log=log)
     client = tracking.connect(tracking_uri)
     client.set_tag(outcome.run_id, MLFLOW_PARENT_RUN_ID, parent)
-    client.set_tag(outcome.run_id, "cnnflow.cv_parent", parent)
+    client.set_tag(outcome.run_id, CV_PARENT_TAG, parent)
     return outcome.run_id
-
-
-def _url(tracking_uri: str, exp_id: str, run_id: str) -> str:
-    from components.steps.train import run_url
-
-    return run_url(tracking_uri, exp_id, run_id)

@@ -77,8 +77,9 @@ class DatasetScan:
         return self.table[self.table["error"] == ""]
 
 
-def scan_dataset(data: str | Path, val_ratio: float = 0.2, test_ratio: float = 0.2,
-                 seed: int = 42, workers: int = -1, progress: bool = False) -> DatasetScan:
+def scan_dataset(data: str | Path, val_ratio: float = EdaParams.val_ratio,
+                 test_ratio: float = EdaParams.test_ratio, seed: int = EdaParams.seed,
+                 workers: int = EdaParams.num_workers, progress: bool = False) -> DatasetScan:
     """Read every file of a dataset once; a one-line DataError if there is nothing to scan."""
     check_ratios(val_ratio, test_ratio)
     name, root = resolve_data(data) if isinstance(data, str) else ("", Path(data))

@@ -47,6 +47,7 @@ from components.names import (
     STEP_TAG,
 )
 from components.nn.engine import resolve_device
+from components.params import split_list
 from components.serving.classifier import ImageClassifier
 from components.serving.ensemble import EnsembleClassifier, EnsembleError, save_members
 from components.serving.metrics import classification_metrics
@@ -62,7 +63,7 @@ from components.tracking.models import log_python_model
 
 
 def parse_run_ids(text: str) -> list[str]:
-    return [r.strip() for r in str(text).replace(" ", ",").split(",") if r.strip()]
+    return split_list(text)
 
 
 def select_members(client: MlflowClient, run_ids: Sequence[str], top_k: int,

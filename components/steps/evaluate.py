@@ -46,6 +46,7 @@ from components.names import (
     EVALUATED_RUN_TAG,
     MODEL_URI_TAG,
     REGISTERED_VERSION_TAG,
+    SPLIT_TAG,
     STEP_TAG,
 )
 from components.nn.engine import resolve_device
@@ -55,9 +56,7 @@ from components.serving.predict import Predictions, auto_batch_size, load_model,
 from components.steps.params import EvalParams
 from components.tracking import registry
 
-ECE_BINS = 15
 MAX_MISCLASSIFIED = 16
-WARMUP_RUNS = 2
 MANIFEST = "data/manifest.csv"
 
 
@@ -275,7 +274,8 @@ def evaluate(params: EvalParams, tracking_uri: str,
              job_run_id: str | None = None) -> EvalOutcome:
     """Evaluate one model on its run's split, log everything into that run, then register
     (test split) and apply the promotion rule. `job_run_id`: the run opened for this job
-    (by `mlflow run`, or the `main` pipeline's evaluate step), tagged with what it did."""
+    (by `mlflow run`, or the `main` pipeline's evaluate step), opened as `evaluate-vN` once
+    the inputs are checked and tagged with what it evaluated and registered."""
     params.validate()
     client = tracking.connect(tracking_uri)
     target = resolve_target(client, params.run_id, params.model_uri)
@@ -290,6 +290,9 @@ def evaluate(params: EvalParams, tracking_uri: str,
     notes = [note] if note else []
     if params.register and not register:
         notes.append("split=val: not registered (the registry compares test metrics)")
+    if job_run_id and job_run_id != run_id:
+        tracking.open_run(client, step="evaluate", adopt=job_run_id,
+                          tags={EVALUATED_RUN_TAG: run_id, SPLIT_TAG: params.split})
 
     _preload()
     memory = PeakMemory(device).start()
@@ -331,16 +334,7 @@ def evaluate(params: EvalParams, tracking_uri: str,
             outcome.decision = registry.promote(client, name, version=None,
                                                 metric=params.metric,
                                                 min_delta=params.min_delta)
-    _tag_job_run(client, job_run_id, run_id, outcome)
+    if job_run_id and outcome.version is not None:
+        client.set_tag(job_run_id, REGISTERED_VERSION_TAG,
+                       f"{outcome.version.name}/{outcome.version.version}")
     return outcome
-
-
-def _tag_job_run(client: MlflowClient, job: str | None, evaluated: str,
-                 outcome: EvalOutcome) -> None:
-    """Under `mlflow run -e evaluate`, MLflow opened a run for the job itself: say what it did."""
-    if not job or job == evaluated:
-        return
-    tags = {STEP_TAG: "evaluate", EVALUATED_RUN_TAG: evaluated, "cnnflow.split": outcome.split}
-    if outcome.version is not None:
-        tags[REGISTERED_VERSION_TAG] = f"{outcome.version.name}/{outcome.version.version}"
-    tracking.log_params_and_tags(client, job, {}, tags)

@@ -30,15 +30,15 @@ from components import tracking
 from components.errors import CnnflowError
 from components.names import (
     CODE_VERSION_TAG,
+    DECISION_REASON_TAG,
     ERROR_TAG,
-    EVALUATED_RUN_TAG,
     REGISTERED_VERSION_TAG,
     STEP_KEY_TAG,
     STEP_TAG,
     VERSION_TAG,
 )
 from components.settings import mask_uri
-from components.steps.params import PipelineParams
+from components.steps.params import EdaParams, EnsembleParams, EvalParams, PipelineParams
 from components.steps.params import TrainParams as Train
 from components.tracking import registry
 
@@ -180,9 +180,8 @@ class Pipeline:
             return record
         self.log(f"{label}: running")
         start = time.monotonic()
-        child = self._resumable(step, key) or self.client.create_run(
-            self.exp_id, tags={MLFLOW_PARENT_RUN_ID: self.parent, STEP_KEY_TAG: key,
-                               STEP_TAG: step, NAME_TAG: name}).info.run_id
+        child = self._resumable(step, key) or tracking.reserve_child(
+            self.client, self.parent, self.exp_id, step, {STEP_KEY_TAG: key, NAME_TAG: name})
         # A step that ends its own run (train, eda...) has set FINISHED already; one that does
         # not (evaluate, promote, sync) is ended here; a failure ends it FAILED / KILLED.
         with tracking.ending_run(self.client, child):
@@ -217,7 +216,7 @@ def _reused_summary(step: str, run: Run) -> str:
     metric = SUMMARY_METRIC.get(step)
     if metric in run.data.metrics:
         return f"{metric} {run.data.metrics[metric]:.4g}"
-    return run.data.tags.get("cnnflow.decision_reason", "")
+    return run.data.tags.get(DECISION_REASON_TAG, "")
 
 
 # -------------------------------------------------------------------------------- the steps
@@ -246,7 +245,7 @@ def run_pipeline(params: PipelineParams, tracking_uri: str, mongo_uri: str = "",
     ensemble = params.top_k >= 2 and len(models) >= 2
     p.total = 2 + 2 * len(models) + (2 if ensemble else 0) + 1 + int(params.sync)
     p.parent, run_name, resumed = p.open_parent(experiment, key)
-    url = _experiment_url(tracking_uri, p.exp_id, p.parent)
+    url = tracking.run_url(tracking_uri, p.exp_id, p.parent)
     log(f"pipeline {run_name} ({p.parent}){' resumed' if resumed else ''}: "
         f"{', '.join(models)} on {dataset}; code {p.code[:12]}; {url}")
     client = p.client
@@ -270,8 +269,8 @@ def run_pipeline(params: PipelineParams, tracking_uri: str, mongo_uri: str = "",
 
 def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
            ensemble: bool) -> PipelineOutcome:
-    from components.steps.eda import EdaParams, run_eda
-    from components.steps.evaluate import EvalParams, evaluate
+    from components.steps.eda import run_eda
+    from components.steps.evaluate import evaluate
     from components.steps.preprocess import run_preprocess
     from components.steps.train import train
 
@@ -320,8 +319,6 @@ def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
 
     def evaluation_step(label: str, run_id: str) -> None:
         def run(child: str) -> tuple[str, str]:
-            tracking.open_run(client, step="evaluate", experiment=experiment, adopt=child,
-                              tags={EVALUATED_RUN_TAG: run_id})
             out = evaluate(EvalParams(run_id=run_id, registered_model=name, promote=False,
                                       metric=params.metric), p.uri, log=p.log,
                            job_run_id=child)
@@ -347,7 +344,7 @@ def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
 
     ensemble_run = ""
     if ensemble:
-        from components.steps.ensemble import EnsembleParams, run_ensemble
+        from components.steps.ensemble import run_ensemble
 
         ranked = sorted(models, key=lambda m: -client.get_run(trained[m]).data.metrics.get(
             "best_val_acc", 0.0))
@@ -373,7 +370,7 @@ def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
                                     min_delta=params.min_delta)
         tracking.log_params_and_tags(client, child, {}, {
             "cnnflow.candidate_version": best, "cnnflow.decision": decision.action,
-            "cnnflow.decision_reason": decision.reason,
+            DECISION_REASON_TAG: decision.reason,
             "cnnflow.champion_version": _champion_version(client, name)})
         return decision.line(), child
 
@@ -495,9 +492,3 @@ def _write_steps(p: Pipeline) -> None:
                                   artifact_path=str(Path(STEPS_ARTIFACT).parent))
     except MlflowException:
         pass  # the server went away: the steps are still findable by their parent tag
-
-
-def _experiment_url(tracking_uri: str, exp_id: str, run_id: str) -> str:
-    from components.steps.train import run_url
-
-    return run_url(tracking_uri, exp_id, run_id)

@@ -10,8 +10,8 @@ means and defaults the same in all of them:
 - `TrainRecipe`: how a model is trained (the engine's `TrainConfig` plus the model and data
   knobs). `train`, `tune`, the `main` pipeline and `ensemble --bagging` inherit it, so a new
   training parameter is one field here (or in `TrainConfig`) and reaches all four;
-- small groups for what a few steps share (reports folder, promotion rule, ensemble vote,
-  prediction batches).
+- small groups for what a few steps share (reports folder, promotion rule, registered
+  model, ensemble vote, prediction batches).
 
 A step re-declares a group's field only where its meaning or default differs, and says so
 in its docstring (`inherited` then leaves that field out of what is passed on).
@@ -32,15 +32,18 @@ from pathlib import Path
 from typing import Any
 
 from components.nn.config import TrainConfig
-from components.params import DataParams, ParamError, RuntimeParams, inherited, param
+from components.params import (
+    DataParams,
+    ParamError,
+    RuntimeParams,
+    bool_text,
+    inherited,
+    param,
+    split_list,
+)
 from components.settings import state_dir
 
 MIN_IMAGE_SIZE = 8
-
-
-def _text(value: Any) -> Any:
-    """Booleans as `mlflow run` logs MLproject values ("true"), so both agree."""
-    return str(value).lower() if isinstance(value, bool) else value
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,10 +88,18 @@ class PromotionParams:
     """The promotion rule: evaluate, the `main` pipeline and `cnnflow promote` apply it."""
 
     metric: str = param("test_acc", "Metric the promotion rule compares (losses and costs: "
-                                    "lower is better); `run` also picks its best candidate "
-                                    "by it.")
+                                    "lower is better).")
     min_delta: float = param(0.0, "The challenger must beat the champion by at least this "
                                   "much.")
+
+
+@dataclass
+class RegistryParams:
+    """Which registered model a version goes to or is promoted in (evaluate, `cnnflow
+    promote`)."""
+
+    registered_model: str = param("", "Registered model name (default: "
+                                      "<experiment>-classifier).")
 
 
 @dataclass
@@ -177,7 +188,7 @@ class PreprocessParams(DataParams, ScanParams):
         """
         logged = {k: getattr(self, k) for k in ("data", "train_ratio", "val_ratio",
                                                 "test_ratio", "seed", "image_size")}
-        return {**logged, "cache": _text(self.cache)}
+        return {**logged, "cache": bool_text(self.cache)}
 
 
 def _check_scan_workers(num_workers: int) -> None:
@@ -240,7 +251,7 @@ class TrainParams(DataParams, TrainRecipe, RuntimeParams):
     def logged(self) -> dict[str, Any]:
         """Params of the run. An empty `preprocess_run` is left out: `mlflow run` logs an empty
         value itself (as "''"), and MLflow refuses a second, different value."""
-        return {f.name: _text(getattr(self, f.name)) for f in fields(self)
+        return {f.name: bool_text(getattr(self, f.name)) for f in fields(self)
                 if f.name not in ("resume", "experiment")
                 and not (f.name in ("preprocess_run", "extra_train")
                          and not getattr(self, f.name))}
@@ -259,7 +270,7 @@ class TrainParams(DataParams, TrainRecipe, RuntimeParams):
 
 
 @dataclass
-class EvalParams(PromotionParams, PredictParams):
+class EvalParams(PromotionParams, RegistryParams, PredictParams):
     """`cnnflow evaluate` / `mlflow run . -e evaluate`. `device` is re-declared: its default
     `run` (the device the run trained on) is a value only evaluate understands."""
 
@@ -273,8 +284,6 @@ class EvalParams(PromotionParams, PredictParams):
     latency_runs: int = param(30, "Single-image predictions timed for latency p50/p95.")
     register: bool = param(True, "Register the model (test split) as a new version with alias "
                                  "challenger.")
-    registered_model: str = param("", "Registered model name (default: "
-                                      "<experiment>-classifier).")
     promote: bool = param(True, "Apply the promotion rule after registering.")
 
     def validate(self) -> None:
@@ -288,6 +297,18 @@ class EvalParams(PromotionParams, PredictParams):
             raise ParamError(f"latency_runs must be >= 1 (got {self.latency_runs})")
         if self.min_delta < 0:
             raise ParamError(f"min_delta must be >= 0 (got {self.min_delta})")
+
+
+@dataclass
+class PromoteParams(RegistryParams, PromotionParams):
+    """`cnnflow promote` (no MLproject entry point): the promotion rule applied to a
+    registered model's challenger, or a rollback to a given version. `experiment` is its own:
+    it names the registered model, <experiment>-classifier."""
+
+    experiment: str = param("", "Or the experiment: the name is then "
+                                "<experiment>-classifier.")
+    version: str = param("", "Make this version champion directly (rollback); skips the rule.")
+    force: bool = param(False, "Promote the challenger whatever the rule says.")
 
 
 @dataclass
@@ -449,7 +470,7 @@ class SyncParams:
     rebuild: bool = param(False, "Drop the mirror and rebuild it from MLflow.")
 
     def experiment_list(self) -> list[str]:
-        return [e.strip() for e in self.experiments.split(",") if e.strip()]
+        return split_list(self.experiments, whitespace=False)  # a name may hold spaces
 
 
 @dataclass
@@ -472,10 +493,11 @@ class PipelineParams(DataParams, VoteParams, PromotionParams, ReportsParams, Tra
                                "inputs exists.")
 
     # How the pipeline runs, not what it computes: left out of the pipeline's key.
-    RUNTIME = ("experiment", "sync", "report", "reports_dir", "device", "num_workers", "force")
+    RUNTIME = ("experiment", "sync", "report", "reports_dir", "device", "amp", "num_workers",
+               "force")
 
     def model_list(self) -> list[str]:
-        return [m for m in self.models.replace(" ", ",").split(",") if m]
+        return split_list(self.models)
 
     def validate(self) -> None:
         """Every step's checks up front: a typo must not surface after an hour of training."""
@@ -519,7 +541,7 @@ class PipelineParams(DataParams, VoteParams, PromotionParams, ReportsParams, Tra
         return TrainParams(**values)
 
     def logged(self) -> dict[str, Any]:
-        return {f.name: _text(getattr(self, f.name)) for f in fields(self)
+        return {f.name: bool_text(getattr(self, f.name)) for f in fields(self)
                 if f.name not in ("experiment", "force")}
 
     def key_inputs(self) -> dict[str, Any]:

@@ -47,7 +47,13 @@ from components.data.datasets import (
 from components.data.images import read_files
 from components.errors import one_line
 from components.files import read_csv, write_csv
-from components.names import DATA_ROOT_TAG, DATASET_DIGEST_TAG, DATASET_TAG, STEP_TAG
+from components.names import (
+    DATA_ROOT_TAG,
+    DATASET_DIGEST_TAG,
+    DATASET_TAG,
+    PRESPLIT_TAG,
+    STEP_TAG,
+)
 from components.settings import data_cache_dir
 from components.steps.params import PreprocessParams
 
@@ -283,7 +289,7 @@ def run_preprocess(params: PreprocessParams, tracking_uri: str, *, progress: boo
         plan = plan_split(params, work / "scratch", progress=progress, log=log)
         s = plan.splits
         tags = {DATASET_TAG: s.name, DATASET_DIGEST_TAG: s.digest(),
-                DATA_ROOT_TAG: str(s.root), "cnnflow.presplit": str(s.presplit).lower()}
+                DATA_ROOT_TAG: str(s.root), PRESPLIT_TAG: str(s.presplit).lower()}
         run_id, exp_id, run_name = tracking.open_run(
             client, step="preprocess", experiment=params.experiment or s.name,
             adopt=job_run_id, tags=tags)
@@ -385,7 +391,7 @@ def load_prepared(client: MlflowClient, run_id: str, image_size: int,
     skipped = [(str(root / r["path"]), r["reason"])
                for r in read_csv(data_dir / "skipped_files.csv")]
     splits = read_manifest(data_dir / "manifest.csv", root, tags.get(DATASET_TAG, data),
-                           skipped, tags.get("cnnflow.presplit") == "true")
+                           skipped, tags.get(PRESPLIT_TAG) == "true")
     if splits.digest() != tags.get(DATASET_DIGEST_TAG):
         raise DataError(f"the manifest in {data_dir} does not match run {run_id}'s digest: "
                         f"delete {local} and train again")

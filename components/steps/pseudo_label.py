@@ -97,7 +97,7 @@ def run_pseudo_label(params: PseudoLabelParams, tracking_uri: str,
     client = tracking.connect(tracking_uri)
     is_uri = params.model.startswith("models:/")
     target = resolve_target(client, run_id="" if is_uri else params.model,
-                                       model_uri=params.model if is_uri else "")
+                            model_uri=params.model if is_uri else "")
     images_dir = Path(params.images).expanduser().resolve()
     paths = _unlabelled_images(images_dir)
     skipped = verify_images(paths)

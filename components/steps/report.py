@@ -621,7 +621,7 @@ def _registry_section(doc: Document, client: MlflowClient, experiment: str) -> N
 # --------------------------------------------------------------------------------------------
 
 
-def build_report(tracking_uri: str, experiment: str, *, reports_dir: str | Path = "reports",
+def build_report(tracking_uri: str, experiment: str, *, reports_dir: str | Path,
                  pipeline_run_id: str = "", pdf: str = "auto",
                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
                  job_run_id: str | None = None) -> ReportOutcome:

@@ -45,7 +45,6 @@ from components.nn.engine import (
 )
 from components.nn.engine import resolve_device as _resolve_device
 from components.nn.models import create_model, model_normalization
-from components.settings import mask_uri
 from components.steps.params import TrainParams
 from components.steps.preprocess import load_prepared
 from components.tracking.callback import MLflowCallback
@@ -64,13 +63,6 @@ class TrainOutcome:
     result: FitResult
     model_uri: str
     url: str
-
-
-def run_url(tracking_uri: str, exp_id: str, run_id: str) -> str:
-    """The run's page in the MLflow UI (password masked), or the bare URI for file stores."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"{mask_uri(tracking_uri).rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
-    return mask_uri(tracking_uri)
 
 
 def train(params: TrainParams, tracking_uri: str, *, progress: bool | None = None,
@@ -218,7 +210,7 @@ def _train(client, params: TrainParams, tracking_uri: str, progress: bool,
                    f"{type(exc).__name__}: {exc}")
             raise
     return TrainOutcome(run_id, run_name, exp_id, result, model_uri,
-                        run_url(tracking_uri, exp_id, run_id))
+                        tracking.run_url(tracking_uri, exp_id, run_id))
 
 
 def _abort(client, callback: MLflowCallback, run_id: str, status: str,

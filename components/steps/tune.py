@@ -43,18 +43,20 @@ from optuna.distributions import (
 )
 
 from components import tracking
-from components.errors import CnnflowError
+from components.errors import CnnflowError, one_line
 from components.names import (
     BEST_TRIAL_TAG,
     DATASET_TAG,
     EPOCH_METRICS,
     RETRAINED_RUN_TAG,
+    STUDY_TAG,
     TRIAL_TAG,
 )
 from components.nn.engine import Callback
+from components.params import split_list
 from components.registrar import registrar
 from components.settings import mask_uri
-from components.steps.params import TrainParams, TuneParams
+from components.steps.params import EvalParams, TrainParams, TuneParams
 from components.steps.train import train
 
 Space = dict[str, BaseDistribution]
@@ -177,7 +179,7 @@ def parse_space(text: str) -> tuple[Space, dict[str, Any]]:
     try:
         raw = yaml.safe_load(source)
     except yaml.YAMLError as exc:
-        raise TuneError(f"search space is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise TuneError(f"search space is not valid YAML: {one_line(exc)}") from None
     if not isinstance(raw, dict) or not raw:
         raise TuneError("search space must map parameter names to specs, e.g. "
                         "'lr: loguniform(1e-5, 1e-2)'")
@@ -224,7 +226,7 @@ def _distribution(name: str, spec: str) -> BaseDistribution:
         dist = DISTRIBUTIONS[fn_name](*args)
     except (TypeError, ValueError, yaml.YAMLError) as exc:
         raise TuneError(f"{name}: bad arguments in '{spec}' "
-                        f"({str(exc).splitlines()[0]})") from None
+                        f"({one_line(exc)})") from None
     return dist
 
 
@@ -298,7 +300,7 @@ def check(params: TuneParams) -> tuple[Space, dict[str, Any]]:
 
 
 def _models(text: str) -> list[str]:
-    models = [m.strip() for m in str(text).split(",") if m.strip()]
+    models = split_list(text)
     if not models:
         raise TuneError("model is empty: name one model, or several separated by commas")
     return models
@@ -330,10 +332,10 @@ def open_study(params: TuneParams, space: Space, study_name: str) -> optuna.Stud
         study = _create_study(url, kwargs, params, space, study_name)
     except ValueError as exc:  # e.g. joining a study created with the other direction
         raise TuneError(f"cannot open study '{study_name}' in {mask_uri(url)}: "
-                        f"{str(exc).splitlines()[0]}") from None
+                        f"{one_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy errors are many; one line each
         raise TuneError(f"cannot open Optuna storage {mask_uri(url)}: "
-                        f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+                        f"{type(exc).__name__}: {one_line(exc)}") from None
     existing = study.direction.name.lower()
     if existing != params.direction:  # Optuna would silently keep the study's own direction
         raise TuneError(f"study '{study_name}' in {mask_uri(url)} was created to {existing}; "
@@ -386,7 +388,7 @@ def run_tune(params: TuneParams, tracking_uri: str,
         present = client.get_run(run_id).data.params  # `mlflow run` logged its -P values
         tracking.log_params_and_tags(
             client, run_id, {k: v for k, v in logged.items() if k not in present},
-            {"cnnflow.study": study_name, DATASET_TAG: splits.name,
+            {STUDY_TAG: study_name, DATASET_TAG: splits.name,
              "cnnflow.optuna_storage": mask_uri(params.storage_url())})
         objective = _objective(client, params, space, fixed, tracking_uri, run_id, study_name, log)
         study.optimize(objective, n_trials=params.n_trials if params.n_trials > 0 else None,
@@ -414,7 +416,7 @@ def _objective(client: MlflowClient, params: TuneParams, space: Space, fixed: di
         model = sampled.pop("model", _models(params.model)[0])
         train_params = dataclasses.replace(params.base(model, fixed), **sampled)
         log(f"trial {trial.number}: {model} {sampled}")
-        tags = {TRIAL_TAG: str(trial.number), "cnnflow.study": study_name}
+        tags = {TRIAL_TAG: str(trial.number), STUDY_TAG: study_name}
         try:
             outcome = train(train_params, tracking_uri, progress=False, log=log,
                             parent_run_id=parent, run_tags=tags,
@@ -527,7 +529,7 @@ def _write_figures(study: optuna.Study, folder: Path) -> list[str]:
                                                               include_plotlyjs="cdn")
                     written.append(f"{name}.html")
         except Exception as exc:  # noqa: BLE001 - a figure never fails the study
-            skipped.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            skipped.append(f"{name}: {type(exc).__name__}: {one_line(exc)}")
             plt.close("all")
     if plotly_vis is None:
         skipped.append("*.html: plotly is not installed (pip install plotly)")
@@ -549,7 +551,7 @@ def _retrain(client: MlflowClient, params: TuneParams, fixed: dict[str, Any],
              outcome: TuneOutcome, tracking_uri: str, parent: str,
              log: Callable[[str], None]) -> None:
     """Train the best configuration with the full epochs as a normal run, then evaluate it."""
-    from components.steps.evaluate import EvalParams, evaluate
+    from components.steps.evaluate import evaluate
 
     best = dict(outcome.best_params)
     model = best.pop("model", _models(params.model)[0])

@@ -1,8 +1,9 @@
-"""Everything cnnflow writes to MLflow: opening and naming runs (`open_run`, the one place a
-step's run is created or adopted), params/tags, the epoch callback, the model.
+"""The run level of MLflow: opening and naming runs (`open_run`, the one place a step's run
+is created or adopted), params, tags and metrics, ending runs, checkpoints and history.
 
-The engine knows nothing of MLflow; `MLflowCallback` turns its callbacks into MLflow calls on
-one background worker, so uploads and metric writes never stall the training loop.
+Beside it in this package: `callback` (the engine's callbacks as MLflow calls, off the
+training loop's thread), `models` (logging the pyfunc models), `registry` (versions, aliases,
+promotion) and `comparison` (the experiment's models side by side).
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ def connect(tracking_uri: str) -> MlflowClient:
     """Point both the fluent API and a client at one server."""
     mlflow.set_tracking_uri(tracking_uri)
     return MlflowClient(tracking_uri)
+
+
+def run_url(tracking_uri: str, exp_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI (password masked), or the masked URI of a store that has
+    no UI (a local folder or database)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{mask_uri(tracking_uri).rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+    return mask_uri(tracking_uri)
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
@@ -68,7 +77,7 @@ def log_params_and_tags(client: MlflowClient, run_id: str, params: dict[str, Any
 def finish_run(client: MlflowClient, run_id: str, status: str, error: str | None = None) -> None:
     """End a run as FINISHED / FAILED / KILLED, keeping the one-line reason as a tag."""
     if error:
-        client.set_tag(run_id, ERROR_TAG, mask_text(error.splitlines()[0])[:5000])
+        client.set_tag(run_id, ERROR_TAG, mask_text(one_line(error))[:5000])
     with contextlib.redirect_stdout(io.StringIO()):  # MLflow prints the run URL; we print ours
         client.set_terminated(run_id, status=status)
 
@@ -144,6 +153,8 @@ def open_run(client: MlflowClient, *, step: str, model: str | None = None,
     The experiment is the adopted or parent run's, else `exp_id`, else the one named
     `experiment` (created on first use). `tags` are added to the run (URIs masked).
     """
+    if adopt and parent:
+        raise ValueError("open_run: adopt a run or create a child of a parent, not both")
     source = adopt or parent
     if source:
         exp_id = client.get_run(source).info.experiment_id
@@ -165,6 +176,19 @@ def open_run(client: MlflowClient, *, step: str, model: str | None = None,
     run = client.create_run(exp_id, run_name=name,
                             tags={k: mask_uri(str(v)) for k, v in all_tags.items()})
     return OpenedRun(run.info.run_id, exp_id, name)
+
+
+def reserve_child(client: MlflowClient, parent: str, exp_id: str, step: str,
+                  tags: dict[str, Any]) -> str:
+    """A child run of `parent` held for a step that will open it (`open_run(adopt=...)`).
+
+    The `main` pipeline reserves each step's child before the step runs, so a kill at any
+    point leaves the child findable under its parent; it has no name or version until the
+    step opens it (a child with a version is a training run that started, and resumes).
+    """
+    all_tags = {MLFLOW_PARENT_RUN_ID: parent, STEP_TAG: step, **tags}
+    run = client.create_run(exp_id, tags={k: mask_uri(str(v)) for k, v in all_tags.items()})
+    return run.info.run_id
 
 
 def reopen_run(client: MlflowClient, run_id: str) -> OpenedRun:

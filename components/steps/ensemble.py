@@ -53,7 +53,7 @@ from components.serving.ensemble import EnsembleClassifier, EnsembleError, save_
 from components.serving.metrics import classification_metrics
 from components.serving.predict import auto_batch_size, load_model
 from components.steps.evaluate import MANIFEST, evaluate_model, get_run, run_splits, split_samples
-from components.steps.params import EnsembleParams
+from components.steps.params import EnsembleParams, explicit_vote_weights
 from components.tracking.comparison import write_table
 from components.tracking.models import log_python_model
 
@@ -125,10 +125,13 @@ def check_members(runs: Sequence[Run]) -> None:
 
 def resolve_weights(spec: str, runs: Sequence[Run]) -> list[float]:
     """'' / 'equal', 'val_acc' (best_val_acc of each member) or 'w1,w2,...'; normalised."""
-    text = str(spec).strip().lower()
-    if text in ("", "equal"):
-        raw = [1.0] * len(runs)
-    elif text == "val_acc":
+    explicit = explicit_vote_weights(spec)
+    if explicit is not None:
+        if len(explicit) != len(runs):
+            raise EnsembleError(f"{len(explicit)} weights for {len(runs)} members: give one "
+                                "weight per member, in --run-ids order")
+        raw = explicit
+    elif str(spec).strip().lower() == "val_acc":
         raw = []
         for r in runs:
             if "best_val_acc" not in r.data.metrics:
@@ -136,14 +139,7 @@ def resolve_weights(spec: str, runs: Sequence[Run]) -> list[float]:
                                     "--weights val_acc: use equal or explicit weights")
             raw.append(float(r.data.metrics["best_val_acc"]))
     else:
-        try:
-            raw = [float(w) for w in text.split(",")]
-        except ValueError:
-            raise EnsembleError(f"weights '{spec}' are not numbers: use equal, val_acc or a "
-                                "comma-separated list such as 0.5,0.3,0.2") from None
-        if len(raw) != len(runs):
-            raise EnsembleError(f"{len(raw)} weights for {len(runs)} members: give one weight "
-                                "per member, in --run-ids order")
+        raw = [1.0] * len(runs)
     if any(w < 0 for w in raw) or sum(raw) <= 0:
         raise EnsembleError(f"weights {raw} must be >= 0 with a positive sum")
     total = sum(raw)

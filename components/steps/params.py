@@ -331,7 +331,7 @@ class EnsembleParams(VoteParams, DataParams, TrainRecipe, PredictRuntimeParams):
         from components.serving.ensemble import get_vote
 
         get_vote(self.vote)
-        _check_vote_weights(self.weights)
+        explicit_vote_weights(self.weights)
         if self.top_k < 2:
             raise ParamError(f"top_k must be >= 2 (got {self.top_k})")
         if self.batch_size < 1:
@@ -351,11 +351,12 @@ class EnsembleParams(VoteParams, DataParams, TrainRecipe, PredictRuntimeParams):
                            num_workers=self.num_workers)
 
 
-def _check_vote_weights(spec: str) -> None:
-    """Syntax check before any work (the count is checked once the members are known)."""
+def explicit_vote_weights(spec: str) -> list[float] | None:
+    """The numbers of `--weights w1,w2,...` (numbers, >= 0, a positive sum), or None for
+    `equal` / `val_acc`; checked before any work, the count once the members are known."""
     text = str(spec).strip().lower()
     if text in ("", "equal", "val_acc"):
-        return
+        return None
     try:
         values = [float(w) for w in text.split(",")]
     except ValueError:
@@ -363,6 +364,7 @@ def _check_vote_weights(spec: str) -> None:
                          "comma-separated list such as 0.5,0.3,0.2") from None
     if any(w < 0 for w in values) or sum(values) <= 0:
         raise ParamError(f"weights {values} must be >= 0 with a positive sum")
+    return values
 
 
 @dataclass

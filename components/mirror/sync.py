@@ -261,7 +261,7 @@ class HistoryReader:
     def __init__(self, client: MlflowClient, tracking_uri: str) -> None:
         self.client = client
         self.uri = tracking_uri
-        self.bulk = tracking_uri.startswith(("http://", "https://"))
+        self.bulk = tracking.has_ui(tracking_uri)  # the bulk history endpoint is the server's
 
     def read(self, runs: Sequence[Run]) -> dict[str, dict[int, dict[str, Any]]]:
         """run id -> epoch -> {metric: value, "timestamp": ms} (steps >= 1 only)."""
@@ -382,7 +382,7 @@ def training_doc(run: Run, experiment: str, status: str, registry: list[dict[str
         "tags": {safe_key(k): mask_text(v) for k, v in tags.items()},
         "registry": {"versions": registry} if registry else None,
         "mlflow_url": (tracking.run_url(tracking_uri, info.experiment_id, info.run_id)
-                       if tracking_uri.startswith(("http://", "https://")) else None),
+                       if tracking.has_ui(tracking_uri) else None),
     }
     return {k: v for k, v in doc.items() if v is not None}
 

@@ -41,7 +41,6 @@ from components.names import (
     STEP_TAG,
     TRIAL_TAG,
 )
-from components.settings import mask_uri
 from components.tracking import comparison, registry
 
 PDF_CHOICES = ("auto", "true", "false")
@@ -405,18 +404,11 @@ def _name(run: Run) -> str:
     return run.info.run_name or run.info.run_id
 
 
-def experiment_url(tracking_uri: str, exp_id: str) -> str:
-    """The experiment's page in the MLflow UI (password masked), or the bare URI."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"{mask_uri(tracking_uri).rstrip('/')}/#/experiments/{exp_id}"
-    return mask_uri(tracking_uri)
-
-
 def _header(doc: Document, experiment: str, tracking_uri: str, sel: Selection,
             run_id: str, run_name: str) -> None:
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    url = experiment_url(tracking_uri, sel.experiment_id)
-    link = f"[{url}]({url})" if url.startswith(("http://", "https://")) else f"`{url}`"
+    url = tracking.experiment_url(tracking_uri, sel.experiment_id)
+    link = f"[{url}]({url})" if tracking.has_ui(tracking_uri) else f"`{url}`"
     doc.heading(1, f"Experiment report: {experiment}")
     items = [f"Generated {when} by `cnnflow report`.",
              f"MLflow experiment `{experiment}` (id {sel.experiment_id}): {link}",

@@ -34,11 +34,23 @@ def connect(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri)
 
 
+def has_ui(tracking_uri: str) -> bool:
+    """A tracking server (http/https) has a UI; a local folder or database has none."""
+    return tracking_uri.startswith(("http://", "https://"))
+
+
+def experiment_url(tracking_uri: str, exp_id: str) -> str:
+    """The experiment's page in the MLflow UI (password masked), or the masked URI of a store
+    that has no UI (a local folder or database)."""
+    if has_ui(tracking_uri):
+        return f"{mask_uri(tracking_uri).rstrip('/')}/#/experiments/{exp_id}"
+    return mask_uri(tracking_uri)
+
+
 def run_url(tracking_uri: str, exp_id: str, run_id: str) -> str:
-    """The run's page in the MLflow UI (password masked), or the masked URI of a store that has
-    no UI (a local folder or database)."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"{mask_uri(tracking_uri).rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+    """The run's page in the MLflow UI, or the masked URI of a store that has no UI."""
+    if has_ui(tracking_uri):
+        return f"{experiment_url(tracking_uri, exp_id)}/runs/{run_id}"
     return mask_uri(tracking_uri)
 
 

@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(RUN_ENV) $(BIN)/cnnflow run --models $(DEMO_MODELS) $(DEMO_ARGS) > $(DEMO_SUMMARY)
 	@cat $(DEMO_SUMMARY)
 	@echo
-	@echo "MLflow UI:  $$($(BIN)/cnnflow status mlflow | awk '{print $$3}')"
+	@echo "MLflow UI:  $$(grep -Eo 'https?://[^ ]+' $(DEMO_SUMMARY) | head -1)"
 	@echo "Dashboard:  $(BIN)/cnnflow dashboard   (then open http://127.0.0.1:8501)"
 	@echo "Champion:   $$(sed -n 's/^champion: //p' $(DEMO_SUMMARY))"
 	@echo "Report:     reports/digits/report.html"

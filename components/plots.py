@@ -34,6 +34,29 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_curves_all(histories: dict[str, list[dict[str, float]]], path: Path) -> Path:
+    """Every model's loss and accuracy per epoch in one figure (one colour per model, val
+    solid, train dashed): which model learns faster, which one overfits, at a glance."""
+    sns.set_theme(style="whitegrid")
+    colours = dict(zip(histories, sns.color_palette("tab10", max(1, len(histories))),
+                       strict=False))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, metric in zip(axes, ("loss", "acc"), strict=True):
+        for model, history in histories.items():
+            epochs = [h["epoch"] for h in history]
+            for split, style in (("val", "-"), ("train", "--")):
+                key = f"{split}_{metric}"
+                if history and all(key in h for h in history):
+                    ax.plot(epochs, [h[key] for h in history], style, marker="o",
+                            markersize=3, color=colours[model], label=f"{model} {split}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy" if metric == "acc" else "loss")
+        if ax.has_data():
+            ax.legend(fontsize=8)
+    fig.suptitle("training curves of every model")
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------------------------
 # Evaluation figures (steps/evaluate.py)
 # --------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 `up` starts, in the background, each service that is not configured elsewhere
 (MLFLOW_TRACKING_URI / MONGO_URI); `down` stops only what `up` started, found by pid file under
-`state_dir()`; `status` reports. Each service is one `ServiceSpec` in `SERVICES`, so adding one
+`state_dir()`; `status` reports; `env_exports` gives the `export` lines that point MLflow's
+own tools (`mlflow run`) at them. Each service is one `ServiceSpec` in `SERVICES`, so adding one
 (the sync follower, say) is one more `register(...)` call, not another branch.
 
 Files per service under the state folder: `<name>.pid` (the process id, which is also its
@@ -15,6 +16,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -456,6 +458,71 @@ def service_uri(name: str, home: Path | None = None) -> str:
     if spec.url is None or spec.default_port is None:
         return ""
     return spec.url(DEFAULT_HOST, spec.default_port)
+
+
+def _recorded_url(home: Path, spec: ServiceSpec) -> str:
+    """The url `up` recorded for `spec` while its process lives; "" when it is not running."""
+    if _running_pid(home, spec) is None:
+        return ""
+    return str(_read_record(home, spec.name).get("url", ""))
+
+
+def export_line(name: str, value: str) -> str:
+    """`export NAME=value`, shell-quoted, so `eval` in the user's shell reads it back exactly."""
+    return f"export {name}={shlex.quote(value)}"
+
+
+def env_exports(home: Path | None = None) -> list[str]:
+    """`export VAR=uri` for each server in use (its env var, else the one `up` runs), so
+    `eval "$(cnnflow env)"` points `mlflow run` and MLflow's other tools at cnnflow's servers.
+
+    Not masked: the lines are for eval. Raises ServiceError when no server is running or set.
+    """
+    home = _home(home)
+    lines = []
+    for spec in SERVICES.values():
+        if spec.env_var is None:
+            continue
+        uri = _external(spec) or _recorded_url(home, spec)
+        if uri:
+            lines.append(export_line(spec.env_var, uri))
+    if not lines:
+        raise ServiceError("no cnnflow server is running: start them with `cnnflow up`")
+    return lines
+
+
+def started_exports(items: Iterable[ServiceStatus]) -> list[str]:
+    """The `export` lines for the servers `up` runs (external ones are in the environment
+    already, and their URIs may hold a password: never printed)."""
+    lines = []
+    for item in items:
+        var = SERVICES[item.name].env_var if item.name in SERVICES else None
+        if var and item.state == "running" and item.pid is not None and item.url:
+            lines.append(export_line(var, item.url))
+    return lines
+
+
+def _is_local_store(uri: str) -> bool:
+    """A folder or SQLite file (what MLflow falls back to when nothing is exported)."""
+    return bool(re.match(r"^(sqlite|file):", uri, re.IGNORECASE)
+                or not re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*:", uri))
+
+
+def local_store_note(uri: str, home: Path | None = None) -> str:
+    """One line when `uri` is a local store while the MLflow server `up` started is running:
+    `mlflow run` with nothing exported tracks to MLflow's default store, which no UI shows.
+
+    "" otherwise (a server URI, or no cnnflow server running).
+    """
+    if not uri or not _is_local_store(uri):
+        return ""
+    url = _recorded_url(_home(home), SERVICES["mlflow"])
+    if not url:
+        return ""
+    default = uri == "sqlite:///mlflow.db" or Path(uri.rstrip("/")).name == "mlruns"
+    what = "MLflow's default store" if default else "a local store"
+    return (f"note: tracking to {mask_uri(uri)} ({what}), not the cnnflow server at "
+            f"{mask_uri(url)} that is running: eval \"$(cnnflow env)\" and run again")
 
 
 def tracking_uri(home: Path | None = None) -> str:

@@ -27,6 +27,7 @@ COMMANDS = {
     "up": "pipelines.services:up",
     "down": "pipelines.services:down",
     "status": "pipelines.services:status",
+    "env": "pipelines.services:env_command",
 }
 
 

@@ -17,7 +17,8 @@ def eda(**kwargs) -> None:
     params = EdaParams(**kwargs)
     with user_errors():
         params.validate()
-        outcome = run_eda(params, reachable_tracking_uri(), job_run_id=job_run_id())
+        uri = reachable_tracking_uri()
+        outcome = run_eda(params, uri, job_run_id=job_run_id(params.experiment, uri))
     for finding in outcome.findings:
         click.echo(f"- {finding}")
     click.echo(f"{outcome.run_name}  run {outcome.run_id}  report "

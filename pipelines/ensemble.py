@@ -19,8 +19,8 @@ def ensemble_command(**kwargs) -> None:
     from components.tracking.comparison import text_table
 
     with user_errors():
-        outcome = run_ensemble(EnsembleParams(**kwargs), reachable_tracking_uri(),
-                               job_run_id=job_run_id())
+        params, uri = EnsembleParams(**kwargs), reachable_tracking_uri()
+        outcome = run_ensemble(params, uri, job_run_id=job_run_id(params.experiment, uri))
     columns = [c for c in ("member", "model", "weight", "val_acc", "val_loss", "test_acc",
                            "test_loss") if any(c in row for row in outcome.table)]
     click.echo(text_table(outcome.table, columns), err=True)

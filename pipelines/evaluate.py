@@ -22,11 +22,14 @@ def evaluate_command(**kwargs) -> None:
             f"{split}_loss {m[f'{split}_loss']:.4f}")
     if f"{split}_top5_acc" in m:
         line += f"  top5 {m[f'{split}_top5_acc']:.4f}"
+    if split != "val" and "val_acc" in m:
+        line += f"  val_acc {m['val_acc']:.4f}"
     if "latency_ms_p50" in m:
         line += (f"  latency p50 {m['latency_ms_p50']:.1f} ms  "
                  f"{m['throughput_images_per_sec']:.0f} img/s  "
                  f"peak {m['peak_memory_mb']:.0f} MB")
     click.echo(line)
+    click.echo(outcome.url)
     for note in outcome.notes:
         click.echo(f"note: {note}", err=True)
     if outcome.version is not None:

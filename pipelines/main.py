@@ -17,13 +17,14 @@ def run_command(**kwargs) -> None:
     at the first step that did not finish.
     """
     from components.services import ServiceError, check_mongo, mongo_uri
-    from components.steps.main import TABLE_COLUMNS, run_pipeline
+    from components.steps.main import run_pipeline
     from components.tracking.comparison import text_table
 
     params = PipelineParams(**kwargs)
     with user_errors():
         params.validate()
         uri = reachable_tracking_uri()
+        job = job_run_id(params.experiment, uri)  # a mismatch fails the job's run before work
         mongo = mongo_uri() if params.sync else ""
         try:
             if mongo:
@@ -31,7 +32,7 @@ def run_command(**kwargs) -> None:
         except ServiceError as exc:  # checked before hours of training, not after
             raise ServiceError(f"{exc}, or pass --sync false") from None
         try:
-            outcome = run_pipeline(params, uri, mongo, job_run_id=job_run_id())
+            outcome = run_pipeline(params, uri, mongo, job_run_id=job)
         except KeyboardInterrupt:
             click.echo("re-run the same command to resume at the first unfinished step",
                        err=True)
@@ -40,7 +41,8 @@ def run_command(**kwargs) -> None:
     reused = sum(s.reused for s in steps)
     click.echo(f"\n{outcome.run_name}: {len(steps) - reused} steps ran, {reused} reused  "
                f"{outcome.url}")
-    click.echo(text_table(outcome.table, TABLE_COLUMNS))
+    click.echo(text_table(outcome.table, outcome.columns))
+    click.echo(outcome.criteria)
     if outcome.champion_uri:
         click.echo(f"champion: {outcome.champion_uri}")
     if outcome.report is not None:

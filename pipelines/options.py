@@ -80,18 +80,52 @@ def user_errors() -> Iterator[None]:
 
 
 def reachable_tracking_uri() -> str:
-    """The tracking server this command will use, checked first so a typo costs seconds."""
-    from components.services import check_tracking_server, tracking_uri
+    """The tracking server this command will use, checked first so a typo costs seconds.
+
+    A local store while `cnnflow up`'s server runs (`mlflow run` with nothing exported) gets
+    one note on stderr: those runs would not show in the UI the user is looking at.
+    """
+    import click
+
+    from components.services import check_tracking_server, local_store_note, tracking_uri
 
     uri = tracking_uri()
     check_tracking_server(uri)
+    note = local_store_note(uri)
+    if note:
+        click.echo(note, err=True)
     return uri
 
 
-def job_run_id() -> str | None:
+def job_run_id(experiment: str = "", tracking_uri: str = "") -> str | None:
     """The run `mlflow run` opened for this job (MLFLOW_RUN_ID), or None under `cnnflow`.
 
     Read here, at the command-line boundary, and nowhere else: the command hands it to its
     step as an argument, and the step fills that run in instead of opening one of its own.
+    A non-empty `experiment` (`-P experiment=...`) must be the experiment that run is in:
+    otherwise the run ends FAILED with the reason, before any work, and the command exits 1.
     """
-    return os.environ.get("MLFLOW_RUN_ID") or None
+    run_id = os.environ.get("MLFLOW_RUN_ID") or None
+    if run_id and experiment:
+        _check_job_experiment(run_id, experiment, tracking_uri)
+    return run_id
+
+
+def _check_job_experiment(run_id: str, experiment: str, tracking_uri: str) -> None:
+    """`mlflow run` picks the experiment (--experiment-name) before cnnflow starts: say so."""
+    import shlex
+
+    import click
+
+    from components import tracking
+    from components.services import tracking_uri as configured_uri
+
+    client = tracking.connect(tracking_uri or configured_uri())
+    actual = client.get_experiment(client.get_run(run_id).info.experiment_id).name
+    if actual == experiment:
+        return
+    reason = (f"-P experiment={experiment} but mlflow run opened its run in experiment "
+              f"'{actual}': pass --experiment-name {shlex.quote(experiment)} to mlflow run "
+              "(and drop -P experiment)")
+    tracking.finish_run(client, run_id, "FAILED", reason)
+    raise click.ClickException(reason)

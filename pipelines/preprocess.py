@@ -17,7 +17,8 @@ def preprocess(**kwargs) -> None:
     params = PreprocessParams(**kwargs)
     with user_errors():
         params.validate()
-        outcome = run_preprocess(params, reachable_tracking_uri(), job_run_id=job_run_id())
+        uri = reachable_tracking_uri()
+        outcome = run_preprocess(params, uri, job_run_id=job_run_id(params.experiment, uri))
     m = outcome.metrics
     click.echo(f"{outcome.run_name}  run {outcome.run_id}  train {m['n_train']:.0f} "
                f"val {m['n_val']:.0f} test {m['n_test']:.0f}  moved {m['n_leakage_moved']:.0f}"

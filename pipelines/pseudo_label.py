@@ -17,8 +17,8 @@ def pseudo_label_command(**kwargs) -> None:
     params = PseudoLabelParams(**kwargs)
     with user_errors():
         check(params)
-        outcome = run_pseudo_label(params, reachable_tracking_uri(),
-                                   job_run_id=job_run_id())
+        uri = reachable_tracking_uri()
+        outcome = run_pseudo_label(params, uri, job_run_id=job_run_id(params.experiment, uri))
     counts = ", ".join(f"{c} {n}" for c, n in outcome.per_class.items())
     click.echo(f"{outcome.run_name}  run {outcome.run_id}  {outcome.n_confident}/"
                f"{outcome.n_images} images >= {params.threshold} ({counts}); "

@@ -1,4 +1,5 @@
-"""`cnnflow up | down | status`: start, stop and list the local MLflow and Mongo servers."""
+"""`cnnflow up | down | status | env`: start, stop and list the local MLflow and Mongo servers,
+and print the `export` lines that point `mlflow run` at them."""
 
 from __future__ import annotations
 
@@ -43,7 +44,13 @@ def up(names: tuple[str, ...], host: str, mlflow_port: int, mongo_port: int,
                                          names=selected))
     for item in result:
         if item.name == "mlflow" and item.url:
-            click.echo(f"MLflow UI: {item.url}")
+            # The experiments list in the UI's model-training mode, not its GenAI home page.
+            click.echo(f"MLflow UI: {item.url}/#/experiments?workflowType=machine_learning")
+    exports = services.started_exports(result)
+    for line in exports:  # `mlflow run` reads only the environment, not cnnflow's state
+        click.echo(line)
+    if exports:
+        click.echo('point this shell (and `mlflow run`) at them: eval "$(cnnflow env)"')
 
 
 @click.command()
@@ -58,3 +65,14 @@ def down(names: tuple[str, ...]) -> None:
 def status(names: tuple[str, ...]) -> None:
     """Show each server as running, unhealthy, stopped or external."""
     _report(lambda: services.status(names or None))
+
+
+@click.command(name="env")
+def env_command() -> None:
+    """Print `export` lines for the running servers: eval "$(cnnflow env)" before `mlflow run`."""
+    try:
+        lines = services.env_exports()
+    except services.ServiceError as exc:
+        raise click.ClickException(str(exc)) from None
+    for line in lines:
+        click.echo(line)

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from components.services import mongo_uri, tracking_uri
+from components.services import local_store_note, mongo_uri, tracking_uri
 from components.settings import mask_uri
 from components.steps.params import SyncParams
 from pipelines.options import dataclass_options, job_run_id, user_errors
@@ -29,6 +29,8 @@ def sync_command(**kwargs) -> None:
     options = SyncOptions(experiments=params.experiment_list(), dead_after=params.dead_after,
                           reconcile_every=params.reconcile_every, rebuild=params.rebuild)
     mlflow_uri, mongo = tracking_uri(), mongo_uri()
+    if note := local_store_note(mlflow_uri):
+        click.echo(note, err=True)
     job = job_run_id()
     if not params.follow:
         with user_errors():

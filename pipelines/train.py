@@ -34,7 +34,8 @@ def train(**kwargs) -> None:
         _train_cv(params)
         return
     with user_errors():
-        outcome = run_training(params, reachable_tracking_uri(), job_run_id=job_run_id())
+        uri = reachable_tracking_uri()
+        outcome = run_training(params, uri, job_run_id=job_run_id(params.experiment, uri))
     if not outcome.run_id:  # a worker rank of a --nproc run: rank 0 reports
         return
     r = outcome.result
@@ -50,7 +51,7 @@ def _launch(params: TrainParams) -> None:
     """
     with user_errors():
         params.validate()
-        reachable_tracking_uri()
+        job_run_id(params.experiment, reachable_tracking_uri())  # before any worker starts
     args = []
     for field in dataclasses.fields(TrainParams):
         if field.name == "nproc":  # workers read WORLD_SIZE; torchrun would take --nproc
@@ -67,7 +68,8 @@ def _train_cv(params: TrainParams) -> None:
     from components.steps.crossval import run_cv
 
     with user_errors():
-        outcome = run_cv(params, reachable_tracking_uri(), job_run_id=job_run_id())
+        uri = reachable_tracking_uri()
+        outcome = run_cv(params, uri, job_run_id=job_run_id(params.experiment, uri))
     m = outcome.metrics
     click.echo(f"{outcome.run_name}  run {outcome.run_id}  {len(outcome.folds)} folds  "
                f"val_acc {m['cv_val_acc_mean']:.4f} ± {m['cv_val_acc_std']:.4f}  "

@@ -17,7 +17,8 @@ def tune_command(**kwargs) -> None:
     params = TuneParams(**kwargs)
     with user_errors():
         check(params)
-        outcome = run_tune(params, reachable_tracking_uri(), job_run_id=job_run_id())
+        uri = reachable_tracking_uri()
+        outcome = run_tune(params, uri, job_run_id=job_run_id(params.experiment, uri))
     click.echo(f"{outcome.run_name}  run {outcome.run_id}  study {outcome.study}  "
                f"best {params.metric} {outcome.best_value:.4f}  {outcome.best_params}  "
                f"({outcome.n_complete} complete, {outcome.n_pruned} pruned, "

@@ -153,3 +153,10 @@ def test_the_link_check_sees_links_and_anchors(tmp_path: Path):
     assert links(page.read_text()) == ["other.md#x", "https://example.com", "./ref.md"]
     assert [t for t in links(page.read_text()) if is_relative(t)] == ["other.md#x", "./ref.md"]
     assert anchors(page) == {"title-cnnflow-up", "title-cnnflow-up-1"}
+
+
+def test_the_readme_says_how_mlflow_run_finds_the_server():
+    text = README.read_text()
+    assert mentions_command(text, "env") and "export MLFLOW_TRACKING_URI" in text, (
+        "README.md must show `eval \"$(cnnflow env)\"` / `export MLFLOW_TRACKING_URI=...`: "
+        "without it `mlflow run` tracks to MLflow's default local store, not cnnflow's server")

@@ -68,7 +68,7 @@ def test_ensemble_is_the_average_of_member_probabilities(client, trained_pair, t
     labels = np.array([int(r["class_index"]) for r in rows])
     cols = [f"prob_{c}" for c in CLASSES]
     member_probs = [mlflow.pyfunc.load_model(client.get_run(r).data.tags["cnnflow.model_uri"])
-                    .predict(paths)[cols].to_numpy() for r in (a, b)]
+                    .predict({"image": paths})[cols].to_numpy() for r in (a, b)]
     mean = (member_probs[0] + member_probs[1]) / 2
     m = run.data.metrics
     assert m["test_acc"] == pytest.approx((mean.argmax(1) == labels).mean())
@@ -77,13 +77,14 @@ def test_ensemble_is_the_average_of_member_probabilities(client, trained_pair, t
     assert {"val_acc", "val_loss", "test_f1_macro", "test_top5_acc"} <= set(m)
 
     # The logged pyfunc model answers like a single model, with the averaged probabilities.
-    served = mlflow.pyfunc.load_model(run.data.tags["cnnflow.model_uri"]).predict(paths)
+    served = mlflow.pyfunc.load_model(run.data.tags["cnnflow.model_uri"]).predict(
+        {"image": paths})
     assert list(served.columns) == ["label", "confidence", *cols]
     assert np.allclose(served[cols].to_numpy(), mean, atol=1e-5)
 
-    files = {f.path for f in client.list_artifacts(run.info.run_id, "ensemble")}
-    assert files == {"ensemble/comparison.csv", "ensemble/comparison.md"}
-    table = Path(client.download_artifacts(run.info.run_id, "ensemble/comparison.csv",
+    files = {f.path for f in client.list_artifacts(run.info.run_id, "members")}
+    assert files == {"members/comparison.csv", "members/comparison.md"}
+    table = Path(client.download_artifacts(run.info.run_id, "members/comparison.csv",
                                            str(tmp_path))).read_text()
     assert "custom_cnn-v1" in table and "lenet5-v1" in table and "soft vote" in table
     assert {"evaluation/test"} <= {f.path for f in client.list_artifacts(run.info.run_id,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
@@ -63,7 +64,7 @@ def test_evaluate_logs_correct_metrics_figures_cost_and_registers(client, traine
     # Hand computation from the model's own predictions on the run's own test split.
     paths, labels = manifest_split(client, run_id, trained_pair.data, "test", tmp_path)
     model = mlflow.pyfunc.load_model(run.data.tags["cnnflow.model_uri"])
-    out = model.predict(paths)
+    out = model.predict(pd.DataFrame({"image": paths}))
     classes = [f"k{i}" for i in range(6)]
     probs = out[[f"prob_{c}" for c in classes]].to_numpy()
     preds = probs.argmax(1)
@@ -112,6 +113,25 @@ def test_evaluate_logs_correct_metrics_figures_cost_and_registers(client, traine
     assert client.get_model_version_by_alias("eval-main", "champion").version == "1"
     assert client.get_model_version_by_alias("eval-main", "challenger").version == "1"
     assert version.tags["cnnflow.promotion"] == "promoted"
+
+    # The val split is scored too (it chooses among candidates), recorded on the version; the
+    # training run's val_loss/val_acc stay its per-epoch curves.
+    paths, labels = manifest_split(client, run_id, trained_pair.data, "val", tmp_path)
+    out = model.predict(pd.DataFrame({"image": paths}))
+    val_preds = out[[f"prob_{c}" for c in classes]].to_numpy().argmax(1)
+    assert float(version.tags["val_acc"]) == pytest.approx((val_preds == labels).mean())
+    assert {"val_loss", "val_f1_macro", "val_top5_acc", "val_ece"} <= set(version.tags)
+    epochs = int(m["epochs_run"])
+    for curve in ("val_acc", "val_loss"):
+        assert [x.step for x in client.get_metric_history(run_id, curve)] == \
+            list(range(1, epochs + 1))
+    assert m["val_f1_macro"] == pytest.approx(float(version.tags["val_f1_macro"]))
+    # Test metrics are linked to the logged model: its page in the MLflow UI shows them.
+    model_id = run.data.tags["cnnflow.model_uri"].removeprefix("models:/")
+    linked = {x.key: x.value for x in client.get_logged_model(model_id).metrics}
+    assert linked["test_acc"] == pytest.approx(m["test_acc"])
+    assert {"test_loss", "test_f1_macro", "latency_ms_p50"} <= set(linked)
+    assert f"#/experiments/{run.info.experiment_id}/runs/{run_id}" in result.output
 
     # The same model through its registry URI: same numbers, into the same run.
     result = invoke("evaluate", "--model-uri", "models:/eval-main@champion", "--register",

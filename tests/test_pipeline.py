@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -97,6 +98,28 @@ def test_main_runs_every_step_under_one_parent_then_reuses_them(tiny, env, tmp_p
     compared = CliRunner(env=env).invoke(cli, ["compare", "--experiment", experiment,
                                                  "--out", str(tmp_path)])
     assert f"{name} v{champion.version} @challenger @champion" in compared.output
+    # The parent carries the summary: per-model and champion metrics, which metric chose and
+    # which judged, the final table as an MLflow table, and every model's curves in one figure.
+    assert "candidate chosen by val_acc (validation split); promotion judged on test_acc " \
+        "(test split)" in out
+    tags, metrics = parent.data.tags, parent.data.metrics
+    assert tags["cnnflow.selection_metric"] == "val_acc"
+    assert tags["cnnflow.judgement_metric"] == "test_acc"
+    for label in (*MODELS, "ensemble", "champion"):
+        assert {f"summary.{label}.val_acc", f"summary.{label}.test_acc"} <= set(metrics), label
+    assert metrics["summary.champion.test_acc"] == float(champion.tags["test_acc"])
+    assert {"pipeline/comparison.json", "figures/curves_all_models.png"} <= {
+        f.path for d in ("pipeline", "figures") for f in client.list_artifacts(
+            parent.info.run_id, d)}
+    table = json.loads(Path(client.download_artifacts(
+        parent.info.run_id, "pipeline/comparison.json", str(tmp_path / "t"))).read_text())
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert [r["model"] for r in rows] == [*MODELS, "ensemble"]
+    for row in rows:
+        assert metrics[f"summary.{row['model']}.test_acc"] == pytest.approx(row["test_acc"])
+    # The challenger is this pipeline's best by validation accuracy (first of equals).
+    [chosen] = [r for r in rows if "@challenger" in r["aliases"]]
+    assert chosen is next(r for r in rows if r["val_acc"] == max(x["val_acc"] for x in rows))
     # The report is the parent's artifact.
     logged = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/report.html"} <= logged
@@ -126,6 +149,8 @@ def test_main_runs_every_step_under_one_parent_then_reuses_them(tiny, env, tmp_p
                                    "--sync", "false", "--report", "false"))
     assert metric.exit_code == 0, metric.output
     assert f"{STEPS - 2} reused" in metric.output and "promote: running" in metric.output
+    assert "candidate chosen by val_f1_macro (validation split); promotion judged on " \
+        "test_f1_macro (test split)" in metric.output
 
 
 def kill_when(args: list[str], env: dict[str, str], ready) -> None:

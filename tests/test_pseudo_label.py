@@ -36,7 +36,7 @@ def test_threshold_splits_images_and_csvs_are_right(tracking, trained_pair, tmp_
     (unlabelled / "notes.txt").write_text("not an image")
     paths = sorted(str(p) for p in unlabelled.rglob("*.png"))
     model = mlflow.pyfunc.load_model(tracking.get_run(run_id).data.tags["cnnflow.model_uri"])
-    confidence = dict(zip(paths, model.predict(paths)["confidence"], strict=True))
+    confidence = dict(zip(paths, model.predict({"image": paths})["confidence"], strict=True))
     threshold = float(np.median(list(confidence.values())))
     out = tmp_path / "labelled"
     result = CliRunner().invoke(cli, ["pseudo-label", "--model", run_id, "--images",

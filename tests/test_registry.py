@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import mlflow
+import pandas as pd
 import pytest
 import requests
 from click.testing import CliRunner
@@ -137,6 +138,78 @@ def test_registering_is_all_or_nothing(client, trained_pair, monkeypatch):
     assert [v.version for v in client.search_model_versions("name = 'half-done'")] == ["1"]
 
 
+def test_selection_metric_is_the_validation_counterpart_in_the_same_direction():
+    assert registry.selection_metric("test_acc") == "val_acc"
+    assert registry.selection_metric("test_loss") == "val_loss"
+    assert registry.selection_metric("test_f1_macro") == "val_f1_macro"
+    assert registry.selection_metric("latency_ms_p50") == "latency_ms_p50"  # cost: no split
+    for metric in registry.VERSION_METRICS:
+        chosen = registry.selection_metric(metric)
+        assert chosen == metric or chosen in registry.VALIDATION_METRICS, metric
+        assert lower_is_better(chosen) == lower_is_better(metric), metric
+    assert registry.criteria_line("val_acc", "test_acc") == (
+        "candidate chosen by val_acc (validation split); promotion judged on test_acc "
+        "(test split)")
+
+
+def test_validation_chooses_the_challenger_and_test_judges_it(client, trained_pair):
+    from components.steps.evaluate import evaluate
+    from components.steps.params import EvalParams
+
+    name = "val-chooses"
+    versions = {}
+    for model, run_id in trained_pair.runs.items():
+        out = evaluate(EvalParams(run_id=run_id, registered_model=name, promote=False,
+                                  cost=False, num_workers=0), trained_pair.uri,
+                       log=lambda s: None)
+        versions[model] = out.version.version
+    tags = {m: client.get_model_version(name, v).tags for m, v in versions.items()}
+    val = {m: float(t["val_acc"]) for m, t in tags.items()}
+    test = {m: float(t["test_acc"]) for m, t in tags.items()}
+    (a, va), (b, vb) = val.items()
+    if (va - vb) * (test[a] - test[b]) >= 0:
+        # Two tiny models on colour blobs often tie (or agree) on both splits; the rule under
+        # test only shows when validation and test rank them differently, so make them.
+        val, test = {a: 0.9, b: 0.6}, {a: 0.5, b: 0.8}
+        for m in (a, b):
+            client.set_model_version_tag(name, versions[m], "val_acc", repr(val[m]))
+            client.set_model_version_tag(name, versions[m], "test_acc", repr(test[m]))
+    val_winner = max(val, key=val.get)
+    test_winner = max(test, key=test.get)
+    assert val_winner != test_winner
+    # The test winner is champion; the pipeline's choice must still be the val winner.
+    registry.promote(client, name, version=versions[test_winner])
+    ranking = registry.choose_challenger(client, name, versions, "test_acc")
+    assert ranking.metric == "val_acc" and not ranking.fallback
+    assert [label for label, _, _ in ranking.ranked] == [val_winner, test_winner]
+    assert client.get_model_version_by_alias(name, "challenger").version == versions[val_winner]
+    decision = registry.promote(client, name, metric="test_acc")
+    assert decision.version == versions[val_winner] and decision.action == "kept"
+    assert (f"test_acc {test[val_winner]:.4f} vs champion v{versions[test_winner]}'s "
+            f"{test[test_winner]:.4f}") in decision.reason
+    assert champion(client, name) == versions[test_winner]
+    # Versions without validation metrics (no val split): test ranks, and says so.
+    add_version(client, trained_pair, "no-val", "D", test_acc=0.4)
+    add_version(client, trained_pair, "no-val", "D", test_acc=0.7)
+    ranking = registry.rank_versions(client, "no-val", {"x": "1", "y": "2"}, "test_acc")
+    assert ranking.metric == "test_acc" and "no version has val_acc" in ranking.fallback
+    assert [label for label, _, _ in ranking.ranked] == ["y", "x"]
+
+
+def test_registered_model_description_renders_and_says_how_to_serve(client, trained_pair):
+    name = "described"
+    add_version(client, trained_pair, name, "D", test_acc=0.5)
+    text = client.get_registered_model(name).description
+    assert "<" not in text and ">" not in text
+    assert f"mlflow models serve -m models:/{name}@champion --env-manager local" in text
+    assert f"mlflow.pyfunc.load_model('models:/{name}@champion')" in text
+    assert f"experiment {trained_pair.experiment}" in text
+    # A model registered by an older cnnflow keeps its '<name>' text until its next version.
+    client.update_registered_model(name, description="serve models:/<name>@champion")
+    add_version(client, trained_pair, name, "D", test_acc=0.6)
+    assert client.get_registered_model(name).description == text
+
+
 
 def test_served_champion_answers_http_with_classes_and_probabilities(client, trained_pair):
     add_version(client, trained_pair, "served", "D", test_acc=0.5)
@@ -168,7 +241,7 @@ def test_served_champion_answers_http_with_classes_and_probabilities(client, tra
         assert response.status_code == 200, response.text
         predictions = response.json()["predictions"]
         expected = mlflow.pyfunc.load_model("models:/served@champion").predict(
-            [str(p) for p in images])
+            pd.DataFrame({"image": [str(p) for p in images]}))
         classes = [f"k{i}" for i in range(6)]
         assert [p["label"] for p in predictions] == list(expected["label"])
         for row, (_, want) in zip(predictions, expected.iterrows(), strict=True):

@@ -106,7 +106,8 @@ def test_report_has_every_section_figure_and_model(experiment, tracking, tmp_pat
     assert {p.name for p in out.figures} == {Path(r).name for r in refs}
     names = " ".join(refs)
     for expected in ("eda-class_counts", "eda-samples", "cost", "confusion-champion",
-                     "confusion-ensemble", *(f"curves-{n}" for n in experiment.names.values())):
+                     "confusion-ensemble", "curves-all-models",
+                     *(f"curves-{n}" for n in experiment.names.values())):
         assert f"figures/{expected}.png" in names, expected
     table = md.split("## Models compared")[1].split("## Training curves")[0]
     for name in [*experiment.names.values(), experiment.ensemble_name]:
@@ -133,7 +134,10 @@ def test_report_of_a_pipeline_run_covers_its_steps_and_logs_into_it(experiment, 
                                                                      tmp_path):
     exp = tracking.get_experiment_by_name(EXPERIMENT)
     pipeline = tracking.create_run(exp.experiment_id, run_name="pipeline-v1",
-                                   tags={"cnnflow.step": "pipeline"}).info.run_id
+                                   tags={"cnnflow.step": "pipeline",
+                                         "cnnflow.selection_metric": "val_f1_macro",
+                                         "cnnflow.judgement_metric": "test_f1_macro"}
+                                   ).info.run_id
     only = experiment.runs["lenet5"]
     steps = [{"step": "eda", "name": "eda", "run_id": experiment.eda, "reused": True},
              {"step": "train", "name": "lenet5", "run_id": only, "reused": False}]
@@ -148,6 +152,9 @@ def test_report_of_a_pipeline_run_covers_its_steps_and_logs_into_it(experiment, 
         assert pipeline in md and f"| {experiment.names['lenet5']} |" in md
         assert f"| {experiment.names['custom_cnn']} |" not in md
         assert "No ensemble run" in md
+        assert ("Candidate chosen by val_f1_macro (validation split); promotion judged on "
+                "test_f1_macro (test split).") in md
+        assert "curves-all-models" not in md  # one model: its own curves say it all
         logged = {f.path for f in tracking.list_artifacts(pipeline, "report")}
         assert {"report/report.md", "report/report.html"} <= logged
         with pytest.raises(ReportError, match="is not a pipeline run"):

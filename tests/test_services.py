@@ -65,6 +65,14 @@ def test_up_status_down_round_trip(home: Path):
         mlflow_url = f"http://127.0.0.1:{mlflow_port}"
         mongo_url = f"mongodb://127.0.0.1:{mongo_port}"
         assert f"MLflow UI: {mlflow_url}" in result.output
+        # `mlflow run` reads only the environment: `up` says what to export, `env` prints it.
+        printed = result.output.splitlines()
+        exports = [f"export MLFLOW_TRACKING_URI={mlflow_url}", f"export MONGO_URI={mongo_url}"]
+        assert [ln for ln in printed if ln.startswith("export ")] == exports
+        assert printed.index(exports[0]) > max(printed.index(ln) for ln in lines_of(
+            result.output).values())  # after the status lines
+        assert 'eval "$(cnnflow env)"' in result.output
+        assert cnnflow("env").output.splitlines() == exports
 
         shown = lines_of(cnnflow("status").output)
         assert shown["mlflow"].split()[1:3] == ["running", mlflow_url]
@@ -116,6 +124,7 @@ def test_external_services_are_used_not_started(home: Path, monkeypatch: pytest.
         assert shown["mongo"].split()[1:3] == ["external",
                                                "mongodb://alice:***@db.invalid:27017/cnnflow"]
         assert SECRET not in result.output
+        assert "export " not in result.output  # external servers are exported already
     assert not list(home.glob("*.pid")) and not (home / "logs").exists()
     assert services.mongo_uri() == f"mongodb://alice:{SECRET}@db.invalid:27017/cnnflow"
 
@@ -240,3 +249,32 @@ def test_session_fixtures_serve(mlflow_server: str, mongo_server: str,
     assert MlflowClient(mlflow_server).create_experiment("fixture-check")
     with MongoClient(mongo_server, serverSelectionTimeoutMS=5000) as mongo:
         assert mongo.admin.command("ping")["ok"] == 1
+
+
+def test_env_without_servers_is_one_line_error(home: Path):
+    result = cnnflow("env")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "Error: no cnnflow server is running: start them with `cnnflow up`"]
+
+
+def test_env_prints_the_running_server_for_eval(mlflow_server: str, services_home: Path,
+                                               monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("CNNFLOW_HOME", str(services_home))
+    result = cnnflow("env")
+    assert result.exit_code == 0, result.output
+    assert f"export MLFLOW_TRACKING_URI={mlflow_server}" in result.output.splitlines()
+
+
+def test_env_exports_external_uris_unmasked_and_shell_quoted(home: Path,
+                                                            monkeypatch: pytest.MonkeyPatch):
+    # For eval: the password stays (only here), and shell characters survive the round trip.
+    mongo = f"mongodb://alice:{SECRET}&x y@db.invalid:27017/cnnflow?authSource=admin"
+    monkeypatch.setenv("MONGO_URI", mongo)
+    result = cnnflow("env")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [f"export MONGO_URI='{mongo}'"]
+    echoed = subprocess.run(["bash", "-c", 'eval "$EXPORTS"; printf %s "$MONGO_URI"'],
+                            env={"EXPORTS": result.output, "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, check=True)
+    assert echoed.stdout == mongo

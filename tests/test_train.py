@@ -111,12 +111,12 @@ def test_logged_model_predicts_raw_images_in_a_fresh_process(tracking, mlflow_se
     model_uri = run.data.tags["cnnflow.model_uri"]
     image = next((data / "red").iterdir())
     script = f"""
-import json, mlflow, numpy as np
+import json, mlflow, numpy as np, pandas as pd
 from PIL import Image
 m = mlflow.pyfunc.load_model({model_uri!r})
 path = {str(image)!r}
 inputs = [path, open(path, 'rb').read(), np.asarray(Image.open(path).convert('RGB'))]
-out = m.predict(inputs)
+out = m.predict(pd.DataFrame({{"image": inputs}}))  # the signature's one column
 print(json.dumps(out.to_dict(orient='list')))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

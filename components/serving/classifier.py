@@ -18,7 +18,13 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
 from PIL import Image
+
+from components.errors import one_line
 
 # Serving runs on the CPU: batch 4 is its fastest (see auto_batch_size).
 PREDICT_BATCH = 4
@@ -33,16 +39,31 @@ def _rgb(img: Image.Image) -> Image.Image:
     return to_rgb(img)
 
 
+# The one input column of every cnnflow model: base64 image bytes over REST; in-process a
+# file path, raw bytes or an HxWx3 array too.
+IMAGE_COLUMN = "image"
+SERVED_INPUT_ERROR = ("not a base64-encoded image: send the image bytes base64-encoded "
+                      "(a served model does not read file paths)")
+
+
+def serving() -> bool:
+    """True inside `mlflow models serve` (and MLflow's log-time check of the input example),
+    where a string must never be taken for a path on the server."""
+    return bool(_MLFLOW_IS_IN_SERVING_ENVIRONMENT.get())
+
+
 def to_pil(item: Any) -> Image.Image:
-    """Accept a file path, raw bytes, a base64 string (REST) or an HxWx3 uint8 array."""
+    """Accept a file path, raw bytes, a base64 string (REST) or an HxWx3 uint8 array.
+
+    Served, strings are base64 only and a failure is a 400 (`MlflowException`), so a client
+    can neither read the server's files nor probe which exist.
+    """
+    if serving():
+        return _served_pil(item)
     if isinstance(item, Image.Image):
         return _rgb(item)
     if isinstance(item, np.ndarray):
-        if item.ndim == 2:
-            return Image.fromarray(item.astype(np.uint8), "L").convert("RGB")
-        if item.ndim == 3 and item.shape[-1] in (3, 4):
-            return _rgb(Image.fromarray(item.astype(np.uint8)))
-        raise ValueError(f"expected an HxWx3 uint8 array, got shape {item.shape}")
+        return _array_pil(item)
     if isinstance(item, bytes | bytearray):
         return _rgb(Image.open(io.BytesIO(item)))
     if isinstance(item, str | Path):
@@ -58,11 +79,48 @@ def to_pil(item: Any) -> Image.Image:
     raise ValueError(f"unsupported image input of type {type(item).__name__}")
 
 
+def _array_pil(item: np.ndarray) -> Image.Image:
+    if item.ndim == 2:
+        return Image.fromarray(item.astype(np.uint8), "L").convert("RGB")
+    if item.ndim == 3 and item.shape[-1] in (3, 4):
+        return _rgb(Image.fromarray(item.astype(np.uint8)))
+    raise ValueError(f"expected an HxWx3 uint8 array, got shape {item.shape}")
+
+
+def _served_pil(item: Any) -> Image.Image:
+    """`to_pil` in the serving process: no path is ever looked at, and every string that is
+    not a base64 image gets the same answer, whether or not such a file exists."""
+    undecodable = (binascii.Error, ValueError, TypeError, OSError, Image.DecompressionBombError)
+    try:
+        if isinstance(item, str):
+            return _rgb(Image.open(io.BytesIO(base64.b64decode("".join(item.split()),
+                                                                validate=True))))
+        if isinstance(item, bytes | bytearray):  # e.g. a binary Parquet column
+            return _rgb(Image.open(io.BytesIO(item)))
+    except undecodable:
+        raise MlflowException.invalid_parameter_value(SERVED_INPUT_ERROR) from None
+    if isinstance(item, np.ndarray):
+        try:
+            return _array_pil(item)
+        except undecodable as exc:
+            raise MlflowException.invalid_parameter_value(one_line(exc)) from None
+    if isinstance(item, Image.Image):
+        return _rgb(item)
+    raise MlflowException.invalid_parameter_value(SERVED_INPUT_ERROR)
+
+
 def _items(model_input: Any) -> list[Any]:
-    """Flatten the shapes pyfunc callers use (DataFrame, list, array batch) into images."""
+    """Flatten the shapes pyfunc callers use (DataFrame, list, array batch) into images.
+
+    MLflow turns `{"image": [a, b]}` (a dict of strings) into one row holding the list:
+    that row is unpacked again.
+    """
     if isinstance(model_input, pd.DataFrame):
-        column = "image" if "image" in model_input.columns else model_input.columns[0]
-        return list(model_input[column])
+        column = IMAGE_COLUMN if IMAGE_COLUMN in model_input.columns else model_input.columns[0]
+        values = list(model_input[column])
+        if len(values) == 1 and isinstance(values[0], list | tuple):
+            return list(values[0])
+        return values
     if isinstance(model_input, pd.Series):
         return list(model_input)
     if isinstance(model_input, np.ndarray):
@@ -70,7 +128,7 @@ def _items(model_input: Any) -> list[Any]:
             return list(model_input.ravel())
         return [model_input] if model_input.ndim in (2, 3) else list(model_input)
     if isinstance(model_input, dict):
-        return _items(model_input.get("image", next(iter(model_input.values()))))
+        return _items(model_input.get(IMAGE_COLUMN, next(iter(model_input.values()))))
     if isinstance(model_input, str | bytes | Path | Image.Image):
         return [model_input]
     if isinstance(model_input, Iterable):
@@ -92,6 +150,23 @@ def probability_frame(class_names: Sequence[str], probs: np.ndarray) -> pd.DataF
     return frame
 
 
+def model_signature(class_names: Sequence[str]) -> ModelSignature:
+    """The contract `mlflow models serve` enforces and shows: one required string column
+    `image` (base64 image bytes) in, `probability_frame`'s columns out."""
+    outputs = [ColSpec("string", "label"), ColSpec("double", "confidence"),
+               *(ColSpec("double", f"prob_{name}") for name in class_names)]
+    return ModelSignature(inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
+                          outputs=Schema(outputs))
+
+
+def input_example(image_path: str | Path) -> pd.DataFrame:
+    """One real image as a client sends it (base64 file bytes): MLflow stores it with the
+    model (`serving_input_example.json`, what to send) and runs it through the model at log
+    time."""
+    encoded = base64.b64encode(Path(image_path).read_bytes()).decode("ascii")
+    return pd.DataFrame({IMAGE_COLUMN: [encoded]})
+
+
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     """Rebuilds the network from the registry and the saved state dict (never a pickle).
 
@@ -102,7 +177,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     exactly the preprocessing and forward pass that serving runs.
     """
 
-    # Inputs are deliberately untyped (paths, bytes, arrays, base64 strings).
+    # Inputs are deliberately untyped (paths, bytes, arrays, base64 strings); the logged
+    # signature (`model_signature`) is the served contract.
     _skip_type_hint_validation = True
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:

@@ -279,14 +279,16 @@ def _finish(client: MlflowClient, params: EnsembleParams, run_id: str, run_name:
             metrics, table = _evaluate(model, runs, weights, splits, run_id, params, work)
             tracking.log_metrics(client, run_id, metrics)
             client.log_artifacts(run_id, str(work / "eval"), artifact_path="evaluation")
-            client.log_artifacts(run_id, str(work / "table"), artifact_path="ensemble")
+            client.log_artifacts(run_id, str(work / "table"), artifact_path="members")
             (work / "model").mkdir()
             (work / "model" / "ensemble.json").write_text(json.dumps(config, indent=2))
             save_members(members, work / "model" / "members")
             model_uri = log_python_model(
                 run_id, EnsembleClassifier(),
                 {"ensemble": str(work / "model" / "ensemble.json"),
-                 "members": str(work / "model" / "members")})
+                 "members": str(work / "model" / "members")},
+                model.class_names, splits.train[0][0] if splits.train else None,
+                name="ensemble")
         client.set_tag(run_id, MODEL_URI_TAG, model_uri)
         tracking.finish_run(client, run_id, "FINISHED")
     except BaseException as exc:

@@ -11,6 +11,10 @@ and logs into the evaluated run:
 - cost on the run's device: parameter count, size on disk, latency at batch 1 (p50/p95),
   throughput at `batch_size`, peak memory.
 
+On the test split it also scores the val split (same prediction path, `val_` prefix; no
+figures), so a registry version carries both: validation chooses among candidates, test
+judges. Metrics are linked to the MLflow 3 logged model (`model_id`), whose page then shows
+them; on a training run, `val_loss`/`val_acc` stay per-epoch curves and are not logged.
 Then (test split) it registers the model as a new registry version with the alias
 `challenger` and applies the promotion rule of `components.tracking.registry`.
 
@@ -216,6 +220,7 @@ class EvalOutcome:
     version: Any = None  # the registry version created (test split)
     decision: registry.Decision | None = None
     notes: list[str] = field(default_factory=list)
+    url: str = ""  # the evaluated run's page in the MLflow UI
 
 
 def eval_device(name: str, run: Run) -> tuple[torch.device, str]:
@@ -282,6 +287,11 @@ def evaluate(params: EvalParams, tracking_uri: str,
     run, run_id = target.run, target.run_id
     splits = run_splits(client, run)
     samples = split_samples(splits, params.split, run_id)  # fail before loading anything
+    # Judging on test also scores val (when the run has one): the pipeline chooses among its
+    # candidates on those numbers, so the test split judges without ever selecting.
+    val_samples = (split_samples(splits, "val", run_id)
+                   if params.split == "test" and splits.split("val") else [])
+    model_id = registry.logged_model_id(client, target.model_uri)
     name = params.registered_model or registry.default_name(target.experiment)
     register = params.register and params.split == "test"
     if register:
@@ -298,8 +308,9 @@ def evaluate(params: EvalParams, tracking_uri: str,
     memory = PeakMemory(device).start()
     model = load_model(target.model_uri).to(device)
     check_classes(model, splits, run_id)
+    also = f", val {len(val_samples)}" if val_samples else ""
     log(f"evaluating {run.info.run_name} ({run_id}) on {params.split} "
-        f"({len(samples)} images, {device.type})")
+        f"({len(samples)} images{also}, {device.type})")
     batch_size = params.batch_size or auto_batch_size(device)
     predictions = predict_samples(model, samples, batch_size, params.num_workers)
     cost: dict[str, float] = {}
@@ -307,6 +318,10 @@ def evaluate(params: EvalParams, tracking_uri: str,
         images = [load_rgb(p) for p in predictions.paths[:params.latency_runs]]
         cost = measure_cost(model, images, batch_size, params.latency_runs)
         cost["peak_memory_mb"] = memory.peak_mb()
+    val_metrics: dict[str, float] = {}
+    if val_samples:
+        val_predictions = predict_samples(model, val_samples, batch_size, params.num_workers)
+        val_metrics, _ = score_predictions(val_predictions, splits, "val")
     with tempfile.TemporaryDirectory(prefix="cnnflow-eval-") as tmp:
         folder = Path(tmp) / params.split
         metrics, report = score_predictions(predictions, splits, params.split, folder)
@@ -315,17 +330,20 @@ def evaluate(params: EvalParams, tracking_uri: str,
                               "peak_memory_method": memory.method}
             (folder / "classification_report.json").write_text(json.dumps(report, indent=2))
             metrics.update(cost)
+        metrics.update(val_metrics)
         logged = dict(metrics)
-        if params.split == "val" and run.data.tags.get(STEP_TAG) == "train":
+        if run.data.tags.get(STEP_TAG) == "train":
             # val_loss/val_acc are curves there (step = epoch): no foreign point on them; the
-            # checkpoint's values are best_val_loss/acc.
+            # checkpoint's values are best_val_loss/acc (the version tags keep these).
             for key in EPOCH_METRICS:
                 logged.pop(key, None)
-        tracking.log_metrics(client, run_id, logged)
+        # Linked to the logged model too, so its page in the MLflow UI shows them.
+        tracking.log_metrics(client, run_id, logged, model_id=model_id)
         client.set_tag(run_id, f"cnnflow.evaluated_{params.split}", device.type)
         client.log_artifacts(run_id, str(folder), artifact_path=f"evaluation/{params.split}")
 
-    outcome = EvalOutcome(run_id, run.info.run_name, params.split, metrics, report, notes=notes)
+    outcome = EvalOutcome(run_id, run.info.run_name, params.split, metrics, report, notes=notes,
+                          url=tracking.run_url(tracking_uri, run.info.experiment_id, run_id))
     if register:
         version = registry.register_version(client, target.model_uri, run, name, metrics,
                                             splits.digest(), splits.name)

@@ -1,6 +1,13 @@
 """The `main` pipeline: eda -> preprocess -> train each model -> evaluate each -> ensemble ->
 promote -> sync -> report, as child runs of one parent run (MLflow's multistep pattern).
 
+Validation chooses, test judges: the ensemble's members and the `challenger` are the best of
+this pipeline's registered versions by the validation counterpart of `metric` (`val_acc` for
+`test_acc`); the promotion rule then compares that one challenger with the champion on
+`metric` itself. The parent run carries the summary (`summary.<model>.<metric>` metrics, the
+final table as `pipeline/comparison.json`, every model's curves in one figure, and tags
+saying which metric chose and which judged).
+
 Every step gets a key: a digest of its parameters, the code version (git commit) and its
 input (the data folder's fingerprint, or the run ids it consumes). A finished run with that
 key is reused instead of re-run, so a re-launched pipeline picks up at the first step that
@@ -17,14 +24,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from components import tracking
 from components.errors import CnnflowError
@@ -71,6 +78,13 @@ class StepRecord:
     summary: str = ""
 
 
+# The final table (plus the choosing and judging metrics when they are other ones).
+TABLE_COLUMNS = ["model", "run", "version", "val_acc", "test_acc", "latency_ms_p50",
+                 "model_size_mb", "aliases"]
+COMPARISON_ARTIFACT = "pipeline/comparison.json"  # the final table, as an MLflow table
+CURVES_ARTIFACT = "figures/curves_all_models.png"
+
+
 @dataclass
 class PipelineOutcome:
     run_id: str
@@ -83,10 +97,22 @@ class PipelineOutcome:
     champion_uri: str
     resumed: bool = False
     report: Any = None
+    selection_metric: str = ""  # what chose the challenger among this pipeline's versions
+    judgement_metric: str = ""  # what the promotion rule compared with the champion
+    champion_metrics: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def criteria(self) -> str:
+        """'candidate chosen by val_acc (validation split); promotion judged on test_acc ...'"""
+        return registry.criteria_line(self.selection_metric, self.judgement_metric)
 
-TABLE_COLUMNS = ["model", "run", "val_acc", "test_acc", "latency_ms_p50", "model_size_mb",
-                 "promoted"]
+    @property
+    def columns(self) -> list[str]:
+        """TABLE_COLUMNS, plus the choosing and judging metrics when they are other ones."""
+        extra = [m for m in (self.selection_metric, self.judgement_metric)
+                 if m and m not in TABLE_COLUMNS]
+        at = TABLE_COLUMNS.index("test_acc") + 1
+        return [*TABLE_COLUMNS[:at], *dict.fromkeys(extra), *TABLE_COLUMNS[at:]]
 
 
 class Pipeline:
@@ -237,8 +263,7 @@ def run_pipeline(params: PipelineParams, tracking_uri: str, mongo_uri: str = "",
     dataset, _ = resolve_data(params.data)
     progress = sys.stderr.isatty() if progress is None else progress
     p = Pipeline(params, tracking_uri, mongo_uri, log, progress, job_run_id)
-    experiment = _experiment_name(p.client, params.experiment or dataset,
-                                  explicit=bool(params.experiment), job_run_id=job_run_id)
+    experiment = _experiment_name(p.client, params.experiment or dataset, job_run_id)
     data_digest = folder_fingerprint(params.data)
     key = step_key(PIPELINE_STEP, {**params.key_inputs(), "data_digest": data_digest}, p.code)
     models = params.model_list()
@@ -322,8 +347,9 @@ def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
             out = evaluate(EvalParams(run_id=run_id, registered_model=name, promote=False,
                                       metric=params.metric), p.uri, log=p.log,
                            job_run_id=child)
-            keep = {k: out.metrics[k] for k in ("test_acc", "test_loss", "latency_ms_p50",
-                                                "model_size_mb") if k in out.metrics}
+            keep = {k: out.metrics[k] for k in ("val_acc", "val_loss", "test_acc", "test_loss",
+                                                "latency_ms_p50", "model_size_mb")
+                    if k in out.metrics}
             tracking.log_metrics(client, child, keep)
             return (f"test_acc {out.metrics['test_acc']:.4f}; registered {name} "
                     f"v{out.version.version}", child)
@@ -346,16 +372,20 @@ def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
     if ensemble:
         from components.steps.ensemble import run_ensemble
 
-        ranked = sorted(models, key=lambda m: -client.get_run(trained[m]).data.metrics.get(
-            "best_val_acc", 0.0))
-        members = [trained[m] for m in ranked[:params.top_k]]
+        # Members chosen like the challenger: by the validation counterpart of `metric`.
+        ranking = registry.rank_versions(client, name, {m: versions[m] for m in models},
+                                         params.metric)
+        if ranking.fallback:
+            p.log(f"ensemble members: {ranking.fallback}")
+        ranked = [label for label, _, _ in ranking.ranked][:params.top_k]
+        members = [trained[m] for m in models if m in ranked]  # --models order: a stable key
 
         def combine(child: str) -> tuple[str, str]:
             out = run_ensemble(EnsembleParams(run_ids=",".join(members), experiment=experiment,
                                               vote=params.vote, device=params.device,
                                               num_workers=0), p.uri, log=p.log,
                                job_run_id=child)
-            return (f"{len(members)} members ({', '.join(ranked[:params.top_k])}); "
+            return (f"{len(members)} members ({', '.join(ranked)}); "
                     f"test_acc {out.metrics.get('test_acc', float('nan')):.4f}", child)
 
         ensemble_run = p.step("ensemble", "ensemble",
@@ -364,19 +394,26 @@ def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
 
     def promote(child: str) -> tuple[str, str]:
         tracking.open_run(client, step="promote", experiment=experiment, adopt=child)
-        best = _best_version(client, name, versions, params.metric)
-        client.set_registered_model_alias(name, registry.CHALLENGER, best)
+        ranking = registry.choose_challenger(client, name, versions, params.metric)
+        label, best, value = ranking.ranked[0]
+        if ranking.fallback:
+            p.log(f"promote: {ranking.fallback}")
         decision = registry.promote(client, name, metric=params.metric,
                                     min_delta=params.min_delta)
         tracking.log_params_and_tags(client, child, {}, {
             "cnnflow.candidate_version": best, "cnnflow.decision": decision.action,
             DECISION_REASON_TAG: decision.reason,
+            registry.SELECTION_METRIC_TAG: ranking.metric,
+            registry.JUDGEMENT_METRIC_TAG: params.metric,
             "cnnflow.champion_version": _champion_version(client, name)})
-        return decision.line(), child
+        return (f"challenger v{best} ({label}, {ranking.metric} {value:.4f}); "
+                f"{decision.line()}", child)
 
-    p.step("promote", "promote", {"versions": versions, "registered_model": name,
-                                  "metric": params.metric, "min_delta": params.min_delta},
-           promote)
+    promoted = p.step("promote", "promote", {"versions": versions, "registered_model": name,
+                                             "metric": params.metric,
+                                             "min_delta": params.min_delta}, promote)
+    selection = client.get_run(promoted.run_id).data.tags.get(
+        registry.SELECTION_METRIC_TAG, registry.selection_metric(params.metric))
     champion = _champion_version(client, name)
 
     if params.sync:
@@ -394,9 +431,15 @@ def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
                                 "champion": champion, "mongo": mask_uri(p.mongo_uri)}, mirror)
 
     champion_uri = f"models:/{name}@{registry.CHAMPION}" if champion else ""
-    table = _final_table(client, name, trained, ensemble_run, champion)
+    metrics = list(dict.fromkeys(("val_acc", "test_acc", selection, params.metric)))
+    labelled = {**trained, **({"ensemble": ensemble_run} if ensemble_run else {})}
+    table = _final_table(client, name, labelled, versions, metrics)
+    champion_tags = registry.get_version(client, name, champion).tags if champion else {}
     return PipelineOutcome(p.parent, "", p.exp_id, experiment, "", list(p.records), table,
-                           champion_uri)
+                           champion_uri, selection_metric=selection,
+                           judgement_metric=params.metric,
+                           champion_metrics={m: float(champion_tags[m]) for m in metrics
+                                             if m in champion_tags})
 
 
 def _weights_input(model: str, weights: str) -> str:
@@ -418,32 +461,12 @@ def _registered_version(run: Run) -> str:
     return run.data.tags.get(REGISTERED_VERSION_TAG, "").rpartition("/")[2]
 
 
-def _experiment_name(client: MlflowClient, name: str, explicit: bool,
-                     job_run_id: str | None) -> str:
-    """Under `mlflow run -e main` the parent run exists already: its experiment is ours."""
+def _experiment_name(client: MlflowClient, name: str, job_run_id: str | None) -> str:
+    """Under `mlflow run -e main` the parent run exists already: its experiment is ours (the
+    command has refused a differing `-P experiment` before anything ran)."""
     if not job_run_id:
         return name
-    actual = client.get_experiment(client.get_run(job_run_id).info.experiment_id).name
-    if explicit and actual != name:
-        raise PipelineError(f"-P experiment={name} but mlflow run started the run in "
-                            f"experiment '{actual}': pass the same name to --experiment-name")
-    return actual
-
-
-def _best_version(client: MlflowClient, name: str, versions: dict[str, str],
-                  metric: str) -> str:
-    """The candidate with the best `metric` among this pipeline's versions (ties: the first)."""
-    scored = []
-    for label, version in versions.items():
-        value = registry.get_version(client, name, version).tags.get(metric)
-        if value is not None:
-            scored.append((float(value), label, version))
-    if not scored:
-        raise PipelineError(f"no registered version of {name} has {metric}: pass a metric "
-                            f"evaluate logs, e.g. --metric test_acc")
-    lower = registry.lower_is_better(metric)
-    best = min(scored, key=lambda s: s[0]) if lower else max(scored, key=lambda s: s[0])
-    return best[2]
+    return client.get_experiment(client.get_run(job_run_id).info.experiment_id).name
 
 
 def _champion_version(client: MlflowClient, name: str) -> str:
@@ -451,33 +474,80 @@ def _champion_version(client: MlflowClient, name: str) -> str:
     return version.version if version is not None else ""
 
 
-def _final_table(client: MlflowClient, name: str, trained: dict[str, str], ensemble_run: str,
-                 champion: str) -> list[dict[str, Any]]:
-    """model, run, val/test accuracy, latency, size, and which row is the champion now."""
-    champion_run = registry.get_version(client, name, champion).run_id if champion else ""
+def _final_table(client: MlflowClient, name: str, runs: dict[str, str],
+                 versions: dict[str, str], metrics: list[str]) -> list[dict[str, Any]]:
+    """One row per model (and the ensemble): its run, registered version, the `metrics` as
+    the version records them (val_acc, test_acc, the choosing and the judging one), cost,
+    and its aliases now (`@challenger` was chosen, `@champion` won)."""
+    aliases = registry.version_aliases(client, name)
     rows = []
-    for model, run_id in [*trained.items(), *([("ensemble", ensemble_run)] if ensemble_run
-                                              else [])]:
+    for label, run_id in runs.items():
         run = client.get_run(run_id)
         m = run.data.metrics
-        rows.append({"model": model, "run": run.info.run_name, "run_id": run_id,
-                     "val_acc": m.get("best_val_acc", m.get("val_acc")),
-                     "test_acc": m.get("test_acc"), "latency_ms_p50": m.get("latency_ms_p50"),
-                     "model_size_mb": m.get("model_size_mb"),
-                     "promoted": "champion" if run_id == champion_run else ""})
+        version = registry.get_version(client, name, versions[label])
+        tags = version.tags
+        row = {"model": label, "run": run.info.run_name, "run_id": run_id,
+               "version": int(version.version)}
+        for metric in metrics:
+            value = tags.get(metric, m.get(metric))
+            row[metric] = float(value) if value is not None else None
+        if row.get("val_acc") is None:  # no val tag: the best epoch's, as training saw it
+            row["val_acc"] = m.get("best_val_acc")
+        row.update(latency_ms_p50=m.get("latency_ms_p50"), model_size_mb=m.get("model_size_mb"),
+                   aliases=" ".join(f"@{a}" for a in aliases.get(version.version, [])
+                                    if a in (registry.CHALLENGER, registry.CHAMPION)))
+        rows.append(row)
     return rows
 
 
 def _log_outcome(p: Pipeline, outcome: PipelineOutcome) -> None:
+    """The parent run carries the summary: `summary.<model>.<metric>` (and
+    `summary.champion.<metric>`), which metric chose and which judged, the final table as an
+    MLflow table, and every model's training curves in one figure."""
+    from components import plots
+    from components.steps.report import run_history
+
     reused = sum(r.reused for r in outcome.steps)
-    tracking.log_metrics(p.client, p.parent, {"steps_run": len(outcome.steps) - reused,
-                                              "steps_reused": reused})
+    metrics = {"steps_run": len(outcome.steps) - reused, "steps_reused": reused}
+    names = list(dict.fromkeys(("val_acc", "test_acc", outcome.selection_metric,
+                                outcome.judgement_metric)))
+    for row in outcome.table:
+        metrics.update({f"summary.{row['model']}.{k}": row[k] for k in names
+                        if row.get(k) is not None})
+    metrics.update({f"summary.champion.{k}": v for k, v in outcome.champion_metrics.items()})
+    tracking.log_metrics(p.client, p.parent, metrics)
     tags = {f"cnnflow.run.{r.step}" + (f".{r.name}" if r.name != r.step else ""): r.run_id
             for r in outcome.steps}
     if outcome.champion_uri:
         tags["cnnflow.champion_uri"] = outcome.champion_uri
+    tags[registry.SELECTION_METRIC_TAG] = outcome.selection_metric
+    tags[registry.JUDGEMENT_METRIC_TAG] = outcome.judgement_metric
+    tags[MLFLOW_RUN_NOTE] = _run_note(outcome)
     tracking.log_params_and_tags(p.client, p.parent, {}, tags)
+    columns = [*outcome.columns, "run_id"]
+    p.client.log_table(p.parent, data={c: [r.get(c) for r in outcome.table] for c in columns},
+                       artifact_file=COMPARISON_ARTIFACT)
+    histories = {r.name: h for r in outcome.steps
+                 if r.step == "train" and (h := run_history(p.client, r.run_id))}
+    if histories:
+        with tempfile.TemporaryDirectory(prefix="cnnflow-pipeline-") as tmp:
+            path = plots.plot_curves_all(histories, Path(tmp) / Path(CURVES_ARTIFACT).name)
+            p.client.log_artifact(p.parent, str(path),
+                                  artifact_path=str(Path(CURVES_ARTIFACT).parent))
     _write_steps(p)
+
+
+def _run_note(outcome: PipelineOutcome) -> str:
+    """The parent run's description in the UI: the final table and how the champion was
+    chosen, the first thing the run's page shows."""
+    from components.tracking.comparison import markdown_table
+
+    criteria = outcome.criteria
+    lines = [markdown_table(outcome.table, outcome.columns), "",
+             f"{criteria[:1].upper()}{criteria[1:]}."]
+    if outcome.champion_uri:
+        lines.append(f"Champion: `{outcome.champion_uri}`")
+    return "\n".join(lines)
 
 
 def _write_steps(p: Pipeline) -> None:

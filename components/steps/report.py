@@ -415,6 +415,11 @@ def _header(doc: Document, experiment: str, tracking_uri: str, sel: Selection,
              f"Logged into MLflow run `{run_name}` (`{run_id}`) under `report/`."]
     if sel.pipeline is not None:
         items.append(f"Pipeline run `{_name(sel.pipeline)}` (`{sel.pipeline.info.run_id}`).")
+        tags = sel.pipeline.data.tags
+        if registry.SELECTION_METRIC_TAG in tags and registry.JUDGEMENT_METRIC_TAG in tags:
+            line = registry.criteria_line(tags[registry.SELECTION_METRIC_TAG],
+                                          tags[registry.JUDGEMENT_METRIC_TAG])
+            items.append(f"{line[:1].upper()}{line[1:]}.")
     else:
         items.append("No pipeline run given: the latest finished runs of the experiment.")
     doc.bullets(items)
@@ -481,6 +486,11 @@ def _models_section(doc: Document, figs: _Figures, rows: list[dict[str, Any]],
              "`cnnflow evaluate` (empty when a run was not evaluated).")
     doc.table(rows, list(TABLE_COLUMNS))
     doc.heading(2, "Training curves")
+    histories = {_name(r): h for r in sel.train if (h := run_history(figs.client, r.info.run_id))}
+    if len(histories) > 1:
+        name = figs.name("curves-all-models")
+        plots.plot_curves_all(histories, figs.dir / name)
+        doc.figure(name, "training curves of every model (val solid, train dashed)")
     for run in sel.train:
         name = _curves(figs, run)
         if name:
@@ -499,28 +509,39 @@ def _models_section(doc: Document, figs: _Figures, rows: list[dict[str, Any]],
                  "parameters.")
 
 
-def _curves(figs: _Figures, run: Run) -> str | None:
-    """figures/curves.png of the run; else drawn from history.json or the metric history."""
-    run_id = run.info.run_id
-    if name := figs.fetch(run_id, "figures/curves.png", f"curves-{_name(run)}"):
-        return name
+HISTORY_KEYS = ("train_loss", "val_loss", "train_acc", "val_acc")
+
+
+def run_history(client: MlflowClient, run_id: str) -> list[dict[str, float]]:
+    """A training run's per-epoch history: its `history.json` (tracking.log_history), else
+    rebuilt from the metric history; [] when it has neither (the pipeline's all-models figure
+    and the report read it the same way)."""
     history: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="cnnflow-report-") as tmp:
-        if local := _fetch(figs.client, run_id, "history.json", Path(tmp) / "history.json"):
+        if local := _fetch(client, run_id, "history.json", Path(tmp) / "history.json"):
             try:
                 history = json.loads(local.read_text())
             except ValueError:
                 history = []
-    keys = ("train_loss", "val_loss", "train_acc", "val_acc")
     if not history:
         try:
-            series = {k: {m.step: m.value for m in figs.client.get_metric_history(run_id, k)}
-                      for k in keys}
+            series = {k: {m.step: m.value for m in client.get_metric_history(run_id, k)}
+                      for k in HISTORY_KEYS}
         except MlflowException:
-            return None
+            return []
         steps = sorted(set.intersection(*(set(s) for s in series.values())))
-        history = [{"epoch": s, **{k: series[k][s] for k in keys}} for s in steps]
-    if not history or not all(k in history[0] for k in keys):
+        history = [{"epoch": s, **{k: series[k][s] for k in HISTORY_KEYS}} for s in steps]
+    if not history or not all(k in history[0] for k in HISTORY_KEYS):
+        return []
+    return history
+
+
+def _curves(figs: _Figures, run: Run) -> str | None:
+    """figures/curves.png of the run; else drawn from its history."""
+    if name := figs.fetch(run.info.run_id, "figures/curves.png", f"curves-{_name(run)}"):
+        return name
+    history = run_history(figs.client, run.info.run_id)
+    if not history:
         return None
     name = figs.name(f"curves-{_name(run)}")
     plots.plot_curves(history, figs.dir / name)

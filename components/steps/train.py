@@ -197,7 +197,8 @@ def _train(client, params: TrainParams, tracking_uri: str, progress: bool,
             model_uri = log_pyfunc_model(run_id, result.best_path, {
                 "model": params.model, "class_names": splits.classes,
                 "image_size": params.image_size, "mean": list(mean), "std": list(std),
-                "dropout": params.dropout, "head_hidden": params.head_hidden or None})
+                "dropout": params.dropout, "head_hidden": params.head_hidden or None},
+                splits.train[0][0] if splits.train else None)
             client.set_tag(run_id, MODEL_URI_TAG, model_uri)
             tracking.finish_run(client, run_id, "FINISHED")
         except KeyboardInterrupt:

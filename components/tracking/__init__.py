@@ -26,6 +26,9 @@ from components.names import ERROR_TAG, MODEL_TAG, STEP_TAG, VERSION_TAG
 from components.settings import mask_text, mask_uri
 
 MAX_PARAM_LENGTH = 6000
+# What the MLflow UI reads to show an experiment as model training rather than GenAI.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
 
 
 def connect(tracking_uri: str) -> MlflowClient:
@@ -40,28 +43,43 @@ def has_ui(tracking_uri: str) -> bool:
 
 
 def experiment_url(tracking_uri: str, exp_id: str) -> str:
-    """The experiment's page in the MLflow UI (password masked), or the masked URI of a store
-    that has no UI (a local folder or database)."""
-    if has_ui(tracking_uri):
-        return f"{mask_uri(tracking_uri).rstrip('/')}/#/experiments/{exp_id}"
-    return mask_uri(tracking_uri)
+    """The experiment's runs table in the MLflow UI (password masked), or the masked URI of a
+    store that has no UI (a local folder or database)."""
+    return _ui_page(tracking_uri, f"experiments/{exp_id}/runs")
 
 
 def run_url(tracking_uri: str, exp_id: str, run_id: str) -> str:
     """The run's page in the MLflow UI, or the masked URI of a store that has no UI."""
-    if has_ui(tracking_uri):
-        return f"{experiment_url(tracking_uri, exp_id)}/runs/{run_id}"
-    return mask_uri(tracking_uri)
+    return _ui_page(tracking_uri, f"experiments/{exp_id}/runs/{run_id}")
+
+
+def _ui_page(tracking_uri: str, route: str) -> str:
+    """A page of the UI in its model-training mode (`workflowType`): MLflow 3 opens on its
+    GenAI pages otherwise, which hide runs, metrics and the model registry."""
+    if not has_ui(tracking_uri):
+        return mask_uri(tracking_uri)
+    return f"{mask_uri(tracking_uri).rstrip('/')}/#/{route}?workflowType=machine_learning"
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
     """The experiment's id, created on first use (restoring it if it was deleted)."""
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
+    mark_training(client, exp.experiment_id, exp.tags)
     return exp.experiment_id
+
+
+def mark_training(client: MlflowClient, exp_id: str, tags: dict[str, str] | None = None) -> None:
+    """Tag the experiment as model training (`mlflow.experimentKind`), so the MLflow UI opens
+    it on its runs table, not on the GenAI overview; also an experiment cnnflow only writes to
+    (the one `mlflow run` chose). `tags`: the experiment's, when the caller has them."""
+    if tags is None:
+        tags = client.get_experiment(exp_id).tags
+    if tags.get(EXPERIMENT_KIND_TAG) != TRAINING_KIND:
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
 
 
 def next_version(client: MlflowClient, exp_id: str, name: str, tag: str = MODEL_TAG) -> int:
@@ -95,9 +113,12 @@ def finish_run(client: MlflowClient, run_id: str, status: str, error: str | None
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float],
-                step: int | None = None) -> None:
+                step: int | None = None, model_id: str | None = None) -> None:
+    """Metrics in one request; `model_id` links them to a logged model (MLflow 3), so the
+    model's page shows them (evaluate's test metrics)."""
     now = int(time.time() * 1000)
-    client.log_batch(run_id, [Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
+    client.log_batch(run_id, [Metric(k, float(v), now, step or 0, model_id=model_id)
+                              for k, v in metrics.items()])
 
 
 def backfill_epochs(client: MlflowClient, run_id: str, checkpoint: dict[str, Any]) -> int:
@@ -170,6 +191,7 @@ def open_run(client: MlflowClient, *, step: str, model: str | None = None,
     source = adopt or parent
     if source:
         exp_id = client.get_run(source).info.experiment_id
+        mark_training(client, exp_id)
     elif not exp_id:
         exp_id = experiment_id(client, experiment)
     label = model or step

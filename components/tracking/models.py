@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,11 @@ import mlflow
 
 
 def log_pyfunc_model(run_id: str, weights_path: Path, model_config: dict[str, Any],
-                     name: str = "model") -> str:
-    """Log the best weights as a pyfunc model that does its own preprocessing; returns its URI."""
+                     example_image: str | Path | None, name: str = "") -> str:
+    """Log the best weights as a pyfunc model that does its own preprocessing; returns its URI.
+
+    Named after its architecture (`resnet18`, ...) unless `name` says otherwise.
+    """
     from components.serving.classifier import ImageClassifier
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -23,15 +27,20 @@ def log_pyfunc_model(run_id: str, weights_path: Path, model_config: dict[str, An
         config_path.write_text(json.dumps(model_config, indent=2))
         return log_python_model(run_id, ImageClassifier(),
                                 {"weights": str(weights_path), "config": str(config_path)},
-                                name=name)
+                                model_config["class_names"], example_image,
+                                name=name or model_config["model"])
 
 
 def log_python_model(run_id: str, python_model: mlflow.pyfunc.PythonModel,
-                     artifacts: dict[str, str], name: str = "model") -> str:
+                     artifacts: dict[str, str], class_names: Sequence[str],
+                     example_image: str | Path | None, *, name: str) -> str:
     """Log any cnnflow pyfunc model (a classifier, an ensemble) into a run; returns its URI.
 
-    The `components` package travels with the model (code_paths), so it loads in a fresh
-    environment that has only torch, torchvision, pillow and pandas.
+    Every model carries the served contract (`model_signature`: base64 `image` in, label,
+    confidence and prob_<class> out) and one real training image as its input example,
+    which MLflow runs through the model at log time. The `components` package travels with
+    the model (code_paths), so it loads in a fresh environment that has only torch,
+    torchvision, pillow and pandas.
     """
     import numpy
     import pandas
@@ -39,13 +48,19 @@ def log_python_model(run_id: str, python_model: mlflow.pyfunc.PythonModel,
     import torch
     import torchvision
 
+    from components.serving.classifier import input_example, model_signature
+
     requirements = [f"mlflow=={mlflow.__version__}", f"torch=={_public(torch.__version__)}",
                     f"torchvision=={_public(torchvision.__version__)}",
                     f"pillow=={PIL.__version__}", f"pandas=={pandas.__version__}",
                     f"numpy=={numpy.__version__}"]
+    # No example (the signature still holds) when the split's files are not on this machine.
+    example = (input_example(example_image)
+               if example_image and Path(example_image).is_file() else None)
     with _quiet_model_logging(), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=name, python_model=python_model, artifacts=artifacts,
+            signature=model_signature(class_names), input_example=example,
             code_paths=[str(Path(__file__).resolve().parents[1])], pip_requirements=requirements)
     return info.model_uri
 

@@ -1,11 +1,14 @@
 """Registry versions and the promotion rule: `challenger` earns `champion`, nobody copies files.
 
 Every evaluated model becomes a new version of a registered model (default
-`<experiment>-classifier`) tagged with its run, model, dataset digest and test metrics, and
-gets the alias `challenger`. `promote()` then moves `champion` to it only when it beats the
-current champion's metric by at least `min_delta` **on the same dataset digest** (metrics on
-different splits are not comparable); otherwise the champion stays. Either way the decision
-and its reason are written as tags on the challenger version, so the registry explains itself.
+`<experiment>-classifier`) tagged with its run, model, dataset digest, test and validation
+metrics, and gets the alias `challenger`. Among several candidates (the `main` pipeline's),
+`choose_challenger()` picks by the validation counterpart of the promotion metric
+(`selection_metric`), so the test split judges but never selects. `promote()` then moves
+`champion` to the challenger only when it beats the current champion's metric by at least
+`min_delta` **on the same dataset digest** (metrics on different splits are not comparable);
+otherwise the champion stays. Either way the decision and its reason are written as tags on
+the challenger version, so the registry explains itself.
 
 Serving follows the alias: `mlflow models serve -m models:/<name>@champion`.
 """
@@ -35,10 +38,20 @@ RUN_NAME_TAG = "cnnflow.run_name"
 DECISION_TAG = "cnnflow.promotion"
 REASON_TAG = "cnnflow.promotion_reason"
 DECISION_TIME_TAG = "cnnflow.promotion_time"
-# Metrics copied onto the version as tags, so promotion (and the UI) need not open the run.
+# Metrics copied onto the version as tags, so promotion (and the UI) need not open the run:
+# the ones promotion may judge on (test split, or cost) ...
 VERSION_METRICS = ("test_acc", "test_loss", "test_top5_acc", "test_f1_macro", "test_f1_weighted",
                    "test_precision_macro", "test_recall_macro", "test_ece", "params_count",
                    "model_size_mb", "latency_ms_p50", "throughput_images_per_sec")
+# ... and their validation counterparts, which choose the candidate (see `selection_metric`).
+JUDGED_PREFIX, CHOSEN_PREFIX = "test_", "val_"
+VALIDATION_METRICS = tuple(CHOSEN_PREFIX + m[len(JUDGED_PREFIX):] for m in VERSION_METRICS
+                           if m.startswith(JUDGED_PREFIX))
+# What a metric's prefix says about the data behind it (no prefix: a cost, no split).
+METRIC_SPLITS = {JUDGED_PREFIX: "test split", CHOSEN_PREFIX: "validation split"}
+# Tags of a pipeline run (and its promote step): which metric chose, which judged.
+SELECTION_METRIC_TAG = "cnnflow.selection_metric"
+JUDGEMENT_METRIC_TAG = "cnnflow.judgement_metric"
 # Metrics where smaller is better (everything else: larger is better).
 LOWER_IS_BETTER = re.compile(r"^((test_|val_|best_val_|train_)?(loss|ece)(_.+)?|latency_ms_p\d+|"
                              r"model_size_mb|peak_memory_mb|params_count)$")
@@ -66,6 +79,36 @@ def check_name(name: str) -> None:
 def lower_is_better(metric: str) -> bool:
     """Losses (overall and per class), calibration error and cost: smaller is better."""
     return bool(LOWER_IS_BETTER.match(metric))
+
+
+def selection_metric(metric: str) -> str:
+    """The validation counterpart of a promotion metric (`test_acc` -> `val_acc`): candidates
+    are chosen on validation so that the test split only judges, never selects. Cost metrics
+    (latency, size) have no split and choose as themselves."""
+    if metric.startswith(JUDGED_PREFIX):
+        return CHOSEN_PREFIX + metric[len(JUDGED_PREFIX):]
+    return metric
+
+
+def metric_split(metric: str) -> str:
+    """'validation split', 'test split', or 'cost, no split': what a metric was measured on."""
+    return next((split for prefix, split in METRIC_SPLITS.items() if metric.startswith(prefix)),
+                "cost, no split")
+
+
+def criteria_line(selection: str, judgement: str) -> str:
+    """The one line the pipeline's table and the report print about how the champion is found."""
+    return (f"candidate chosen by {selection} ({metric_split(selection)}); promotion judged on "
+            f"{judgement} ({metric_split(judgement)})")
+
+
+def model_description(name: str, experiment: str) -> str:
+    """The registered model's description with its real name (Markdown in the MLflow UI, where
+    angle brackets would be eaten as HTML tags): how to serve and load the champion."""
+    uri = f"models:/{name}@{CHAMPION}"
+    return (f"cnnflow image classifiers of experiment {experiment}. Serve the champion: "
+            f"`mlflow models serve -m {uri} --env-manager local`. Load it: "
+            f"`mlflow.pyfunc.load_model('{uri}')`.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,29 +141,46 @@ def require_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion:
     return version
 
 
+def _registered(client: MlflowClient, model_uri: str) -> ModelVersion | None:
+    """The version behind `models:/<name>@alias` or `/<version>`; None for `models:/m-<id>`."""
+    if m := _ALIAS_URI.match(model_uri):
+        return require_alias(client, m["name"], m["alias"])
+    if m := _VERSION_URI.match(model_uri):
+        return get_version(client, m["name"], m["version"])
+    if _LOGGED_URI.match(model_uri):
+        return None
+    raise RegistryError(f"unsupported model URI '{model_uri}': use models:/<name>@<alias>, "
+                        "models:/<name>/<version> or a run id")
+
+
 def source_run_id(client: MlflowClient, model_uri: str) -> str:
     """The run that logged the model behind `models:/<name>@alias`, `/<version>` or `/m-<id>`."""
-    if m := _ALIAS_URI.match(model_uri):
-        version = require_alias(client, m["name"], m["alias"])
-    elif m := _VERSION_URI.match(model_uri):
-        version = get_version(client, m["name"], m["version"])
-    elif m := _LOGGED_URI.match(model_uri):
+    version = _registered(client, model_uri)
+    if version is None:
+        model_id = _LOGGED_URI.match(model_uri)["model_id"]
         try:
-            logged = client.get_logged_model(m["model_id"])
+            logged = client.get_logged_model(model_id)
         except MlflowException:
-            raise RegistryError(f"logged model '{m['model_id']}' does not exist on this "
+            raise RegistryError(f"logged model '{model_id}' does not exist on this "
                                 "tracking server") from None
         if not logged.source_run_id:
             raise RegistryError(f"{model_uri} was not logged from a run: nothing to evaluate "
                                 "it against")
         return logged.source_run_id
-    else:
-        raise RegistryError(f"unsupported model URI '{model_uri}': use models:/<name>@<alias>, "
-                            "models:/<name>/<version> or a run id")
     if not version.run_id:
         raise RegistryError(f"{model_uri} has no source run: register models through "
                             "cnnflow evaluate")
     return version.run_id
+
+
+def logged_model_id(client: MlflowClient, model_uri: str) -> str | None:
+    """The `m-<id>` of the MLflow 3 logged model behind a `models:/` URI (None when a version
+    was registered from files): evaluate links its metrics to it, so the model's page in the
+    UI shows them."""
+    if m := _LOGGED_URI.match(model_uri):
+        return m["model_id"]
+    version = _registered(client, model_uri)
+    return getattr(version, "model_id", None) or None
 
 
 def _metric(client: MlflowClient, version: ModelVersion, metric: str) -> float | None:
@@ -142,7 +202,8 @@ def _metric(client: MlflowClient, version: ModelVersion, metric: str) -> float |
 
 def register_version(client: MlflowClient, model_uri: str, run: Run, name: str,
                      metrics: dict[str, float], digest: str, dataset: str = "") -> ModelVersion:
-    """A new version of `name` for the model, tagged, with the alias `challenger`.
+    """A new version of `name` for the model, tagged with its test and validation metrics
+    (test judges, validation chooses), with the alias `challenger`.
 
     All or nothing: when a later step fails, the version (and a registered model this call
     created) is deleted again, so a failure never leaves a half-registered model.
@@ -153,14 +214,21 @@ def register_version(client: MlflowClient, model_uri: str, run: Run, name: str,
             STEP_TAG: run.data.tags.get(STEP_TAG, ""),
             DATASET_TAG: dataset or run.data.tags.get(DATASET_TAG, ""),
             DATASET_DIGEST_TAG: digest}
-    tags.update({k: repr(float(metrics[k])) for k in VERSION_METRICS if k in metrics})
+    tags.update({k: repr(float(metrics[k])) for k in (*VERSION_METRICS, *VALIDATION_METRICS)
+                 if k in metrics})
     created_model = False
     try:
-        client.get_registered_model(name)
+        existing = client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(name, description="cnnflow: evaluated image classifiers; "
-                                       "serve models:/<name>@champion")
-        created_model = True
+        existing = None
+    if existing is None or "<" in (existing.description or ""):  # new, or the old text
+        description = model_description(
+            name, client.get_experiment(run.info.experiment_id).name)
+        if existing is None:
+            client.create_registered_model(name, description=description)
+            created_model = True
+        else:
+            client.update_registered_model(name, description=description)
     version = None
     try:
         m = _LOGGED_URI.match(model_uri)
@@ -196,6 +264,55 @@ def _undo(client: MlflowClient, name: str, version: ModelVersion | None,
             client.delete_model_version(name, version.version)
     except MlflowException:
         pass
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing the candidate (validation), before promotion judges it (test)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ranking:
+    """Candidates best first by `metric` (the one that actually ranked them), as
+    (label, version, value); `fallback` says why it is not the validation metric."""
+
+    metric: str
+    ranked: list[tuple[str, str, float]]
+    fallback: str = ""
+
+
+def rank_versions(client: MlflowClient, name: str, versions: dict[str, str],
+                  metric: str) -> Ranking:
+    """`versions` (label -> version of `name`) best first by `selection_metric(metric)`, read
+    from the version tags (ties keep the given order; versions without it are left out).
+
+    When no version has the validation metric (a run split without validation images), the
+    judgement metric ranks instead, and `fallback` says so: the choice then sees the test
+    split, which the caller must report rather than hide.
+    """
+    tags = {label: get_version(client, name, v).tags for label, v in versions.items()}
+    for chosen in dict.fromkeys((selection_metric(metric), metric)):
+        scored = [(label, str(versions[label]), float(t[chosen])) for label, t in tags.items()
+                  if chosen in t]
+        if scored:
+            sign = 1.0 if lower_is_better(chosen) else -1.0
+            fallback = ("" if chosen == selection_metric(metric) else
+                        f"no version has {selection_metric(metric)} (no validation split): "
+                        f"chosen by {chosen}")
+            return Ranking(chosen, sorted(scored, key=lambda s: sign * s[2]), fallback)
+    raise RegistryError(f"no version of {name} among {', '.join(map(str, versions.values()))} "
+                        f"has {selection_metric(metric)} or {metric}: evaluate them on the test "
+                        "split first, or pass a metric evaluate records")
+
+
+def choose_challenger(client: MlflowClient, name: str, versions: dict[str, str],
+                      metric: str) -> Ranking:
+    """Give `challenger` to the best of `versions` by the validation counterpart of `metric`
+    (`promote` then judges that one challenger against the champion on `metric`, test split).
+    Returns the ranking; its first entry is the challenger."""
+    ranking = rank_versions(client, name, versions, metric)
+    client.set_registered_model_alias(name, CHALLENGER, ranking.ranked[0][1])
+    return ranking
 
 
 # --------------------------------------------------------------------------------------------

@@ -84,7 +84,8 @@ def test_local_store_while_the_server_runs_is_one_note(mlflow_server: str, servi
     env = subprocess_env(store, CNNFLOW_HOME=str(services_home))
     proc = subprocess.run([str(BIN / "cnnflow"), "eda", "--data", str(image_folder()),
                            "--reports-dir", str(tmp_path / "reports"), "--num-workers", "0"],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env, timeout=300,
+                          cwd=tmp_path)  # the store's artifacts go to ./mlruns: not the repo's
     assert proc.returncode == 0, proc.stderr[-3000:]
     notes = [line for line in proc.stderr.splitlines() if line.startswith("note: tracking to")]
     assert notes == [f"note: tracking to {store} (a local store), not the cnnflow server at "

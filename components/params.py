@@ -16,26 +16,101 @@ Import-light on purpose (no torch, torchvision or mlflow): `cnnflow --help` read
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from components.errors import CnnflowError
+
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit
+MAX_WORKERS = 256  # loader processes: more is a typo, not a machine
 
 
 class ParamError(CnnflowError, ValueError):
     """A parameter value the user must change, reported before any work starts."""
 
 
-def param(default: Any, help: str) -> Any:
+class Bounds(NamedTuple):
+    """A numeric parameter's allowed range: `ge`/`gt` below, `le`/`lt` above (None: open)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def holds(self, value: float) -> bool:
+        """NaN and infinities never hold: no parameter means them."""
+        return (math.isfinite(value)
+                and (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def text(self) -> str:
+        """The range as the messages and the help say it: `in [8, 1024]`, `> 0`, `in [0, 1)`."""
+        low = ("[", self.ge) if self.ge is not None else ("(", self.gt)
+        high = ("]", self.le) if self.le is not None else (")", self.lt)
+        if low[1] is not None and high[1] is not None:
+            return f"in {low[0]}{_num(low[1])}, {_num(high[1])}{high[0]}"
+        if low[1] is not None:
+            return f"{'>=' if low[0] == '[' else '>'} {_num(low[1])}"
+        return f"{'<=' if high[0] == ']' else '<'} {_num(high[1])}"
+
+    def broken(self, value: float) -> str:
+        """How `value` misses the range: `is below 8`, `is not above 0`, ..."""
+        checks = [(self.ge, lambda b: value >= b, "is below"),
+                  (self.gt, lambda b: value > b, "is not above"),
+                  (self.le, lambda b: value <= b, "is above"),
+                  (self.lt, lambda b: value < b, "is not below")]
+        if not math.isfinite(value):
+            return "is not a finite number"
+        return next((f"{words} {_num(bound)}" for bound, ok, words in checks
+                     if bound is not None and not ok(bound)), "")
+
+
+def _num(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def param(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
+          le: float | None = None, lt: float | None = None) -> Any:
     """One parameter: a dataclass field with its default and the help text every front end shows.
 
     The default must be a str, int, float or bool: the command line and MLproject pass values
-    as text, and the field's type is the default's.
+    as text, and the field's type is the default's. A number may declare its range (`ge`,
+    `gt`, `le`, `lt`): `check_bounds` enforces it before any run exists, and the help text
+    (so `--help` and docs/parameters.md) states it.
     """
     if type(default) not in (str, int, float, bool):
         raise TypeError(f"a parameter default must be str, int, float or bool, not {default!r}")
-    return dataclasses.field(default=default, metadata={"help": help})
+    metadata: dict[str, Any] = {"help": help}
+    if (ge, gt, le, lt) != (None, None, None, None):
+        if type(default) not in (int, float):
+            raise TypeError(f"only a number has a range, not {default!r}")
+        bounds = Bounds(ge, gt, le, lt)
+        if not bounds.holds(default):
+            raise ValueError(f"default {default!r} is not {bounds.text()}")
+        metadata["bounds"] = bounds
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def bounds_of(field: dataclasses.Field) -> Bounds | None:
+    """The range `param` declared for a field, if any."""
+    return field.metadata.get("bounds")
+
+
+def check_bounds(params: Any) -> None:
+    """Every declared range of a parameter dataclass, checked in the order the front ends list
+    the fields: one line naming the first parameter out of range, its value and the range."""
+    for field in fields_of(type(params)):
+        bounds, value = bounds_of(field), getattr(params, field.name)
+        if bounds is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ParamError(f"{field.name}={value!r} is not a number: {field.name} must be "
+                             f"{bounds.text()}")
+        if not bounds.holds(value):
+            raise ParamError(f"{field.name}={_num(value)} {bounds.broken(value)}: {field.name} "
+                             f"must be {bounds.text()}")
 
 
 def bool_text(value: Any) -> Any:
@@ -52,8 +127,11 @@ def split_list(text: str, *, whitespace: bool = True) -> list[str]:
 
 
 def help_of(field: dataclasses.Field) -> str:
-    """The help text `param` stored on a field."""
-    return field.metadata["help"]
+    """The help text `param` stored on a field, with its range when it declares one."""
+    bounds = bounds_of(field)
+    if bounds is None:
+        return field.metadata["help"]
+    return f"{field.metadata['help']} Range: {bounds.text().removeprefix('in ')}."
 
 
 def fields_of(cls: type) -> list[dataclasses.Field]:
@@ -85,11 +163,11 @@ class DataParams:
                                 "root/{train,val,test}/<class>/*.")
     experiment: str = param("", "MLflow experiment name (default: the dataset's name).")
     val_ratio: float = param(0.2, "Validation share of a flat folder (carved from train/ when a "
-                                  "split folder has no val/).")
+                                  "split folder has no val/).", ge=0, lt=1)
     test_ratio: float = param(0.2, "Test share of a flat folder (carved from train/ when a split "
-                                   "folder has no test/).")
+                                   "folder has no test/).", ge=0, lt=1)
     seed: int = param(42, "Random seed of all that is random: the split, initial weights, "
-                          "batch order (and tune's sampler).")
+                          "batch order (and tune's sampler).", ge=0, le=MAX_SEED)
 
 
 @dataclass
@@ -97,4 +175,4 @@ class RuntimeParams:
     """Where and with how many loader processes a step runs: not what it computes."""
 
     device: str = param("auto", "auto | cpu | cuda | cuda:N | mps.")
-    num_workers: int = param(2, "DataLoader worker processes.")
+    num_workers: int = param(2, "DataLoader worker processes.", ge=0, le=MAX_WORKERS)

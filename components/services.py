@@ -6,6 +6,9 @@
 own tools (`mlflow run`) at them. Each service is one `ServiceSpec` in `SERVICES`, so adding one
 (the sync follower, say) is one more `register(...)` call, not another branch.
 
+Which server a command uses (`service_uri`): the env var when set, else the server `up` started
+(its record and a live pid), else a one-line ServiceError. Never a guessed default port.
+
 Files per service under the state folder: `<name>.pid` (the process id, which is also its
 process-group id), `<name>.json` (pid, url, host, port, started_at), `logs/<name>.log`.
 """
@@ -77,6 +80,7 @@ class ServiceSpec:
     health: Callable[[str, float], None] | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     optional: bool = False  # started only when named (`cnnflow up --with-sync`)
+    kind: str = ""  # what clients call it in "no <kind> server" ("MLflow", "MongoDB")
 
 
 SERVICES: dict[str, ServiceSpec] = {}
@@ -124,7 +128,7 @@ def _mongo_ping(uri: str, timeout: float) -> None:
         client.close()
 
 
-def _short_reason(exc: BaseException, timeout: float) -> str:
+def short_reason(exc: BaseException, timeout: float) -> str:
     """Boil a driver's multi-line error down to a few words, password masked."""
     text = str(exc)
     found = re.search(r"\[Errno -?\d+\] ([^\"'(),\]]+)", text)
@@ -133,7 +137,8 @@ def _short_reason(exc: BaseException, timeout: float) -> str:
     name = type(exc).__name__
     if "Timeout" in name or "timed out" in text.lower():
         return f"no answer within {timeout:g} s"
-    first = one_line(text) or name
+    # pymongo appends its settings and a topology dump: keep what comes before them.
+    first = one_line(re.split(r" \(configured timeouts|, Timeout: ", text)[0]) or name
     return mask_text(first[:160])
 
 
@@ -157,7 +162,7 @@ def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
     except Exception as exc:  # any failure means "not usable"; say why in a few words
         raise ServiceError(
             f"MLflow tracking server at {mask_uri(uri)} is not reachable "
-            f"({_short_reason(exc, timeout)}): start it with `cnnflow up` "
+            f"({short_reason(exc, timeout)}): start it with `cnnflow up` "
             "or set MLFLOW_TRACKING_URI"
         ) from None
 
@@ -167,10 +172,14 @@ def check_mongo(uri: str, timeout: float = 5.0) -> None:
     try:
         _mongo_ping(uri, timeout)
     except Exception as exc:
-        raise ServiceError(
-            f"MongoDB at {mask_uri(uri)} is not reachable ({_short_reason(exc, timeout)}): "
-            "start it with `cnnflow up` or set MONGO_URI"
-        ) from None
+        raise ServiceError(mongo_unreachable(uri, exc, timeout)) from None
+
+
+def mongo_unreachable(uri: str, exc: BaseException, timeout: float) -> str:
+    """The one line for a MongoDB that does not answer, instead of the driver's topology dump
+    (also what the sync follower logs when Mongo goes away mid-pass)."""
+    return (f"MongoDB at {mask_uri(uri)} is not reachable ({short_reason(exc, timeout)}): "
+            "start it with `cnnflow up` or set MONGO_URI")
 
 
 # --------------------------------------------------------------------------- the registry
@@ -201,6 +210,7 @@ register(ServiceSpec(
         "--host", host, "--port", str(port), "--workers", "1",
     ],
     env_var="MLFLOW_TRACKING_URI",
+    kind="MLflow",
     default_port=DEFAULT_MLFLOW_PORT,
     port_option="--mlflow-port",
     url=lambda host, port: f"http://{_url_host(host)}:{port}",
@@ -219,6 +229,7 @@ register(ServiceSpec(
         "--host", host, "--port", str(port), "--storage-path", str(home / "mongo"),
     ],
     env_var="MONGO_URI",
+    kind="MongoDB",
     default_port=DEFAULT_MONGO_PORT,
     port_option="--mongo-port",
     url=lambda host, port: f"mongodb://{_url_host(host)}:{port}",
@@ -380,6 +391,12 @@ def _stop(pid: int, grace: float = STOP_GRACE_SECONDS) -> None:
             _signal_group(pid, sig)
 
 
+def stop_process_group(pid: int, grace: float = STOP_GRACE_SECONDS) -> None:
+    """Stop a child started in its own process group, workers included (`cnnflow dashboard`
+    uses it for Streamlit): SIGTERM, then SIGKILL after `grace` seconds."""
+    _stop(pid, grace)
+
+
 def _clean_stale(home: Path, spec: ServiceSpec) -> None:
     """Drop a pid file whose process is gone, and any workers it left in its group."""
     pid = _read_pid(home, spec.name)
@@ -401,7 +418,7 @@ def _port_problem(spec: ServiceSpec, host: str, port: int, log: Path) -> str | N
                 "`cnnflow up` with another port")
             return (f"{spec.name}: port {port} on {host} is already in use by another program; "
                     f"stop it or run {hint} (log: {_show(log)})")
-        return (f"{spec.name}: cannot listen on {host}:{port} ({_short_reason(exc, 0)}); "
+        return (f"{spec.name}: cannot listen on {host}:{port} ({short_reason(exc, 0)}); "
                 f"check --host (log: {_show(log)})")
     return None
 
@@ -445,19 +462,19 @@ def _external(spec: ServiceSpec) -> str | None:
 
 
 def service_uri(name: str, home: Path | None = None) -> str:
-    """Where clients find service `name`: its env var, else what `up` recorded, else the default."""
+    """Where clients find service `name`: its env var, else the server `up` started while its
+    process lives; else a one-line ServiceError. Never a default port: another program (a
+    colleague's MLflow, an old mongod) may listen there, and runs would land in it unseen."""
     spec = _select([name])[0]
     external = _external(spec)
     if external:
         return external
-    home = _home(home)
-    if _pid_file(home, name).exists():
-        url = _read_record(home, name).get("url")
-        if url:
-            return str(url)
-    if spec.url is None or spec.default_port is None:
-        return ""
-    return spec.url(DEFAULT_HOST, spec.default_port)
+    url = _recorded_url(_home(home), spec)
+    if url:
+        return url
+    if spec.env_var is None:
+        raise ServiceError(f"{spec.name} has no address: it is a process, not a server")
+    raise ServiceError(f"no {spec.kind} server: run `cnnflow up` or set {spec.env_var}")
 
 
 def _recorded_url(home: Path, spec: ServiceSpec) -> str:
@@ -526,12 +543,12 @@ def local_store_note(uri: str, home: Path | None = None) -> str:
 
 
 def tracking_uri(home: Path | None = None) -> str:
-    """MLFLOW_TRACKING_URI, else the local server `up` started, else http://127.0.0.1:5000."""
+    """MLFLOW_TRACKING_URI, else the local server `up` started; else ServiceError (one line)."""
     return service_uri("mlflow", home)
 
 
 def mongo_uri(home: Path | None = None) -> str:
-    """MONGO_URI, else the local server `up` started, else mongodb://127.0.0.1:27017."""
+    """MONGO_URI, else the local server `up` started; else ServiceError (one line)."""
     return service_uri("mongo", home)
 
 

@@ -25,8 +25,8 @@ def run_command(**kwargs) -> None:
         params.validate()
         uri = reachable_tracking_uri()
         job = job_run_id(params.experiment, uri)  # a mismatch fails the job's run before work
-        mongo = mongo_uri() if params.sync else ""
         try:
+            mongo = mongo_uri() if params.sync else ""
             if mongo:
                 check_mongo(mongo)
         except ServiceError as exc:  # checked before hours of training, not after

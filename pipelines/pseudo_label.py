@@ -12,7 +12,7 @@ from pipelines.options import dataclass_options, job_run_id, reachable_tracking_
 @dataclass_options(PseudoLabelParams)
 def pseudo_label_command(**kwargs) -> None:
     """Write images the model labels with >= threshold confidence into class folders."""
-    from components.steps.pseudo_label import check, run_pseudo_label
+    from components.steps.pseudo_label import REPORT_DIR, check, run_pseudo_label
 
     params = PseudoLabelParams(**kwargs)
     with user_errors():
@@ -20,9 +20,10 @@ def pseudo_label_command(**kwargs) -> None:
         uri = reachable_tracking_uri()
         outcome = run_pseudo_label(params, uri, job_run_id=job_run_id(params.experiment, uri))
     counts = ", ".join(f"{c} {n}" for c, n in outcome.per_class.items())
+    below = outcome.out / REPORT_DIR / "below_threshold.csv"
     click.echo(f"{outcome.run_name}  run {outcome.run_id}  {outcome.n_confident}/"
                f"{outcome.n_images} images >= {params.threshold} ({counts}); "
-               f"{outcome.n_below} below, listed in {outcome.out / 'below_threshold.csv'}")
+               f"{outcome.n_below} below, listed in {below}")
     click.echo(f"train with them: cnnflow train --extra-train {outcome.out}")
 
 

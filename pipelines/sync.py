@@ -23,12 +23,15 @@ def sync_command(**kwargs) -> None:
     from components.mirror.sync import SyncOptions, check_servers, follow, sync_once, tag_job_run
 
     params = SyncParams(**kwargs)
+    with user_errors():
+        params.validate()
     # Fail fast on a dead server instead of MLflow's minutes of HTTP retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     options = SyncOptions(experiments=params.experiment_list(), dead_after=params.dead_after,
                           reconcile_every=params.reconcile_every, rebuild=params.rebuild)
-    mlflow_uri, mongo = tracking_uri(), mongo_uri()
+    with user_errors():  # no server set or started: one line, before anything is read
+        mlflow_uri, mongo = tracking_uri(), mongo_uri()
     if note := local_store_note(mlflow_uri):
         click.echo(note, err=True)
     job = job_run_id()

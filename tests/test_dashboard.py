@@ -395,3 +395,67 @@ def test_each_view_in_headless_chromium(seeded):
         _stop(proc)
     assert {p.name for p in SCREENSHOTS.glob("*.png")} >= {
         "live_monitoring.png", "model_comparison.png", "model_detail.png", "time_filter.png"}
+
+
+# --------------------------------------------------------------------------- no mirror, stopping
+
+NO_MONGO = "no MongoDB server: run `cnnflow up` or set MONGO_URI"
+
+
+def test_no_mirror_configured_is_the_one_line_on_the_page(monkeypatch, tmp_path):
+    """Neither MONGO_URI nor a server `cnnflow up` started: the page says so, guesses nothing."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.delenv("MONGO_URI", raising=False)
+    monkeypatch.setenv("CNNFLOW_HOME", str(tmp_path / "home"))
+    for view in ("Model comparison", "Live monitoring"):
+        at = AppTest.from_file(APP, default_timeout=30)
+        at.run(timeout=30)
+        at.radio(key="view").set_value(view).run(timeout=30)
+        assert not at.exception, [e.value for e in at.exception]
+        assert [e.value for e in at.error] == [NO_MONGO]
+        assert "cnnflow up" in at.info[0].value
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def test_sigterm_to_the_command_stops_streamlit_and_frees_the_port(tmp_path):
+    import signal
+    import socket
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MONGO_URI"}
+    env["CNNFLOW_HOME"] = str(tmp_path / "home")  # no mirror at all: warned, served anyway
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "cnnflow"), "dashboard",
+                             "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    children: list[int] = []
+    try:
+        _wait_healthy(port, proc)
+        children = _children(proc.pid)
+        assert children, "streamlit runs as a child process"
+        os.kill(proc.pid, signal.SIGTERM)  # the command alone, as `kill` or a supervisor does
+        out, _ = proc.communicate(timeout=30)  # EOF only once the child closed the pipe too
+    finally:  # on failure: leave nothing listening (a left-over child is the bug itself)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in children:
+            if b"streamlit" in _cmdline(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 0, out
+    assert f"warning: {NO_MONGO}" in out.splitlines()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import threading
@@ -292,14 +293,95 @@ def test_digest_stable_across_copies_and_changes_on_add(image_folder, tmp_path):
     assert D.load_splits(root).digest() != first
 
 
+def test_digest_is_over_pixels_not_file_names(tmp_path):
+    """Two folders with the same relative names but other pixels are different datasets."""
+    a = tmp_path / "a" / "data"
+    b = tmp_path / "b" / "data"
+    for i in range(5):
+        for ci, cls in enumerate(("cat", "dog")):
+            write_image(a / cls / f"{i}.png", (200 * ci, 50, 50), seed=i)
+            write_image(b / cls / f"{i}.png", (200 * ci, 50, 50), seed=100 + i)
+    sa, sb = D.load_splits(a), D.load_splits(b)
+    assert [D.load_splits(a).relpath(p) for p in _paths(sa.train)] == \
+        [sb.relpath(p) for p in _paths(sb.train)]  # same names, same split
+    assert sa.digest() != sb.digest()
+
+    elsewhere = tmp_path / "copied" / "under" / "another-name"
+    shutil.copytree(a, elsewhere)
+    assert D.load_splits(elsewhere).digest() == sa.digest()  # the folder path is not hashed
+
+    target = a / "dog" / "3.png"
+    with Image.open(target) as img:
+        pixels = np.asarray(img).copy()
+    pixels[0, 0, 0] ^= 1  # one pixel, one bit
+    Image.fromarray(pixels, "RGB").save(target)
+    assert D.load_splits(a).digest() != sa.digest()
+
+
+def test_digest_of_an_unscanned_split_reads_the_files_once(image_folder):
+    """Splits built without a scan (verify=False) hash on first use, to the same digest."""
+    root = image_folder({"a": 5, "b": 5})
+    scanned = D.load_splits(root)
+    lazy = D.load_splits(root, verify=False)
+    assert lazy.hashes == {}
+    assert lazy.digest() == scanned.digest()
+    assert lazy.hashes == scanned.hashes
+    gone = D.load_splits(root, verify=False)
+    Path(gone.train[0][0]).unlink()  # deleted between the listing and the digest
+    with pytest.raises(DataError) as excinfo:
+        gone.digest()
+    _assert_one_line_error(excinfo, "cannot read", "restore the file")
+
+
 def test_manifest_rows(image_folder):
     s = D.load_splits(image_folder({"a": 5, "b": 5}))
     rows = s.manifest_rows()
     assert len(rows) == 10
-    assert set(rows[0]) == {"path", "label", "class_index", "split"}
+    assert set(rows[0]) == {"path", "label", "class_index", "split", "sha1"}
     for row in rows:
         assert not os.path.isabs(row["path"]) and "\\" not in row["path"]
         assert s.classes[row["class_index"]] == row["label"] == row["path"].split("/")[0]
+        assert row["sha1"] == hashlib.sha1((s.root / row["path"]).read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- EXIF orientation
+
+
+def write_rotated_jpeg(path: Path, orientation: int = 6) -> Image.Image:
+    """A 24x12 JPEG stored sideways with an EXIF Orientation tag; returns the stored pixels."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (12, 24, 3), dtype=np.uint8), "RGB")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, exif=exif, quality=95)
+    with Image.open(path) as stored:
+        stored.load()
+        return stored.copy()
+
+
+def test_exif_orientation_is_applied_wherever_an_image_is_decoded(tmp_path):
+    from components.data.images import read_file, resize_square
+    from components.serving.classifier import to_pil
+
+    path = tmp_path / "phone.jpg"
+    stored = write_rotated_jpeg(path)
+    assert stored.size == (24, 12)
+    # What orientation 6 means, as plain pixels (a transposed copy would keep the tag).
+    shown = Image.fromarray(np.asarray(stored.transpose(Image.Transpose.ROTATE_270)), "RGB")
+    loaded = D.load_rgb(path)  # training and evaluation
+    assert loaded.size == (12, 24)
+    assert np.array_equal(np.asarray(loaded), np.asarray(shown))
+    for item in (str(path), path.read_bytes(), Image.open(path)):  # serving
+        assert np.array_equal(np.asarray(to_pil(item)), np.asarray(shown))
+    facts = read_file(path, cache_size=8)  # preprocess tensor cache, eda facts
+    assert (facts.width, facts.height, facts.orientation, facts.rotated) == (12, 24, 6, True)
+    assert np.array_equal(facts.pixels, np.asarray(resize_square(shown, 8)))
+    tensor = D.build_transform("none", 16, train=False)(Image.open(path))
+    assert torch.equal(tensor, D.build_transform("none", 16, train=False)(shown))
+    upright = tmp_path / "upright.png"
+    write_image(upright, (1, 2, 3))
+    assert read_file(upright).orientation == 1 and not read_file(upright).rotated
 
 
 # ----------------------------------------------------------------------------- transforms, loaders

@@ -72,6 +72,25 @@ def test_flat_folder_leakage_is_counted_on_the_split_train_makes(tmp_path):
     assert scan.digest == splits.digest()
 
 
+def test_images_stored_rotated_are_counted_and_measured_upright(tmp_path):
+    """A phone photo stored sideways (EXIF Orientation 6) is a finding, sized as shown."""
+    from PIL import Image
+
+    root = tmp_path / "phones"
+    for i in range(4):
+        for cls, rgb in (("cat", (200, 40, 40)), ("dog", (40, 40, 200))):
+            write_image(root / cls / f"{i}.png", rgb, seed=i + (100 if cls == "dog" else 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (24, 12), (200, 40, 40)).save(root / "cat" / "phone.jpg", exif=exif)
+    scan = eda.scan_dataset(root, val_ratio=0.25, test_ratio=0.25, seed=3, workers=0)
+    summary = eda.summarize(scan)
+    assert summary.metrics["n_rotated"] == 1
+    row = scan.table.set_index("path").loc["cat/phone.jpg"]
+    assert (row["width"], row["height"], row["orientation"]) == (12, 24, 6)
+    assert any("1 image(s) are stored rotated" in f for f in summary.findings)
+
+
 def test_parallel_scan_reads_the_same_as_in_process(messy_folder):
     paths = sorted(str(p) for p in messy_folder.rglob("*.png"))
     serial = list(read_files(paths, histogram=True, workers=0))

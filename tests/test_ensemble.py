@@ -206,3 +206,42 @@ def test_mlflow_run_entry_points_ensemble_then_evaluate(client, trained_pair):
         run.info.run_id
     (job,) = runs_of(client, "jobs", "evaluate")
     assert job.data.tags["cnnflow.evaluated_run_id"] == run.info.run_id
+
+
+def test_look_alike_folders_are_different_datasets_for_ensemble_and_promotion(client, tmp_path):
+    """Same relative file names, other pixels: the digest tells them apart (issue 14, point 1)."""
+    from helpers import write_image
+
+    folders = [tmp_path / side / "shapes" for side in ("a", "b")]
+    for f, folder in enumerate(folders):
+        for ci, (cls, rgb) in enumerate((("red", (220, 30, 30)), ("blue", (30, 60, 220)))):
+            for i in range(5):
+                write_image(folder / cls / f"{i}.png", rgb, seed=1000 * f + 10 * ci + i)
+    for folder in folders:
+        result = CliRunner().invoke(cli, [
+            "train", "--data", str(folder), "--experiment", "look-alike", "--model", "lenet5",
+            "--epochs", "1", "--image-size", "16", "--batch-size", "8", "--num-workers", "0",
+            "--weights", "none", "--patience", "0", "--augmentation", "none"],
+            catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    runs = runs_of(client, "look-alike", "train")
+    a, b = (r.info.run_id for r in runs)
+    digests = [r.data.tags["cnnflow.dataset_digest"] for r in runs]
+    assert digests[0] != digests[1]
+
+    result = CliRunner().invoke(cli, ["ensemble", "--run-ids", f"{a},{b}"])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(errors) == 1, result.output
+    assert "different dataset splits" in errors[0]
+    assert runs_of(client, "look-alike", "ensemble") == []
+
+    for run_id in (a, b):
+        result = CliRunner().invoke(cli, ["evaluate", "--run-id", run_id, "--cost", "false",
+                                          "--registered-model", "look-alike"],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    v1, v2 = (client.get_model_version("look-alike", v) for v in ("1", "2"))
+    assert [v1.tags["cnnflow.dataset_digest"], v2.tags["cnnflow.dataset_digest"]] == digests
+    assert client.get_model_version_by_alias("look-alike", "champion").version == "1"
+    assert v2.tags["cnnflow.promotion"] == "kept"
+    assert "not comparable" in v2.tags["cnnflow.promotion_reason"]

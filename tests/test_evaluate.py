@@ -228,3 +228,75 @@ def test_compare_prints_sorts_and_writes_tables(client, trained_pair, tmp_path):
     result = CliRunner().invoke(cli, ["compare", "--experiment", "no-such-exp", "--out",
                                       str(tmp_path)])
     assert "does not exist" in error_line(result)
+
+
+# --------------------------------------------------------------------------- cost figures
+
+
+def test_cost_figures_are_pinned_and_flagged_by_their_own_numbers(client, trained_pair,
+                                                                    tmp_path):
+    """Measured on an idle and on a saturated CPU: every figure is there with the conditions
+    behind it; `cost_reliable` is exactly what `reliability` says of the measured numbers
+    (which machine state trips it is the machine's business, not the test's)."""
+    import os
+    import subprocess
+    import sys
+
+    from components.data.datasets import load_rgb
+    from components.serving.cost import SPREAD_LIMIT, measure_cost, reliability
+    from components.serving.predict import load_model
+
+    run = client.get_run(trained_pair.runs["lenet5"])
+    model = load_model(run.data.tags["cnnflow.model_uri"])
+    images = [load_rgb(p) for p in sorted(trained_pair.data.rglob("*.png"))[:4]]
+
+    def check(cost) -> None:
+        m, c = cost.metrics, cost.context
+        assert {"params_count", "model_size_mb", "latency_ms_p50", "latency_ms_p95",
+                "throughput_images_per_sec", "cost_reliable"} <= set(m)
+        assert 0 < m["latency_ms_p50"] <= m["latency_ms_p95"]
+        assert m["throughput_images_per_sec"] == pytest.approx(4 * 1000 / c["batch_ms_p50"])
+        assert c["latency_runs"] >= 5 and c["throughput_batches"] >= 3
+        assert c["latency_seconds"] >= 0.05 and c["throughput_seconds"] >= 0.05
+        assert c["torch_threads"] >= 1 and c["cpu_count"] == os.cpu_count()
+        reasons = reliability(m["latency_ms_p50"], m["latency_ms_p95"], c["batch_ms_p50"],
+                              c["batch_ms_p95"], c["load_avg_1m"], c["cpu_count"])
+        assert c["unreliable"] == reasons and m["cost_reliable"] == float(not reasons)
+        assert bool(cost.note) == bool(reasons)
+
+    check(measure_cost(model, images, 4, latency_runs=5, min_seconds=0.05))
+    spin = "import time\nend = time.time() + 20\nwhile time.time() < end: pass"
+    busy = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(2 * os.cpu_count())]
+    try:
+        check(measure_cost(model, images, 4, latency_runs=5, min_seconds=0.05))
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+
+    # The decision itself, on a measured median: a tail past the limit, or a load past the
+    # cores, is a reason; a tight spread on an idle machine is none.
+    p50 = measure_cost(model, images, 4, latency_runs=5, min_seconds=0.0).metrics[
+        "latency_ms_p50"]
+    assert reliability(p50, 1.5 * p50, 10 * p50, 12 * p50, load=0.5, cores=2) == []
+    [tail] = reliability(p50, (SPREAD_LIMIT + 1) * p50, 10 * p50, 12 * p50, load=0.5, cores=2)
+    assert tail.startswith("latency p95")
+    [batch] = reliability(p50, p50, 10 * p50, 10 * (SPREAD_LIMIT + 1) * p50, load=0, cores=2)
+    assert batch.startswith("batch time p95")
+    [load] = reliability(p50, p50, p50, p50, load=4.5, cores=2)
+    assert load == "load average 4.50 > 2 cores"
+
+
+def test_evaluate_logs_the_cost_conditions(client, trained_pair, tmp_path):
+    run_id = trained_pair.runs["lenet5"]
+    result = invoke("evaluate", "--run-id", run_id, "--register", "false", "--latency-runs", "5")
+    assert result.exit_code == 0, result.output
+    m = client.get_run(run_id).data.metrics
+    assert m["cost_reliable"] in (0.0, 1.0)
+    report = json.loads(Path(client.download_artifacts(
+        run_id, "evaluation/test/classification_report.json", str(tmp_path))).read_text())
+    cost = report["cost"]
+    assert {"load_avg_1m", "cpu_count", "torch_threads", "latency_runs", "batch_ms_p95",
+            "unreliable"} <= set(cost)
+    assert cost["latency_runs"] >= 5
+    assert ("cost figures unreliable" in result.output) == (m["cost_reliable"] == 0.0)

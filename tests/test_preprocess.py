@@ -191,6 +191,23 @@ def test_training_from_a_preprocess_run_equals_training_from_the_folder(tracking
     assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "training"
 
 
+def test_a_preprocess_run_logged_with_the_old_path_digest_still_trains(tracking, tmp_path):
+    """Runs from before the content digest keep working; new training runs get the new one."""
+    data = clean_folder(tmp_path / "old")
+    run = preprocess(data, "pp-legacy")
+    rows = manifest(tracking, run.info.run_id, tmp_path / "m")
+    old = hashlib.sha256("\n".join(sorted(f"{r['path']},{r['label']},{r['split']}"
+                                          for r in rows)).encode()).hexdigest()
+    tracking.set_tag(run.info.run_id, "cnnflow.dataset_digest", old)
+    shutil.rmtree(prepared_dir() / run.info.run_id, ignore_errors=True)
+    result = invoke("train", "--experiment", "pp-legacy", "--preprocess-run", run.info.run_id,
+                    *TRAIN_FAST)
+    assert result.exit_code == 0, result.output
+    trained = runs_of(tracking, "pp-legacy", "train")[-1]
+    content = load_splits(data, 0.2, 0.2, seed=42).digest()
+    assert trained.data.tags["cnnflow.dataset_digest"] == content != old
+
+
 def _no_images(tmp: Path) -> Path:
     (tmp / "empty" / "a").mkdir(parents=True)
     (tmp / "empty" / "b").mkdir(parents=True)

@@ -44,8 +44,8 @@ def test_threshold_splits_images_and_csvs_are_right(tracking, trained_pair, tmp_
                                       str(threshold), "--experiment", "pseudo"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    kept = read_csv(out / "pseudo_labels.csv")
-    below = read_csv(out / "below_threshold.csv")
+    kept = read_csv(out / ".cnnflow" / "pseudo_labels.csv")
+    below = read_csv(out / ".cnnflow" / "below_threshold.csv")
     assert {r["path"] for r in kept} == {p for p, c in confidence.items() if c >= threshold}
     assert {r["path"] for r in below} == {p for p, c in confidence.items() if c < threshold}
     assert kept and below
@@ -64,6 +64,85 @@ def test_threshold_splits_images_and_csvs_are_right(tracking, trained_pair, tmp_
     assert sum(per_class.values()) == len(kept)
     for cls, n in per_class.items():
         assert n == sum(r["predicted"] == cls for r in kept)
+
+
+def pseudo_label(model: str, images: Path, out: Path, *args: str):
+    return CliRunner().invoke(cli, ["pseudo-label", "--model", model, "--images", str(images),
+                                    "--out", str(out), *args])
+
+
+def unlabelled(folder: Path, n: int = 6) -> Path:
+    for i in range(n):
+        write_image(folder / f"x{i:02d}.png", COLOURS[i % 3], 16, seed=700 + i)
+    return folder
+
+
+def test_class_named_like_a_csv_gets_its_folder_and_the_output_is_a_dataset(tracking,
+                                                                              tmp_path):
+    """Classes named after the CSVs: no IsADirectoryError; the CSVs live in .cnnflow/."""
+    data = tmp_path / "csvnames"
+    names = ["below_threshold.csv", "pseudo_labels.csv", "skipped_files.csv"]
+    for ci, cls in enumerate(names):
+        for i in range(5):
+            write_image(data / cls / f"{i}.png", COLOURS[ci], 16, seed=10 * ci + i)
+    result = CliRunner().invoke(cli, ["train", "--data", str(data), "--experiment", "pl-names",
+                                      "--model", "lenet5", *FAST], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (trained,) = runs_of(tracking, "pl-names", "train")
+    out = tmp_path / "labelled"
+    result = pseudo_label(trained.info.run_id, unlabelled(tmp_path / "web"), out,
+                          "--threshold", "0.01", "--experiment", "pl-names")
+    assert result.exit_code == 0, result.output
+    kept = read_csv(out / ".cnnflow" / "pseudo_labels.csv")
+    assert len(kept) == 6 and {r["predicted"] for r in kept} <= set(names)
+    for row in kept:
+        assert (out / row["file"]).is_file() and row["file"].split("/")[0] == row["predicted"]
+    assert {p.name for p in out.iterdir()} == {".cnnflow", *(r["predicted"] for r in kept)}
+    assert load_splits(out, 0.0, 0.0).classes == sorted({r["predicted"] for r in kept})
+    (run,) = runs_of(tracking, "pl-names", "pseudo_label")
+    assert run.info.status == "FINISHED"
+    logged = {Path(f.path).name for f in tracking.list_artifacts(run.info.run_id, "pseudo_label")}
+    assert logged == {"pseudo_labels.csv", "below_threshold.csv", "skipped_files.csv"}
+
+
+def test_a_failure_half_way_leaves_nothing_and_a_rerun_works(tracking, trained_pair, tmp_path,
+                                                             monkeypatch):
+    """Point 7: a half-written --out used to block the re-run."""
+    from components.steps import pseudo_label as step
+
+    copied = []
+
+    def copy_then_fail(src: Path, dst: Path) -> None:
+        if copied:
+            raise OSError(28, "No space left on device")
+        shutil.copy2(src, dst)
+        copied.append(dst)
+
+    images = unlabelled(tmp_path / "web")
+    out = tmp_path / "labelled"
+    run_id = trained_pair.runs["custom_cnn"]
+    with monkeypatch.context() as patched:
+        patched.setitem(step.PLACERS, "copy", copy_then_fail)
+        result = pseudo_label(run_id, images, out, "--threshold", "0.01",
+                              "--experiment", "pl-fail")
+    assert result.exit_code != 0 and copied, result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == [images]  # no temp folder either
+    (failed,) = runs_of(tracking, "pl-fail", "pseudo_label")
+    assert failed.info.status == "FAILED"
+
+    result = pseudo_label(run_id, images, out, "--threshold", "0.01", "--experiment", "pl-fail")
+    assert result.exit_code == 0, result.output
+    assert len(read_csv(out / ".cnnflow" / "pseudo_labels.csv")) == 6
+
+
+def test_class_names_that_are_not_folder_names_are_refused():
+    from components.steps.pseudo_label import PseudoLabelError, _check_class_names
+
+    _check_class_names(["cat", "pseudo_labels.csv", "_cnnflow"], "models:/m/1")
+    for name in (".cnnflow", "..", "a/b", ""):
+        with pytest.raises(PseudoLabelError) as excinfo:
+            _check_class_names(["cat", name], "models:/m/1")
+        assert "\n" not in str(excinfo.value) and "not a plain folder name" in str(excinfo.value)
 
 
 def test_extra_train_never_leaks_val_or_test_images(tracking, image_folder, tmp_path):

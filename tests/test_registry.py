@@ -256,3 +256,18 @@ def test_served_champion_answers_http_with_classes_and_probabilities(client, tra
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_promote_unknown_metric_is_one_line_even_when_challenger_is_champion(client,
+                                                                             trained_pair):
+    name = "metric-typo"
+    add_version(client, trained_pair, name, "D", test_acc=0.5)
+    assert promote("--registered-model", name).exit_code == 0
+    assert champion(client, name) == "1"  # and v1 is still the challenger: the rule reads no
+    # metric then, so only an up-front check catches the typo
+    result = CliRunner().invoke(cli, ["promote", "--registered-model", name,
+                                      "--metric", "tset_acc"])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(errors) == 1, result.output
+    assert "metric 'tset_acc' is not one evaluate records" in errors[0] and "test_acc" in errors[0]
+    assert champion(client, name) == "1"

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import http.server
+import json
+import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import free_port
+from helpers import BIN, free_port
 from mlflow import MlflowClient
 from pymongo import MongoClient
 
@@ -19,6 +24,8 @@ from components.services import ServiceError
 from pipelines.cli import cli
 
 SECRET = "s3cr3t-pw"
+NO_MLFLOW = "no MLflow server: run `cnnflow up` or set MLFLOW_TRACKING_URI"
+NO_MONGO = "no MongoDB server: run `cnnflow up` or set MONGO_URI"
 
 
 @pytest.fixture
@@ -109,6 +116,11 @@ def test_up_status_down_round_trip(home: Path):
         services.check_tracking_server(mlflow_url, timeout=1)
     with pytest.raises(ServiceError, match="not reachable"):
         services.check_mongo(mongo_url, timeout=0.5)
+    # Gone means gone: no client falls back to the stopped servers' (or any other) address.
+    with pytest.raises(ServiceError, match="no MLflow server"):
+        services.tracking_uri()
+    with pytest.raises(ServiceError, match="no MongoDB server"):
+        services.mongo_uri()
     # The data outlives the servers: it sits in the state folder.
     assert (home / "mlflow.db").is_file() and (home / "mongo").is_dir()
 
@@ -184,11 +196,129 @@ def test_server_too_slow_is_stopped(home: Path):
     assert "mlflow server" in pid_line
 
 
-def test_uris_default_then_follow_env(home: Path, monkeypatch: pytest.MonkeyPatch):
-    assert services.tracking_uri() == "http://127.0.0.1:5000"
-    assert services.mongo_uri() == "mongodb://127.0.0.1:27017"
+def test_uris_follow_env_else_up_else_one_line_error(home: Path,
+                                                    monkeypatch: pytest.MonkeyPatch):
+    # Nothing set, nothing started: one line, never a guessed http://127.0.0.1:5000.
+    for uri, message in ((services.tracking_uri, NO_MLFLOW), (services.mongo_uri, NO_MONGO)):
+        with pytest.raises(ServiceError) as err:
+            uri()
+        assert str(err.value) == message
+    # A record whose process is gone (a crash, `kill -9`) is no server either.
+    write_stale_record(home, "mlflow", "http://127.0.0.1:5999")
+    with pytest.raises(ServiceError, match="no MLflow server"):
+        services.tracking_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
     assert services.tracking_uri() == "sqlite:///elsewhere.db"
+
+
+def write_stale_record(home: Path, name: str, url: str) -> None:
+    """What a crashed `cnnflow up` leaves: pid file and record of a process that is gone."""
+    home.mkdir(parents=True, exist_ok=True)
+    pid = dead_pid()
+    (home / f"{name}.pid").write_text(f"{pid}\n")
+    (home / f"{name}.json").write_text(json.dumps({"name": name, "pid": pid, "url": url}))
+
+
+class _Decoy(http.server.BaseHTTPRequestHandler):
+    """Answers like a healthy MLflow server (/health: 200 OK) and logs every request."""
+
+    def do_GET(self) -> None:
+        self.server.seen.append(f"{self.command} {self.path}")
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    do_POST = do_GET
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def decoys(home: Path, monkeypatch: pytest.MonkeyPatch):
+    """Someone else's servers, exactly where a guess would look: an MLflow-like HTTP server and
+    a bare TCP listener (for Mongo) on the default ports (patched to theirs) and in stale
+    records of a crashed `up`. Yields the list of what reached them."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MONGO_URI", raising=False)
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Decoy)
+    web.seen = []
+    wire = socket.create_server(("127.0.0.1", 0))
+    wire.settimeout(0.2)
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = wire.accept()
+            except TimeoutError:
+                continue
+            web.seen.append("mongo connect")
+            conn.close()
+
+    threads = [threading.Thread(target=web.serve_forever, daemon=True),
+               threading.Thread(target=accept, daemon=True)]
+    for thread in threads:
+        thread.start()
+    ports = {"mlflow": web.server_address[1], "mongo": wire.getsockname()[1]}
+    for name, port in ports.items():
+        spec = services.SERVICES[name]
+        monkeypatch.setitem(services.SERVICES, name, dataclasses.replace(spec, default_port=port))
+        write_stale_record(home, name, spec.url("127.0.0.1", port))
+    try:
+        yield web.seen
+    finally:
+        stop.set()
+        web.shutdown()
+        web.server_close()
+        for thread in threads:
+            thread.join(timeout=5)
+        wire.close()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--epochs", "1", "--weights", "none"], NO_MLFLOW),
+    (["sync"], NO_MLFLOW),
+    (["sync", "--follow", "true"], NO_MLFLOW),
+    (["report"], NO_MLFLOW),
+    (["compare"], NO_MLFLOW),
+    (["promote", "--registered-model", "m"], NO_MLFLOW),
+])
+def test_no_server_is_one_line_and_no_guessed_server_is_contacted(
+        decoys: list[str], image_folder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        args: list[str], message: str):
+    monkeypatch.chdir(tmp_path)  # MLflow's own local store would appear here
+    data = ["--data", str(image_folder())] if args[0] == "train" else []
+    result = CliRunner().invoke(cli, [*args, *data])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines() == [f"Error: {message}"]
+    assert decoys == []  # nothing reached the servers a guess would have used
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_sync_without_mongo_is_one_line(decoys: list[str], tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch):
+    store = tmp_path / "store.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    for follow in ("false", "true"):
+        result = CliRunner().invoke(cli, ["sync", "--follow", follow])
+        assert result.exit_code == 1, result.output
+        assert result.output.strip().splitlines() == [f"Error: {NO_MONGO}"]
+    assert decoys == [] and not store.exists()
+
+
+def test_train_in_a_real_process_exits_1_after_up_and_down(home: Path, image_folder):
+    ports = ["--mlflow-port", str(free_port()), "--mongo-port", str(free_port())]
+    assert cnnflow("up", "mlflow", *ports).exit_code == 0
+    assert cnnflow("down").exit_code == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MONGO_URI")}
+    proc = subprocess.run([str(BIN / "cnnflow"), "train", "--data", str(image_folder()),
+                           "--epochs", "1", "--weights", "none"],
+                          capture_output=True, text=True, env=env, cwd=home, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [f"Error: {NO_MLFLOW}"]
+    assert not (home / "mlruns").exists()
 
 
 @pytest.fixture

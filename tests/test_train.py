@@ -162,6 +162,16 @@ def test_bad_input_is_one_line_and_creates_no_run(tracking, image_folder, args, 
     assert runs_of(tracking, "bad") == []
 
 
+def test_resume_of_a_run_without_parameters_is_one_line(tracking):
+    """Killed between creating its run and logging its parameters: nothing to restart from."""
+    exp_id = tracking.create_experiment("bare-run")
+    run = tracking.create_run(exp_id, tags={"cnnflow.step": "train"})
+    result = run_cli("--resume", run.info.run_id)
+    assert result.exit_code == 1
+    assert "stopped before its parameters were logged" in result.output, result.output
+    assert tracking.get_run(run.info.run_id).info.status == "RUNNING"  # left as it was
+
+
 def test_unreachable_tracking_server_is_a_clear_error(monkeypatch, image_folder):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:s3cret@127.0.0.1:9")
     started = time.monotonic()

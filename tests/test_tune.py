@@ -150,6 +150,11 @@ def test_two_workers_share_one_study(mlflow_server, image_folder, tmp_path):
     (["--data", "/no/such/folder"], "/no/such/folder"),
     (["--storage", "postgresql://u:s3cret@127.0.0.1:9/db", "--study", "s"],
      "cannot open Optuna storage postgresql://u:***@127.0.0.1:9/db"),
+    # Without --study the study is named after the run: its storage is checked before it.
+    (["--storage", "postgresql://u:s3cret@127.0.0.1:9/db"],
+     "cannot open Optuna storage postgresql://u:***@127.0.0.1:9/db"),
+    (["--storage", "sqlite:////no/such/folder/optuna.db"], "(/no/such/folder) does not exist"),
+    (["--storage", "optuna.db"], "--storage optuna.db is not a database URL"),
 ])
 def test_bad_input_is_one_line_and_creates_no_run(tracking, image_folder, args, message):
     data = image_folder({"a": 4, "b": 4})

@@ -3,7 +3,9 @@
 Everything a training run depends on is decided here, deterministically: which files count as
 images, which split each one lands in, how it is turned into a tensor. The same folder and seed
 give the same split (and the same `digest()`) on every machine, so runs stay comparable and
-val/test images never leak into train.
+val/test images never leak into train. The digest is over file contents (sha1 of the bytes),
+labels and splits, not paths: the same files anywhere give the same digest, and two folders
+with the same file names but other pixels do not.
 
 Layouts:
 - flat: ``root/<class>/**/<image>`` - split per class into train/val/test by the ratios.
@@ -34,8 +36,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import transforms as T
 
-from components.data.images import to_rgb  # lives there: torch-free for worker processes
-from components.errors import CnnflowError, one_line
+# These live in images.py: torch-free for worker processes.
+from components.data.images import read_file, sha1_file, to_rgb
+from components.errors import CnnflowError
 from components.params import DataParams, RuntimeParams
 from components.registrar import registrar
 from components.settings import data_cache_dir
@@ -176,6 +179,8 @@ class DatasetSplits:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     presplit: bool = False
     notes: list[str] = field(default_factory=list)
+    # absolute path -> sha1 of the file bytes; filled by the scan, missing ones on first use
+    hashes: dict[str, str] = field(default_factory=dict, repr=False)
 
     def split(self, name: str) -> list[tuple[str, int]]:
         """The samples of one split by name ('train', 'val' or 'test')."""
@@ -197,18 +202,29 @@ class DatasetSplits:
         """A sample's path relative to the root with '/' separators, identical on every OS."""
         return Path(os.path.relpath(path, self.root)).as_posix()
 
+    def content_hashes(self) -> dict[str, str]:
+        """sha1 of every sample's bytes (path -> hex), hashing only files the scan did not."""
+        missing = [p for s in SPLITS for p, _ in self.split(s) if p not in self.hashes]
+        if missing:
+            self.hashes.update(hash_files(missing))
+        return self.hashes
+
     def manifest_rows(self) -> list[dict[str, object]]:
-        """One row per image (relative path, class name, class index, split) for a CSV artifact."""
+        """One row per image (relative path, class name, class index, split, sha1) for a CSV."""
+        sha1 = self.content_hashes()
         rows = []
         for split in SPLITS:
             for path, label in self.split(split):
                 rows.append({"path": self.relpath(path), "label": self.classes[label],
-                             "class_index": label, "split": split})
+                             "class_index": label, "split": split, "sha1": sha1[path]})
         return rows
 
     def digest(self) -> str:
-        """sha256 of the sorted `relpath,label,split` lines: equal digests mean equal splits."""
-        lines = sorted(f"{r['path']},{r['label']},{r['split']}" for r in self.manifest_rows())
+        """sha256 of the sorted `sha1,label,split` lines: what the model saw, not where it was.
+
+        Equal digests mean the same bytes under the same labels in the same splits.
+        """
+        lines = sorted(f"{r['sha1']},{r['label']},{r['split']}" for r in self.manifest_rows())
         return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 
 
@@ -267,16 +283,17 @@ def list_images(root: Path) -> FolderListing:
 
 def load_splits(data: str | Path, val_ratio: float = DataParams.val_ratio,
                 test_ratio: float = DataParams.test_ratio, seed: int = DataParams.seed,
-                verify: bool = True,
-                known_bad: Mapping[str, str] | None = None) -> DatasetSplits:
+                verify: bool = True, known_bad: Mapping[str, str] | None = None,
+                known_hashes: Mapping[str, str] | None = None) -> DatasetSplits:
     """Read an image folder into reproducible, stratified train/val/test splits.
 
     A `str` goes through `resolve_data` (so 'digits' works); a `Path` is always a folder.
     Within a class, files are ordered by a seeded hash of their relative path before the
     split is cut, so the split is the same on every machine and adding images moves few
-    existing ones between splits. verify=True decodes every image once and skips bad ones;
-    `known_bad` (path -> reason, from a scan that already read every file) replaces that
-    decode, so `eda` and `preprocess` get exactly the split `train` makes without a second read.
+    existing ones between splits. verify=True reads every file once (sha1 of its bytes for
+    `digest()`, plus a decode) and skips bad ones; `known_bad` and `known_hashes` (path ->
+    reason / sha1, from a scan that already read every file) replace that read, so `eda` and
+    `preprocess` get exactly the split `train` makes without a second read.
     """
     check_ratios(val_ratio, test_ratio)
     if isinstance(data, str):
@@ -294,12 +311,14 @@ def load_splits(data: str | Path, val_ratio: float = DataParams.val_ratio,
     if presplit:
         _check_class_sets(files, split_dirs)
 
+    hashes: dict[str, str] = dict(known_hashes or {})
     if known_bad is not None or verify:
         every = listing.images()
         if known_bad is not None:
             bad = [(str(p), known_bad[str(p)]) for p in every if str(p) in known_bad]
         else:
-            bad = verify_images(every)
+            found, bad = scan_images(every)
+            hashes.update(found)
         if bad:
             skipped.extend(bad)
             bad_paths = {p for p, _ in bad}
@@ -357,7 +376,7 @@ def load_splits(data: str | Path, val_ratio: float = DataParams.val_ratio,
 
     return DatasetSplits(name=name, root=root, classes=classes, train=out["train"],
                          val=out["val"], test=out["test"], skipped=skipped,
-                         presplit=presplit, notes=notes)
+                         presplit=presplit, notes=notes, hashes=hashes)
 
 
 def check_ratios(val_ratio: float, test_ratio: float) -> None:
@@ -473,22 +492,51 @@ def _cut(paths: list[Path], val_ratio: float, test_ratio: float
 
 def verify_images(paths: Sequence[Path | str], workers: int | None = None
                   ) -> list[tuple[str, str]]:
-    """Decode every file once (pixels discarded); return (path, reason) for those that fail.
+    """Decode every file once (pixels discarded); return (path, reason) for those that fail."""
+    return scan_images(paths, workers)[1]
 
-    Decoding releases the GIL, so a thread pool uses every core without process start-up cost
-    (measured on 2 cores: ~1.9x on 640x480 JPEGs and 224 px PNGs); for tiny files thread
-    overhead dominates (2-5x slower), so those are checked serially. JPEGs are decoded at 1/8
-    scale, which still reads the whole stream and so still catches truncation.
+
+def scan_images(paths: Sequence[Path | str], workers: int | None = None
+                ) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """Read every file once: (path -> sha1 of its bytes, [(path, reason) that fail to decode]).
+
+    `images.read_file` does the work (the same hash and decode check as eda and preprocess).
+    Reading, hashing and decoding release the GIL, so a thread pool uses every core without
+    process start-up cost (measured on 2 cores: ~1.9x on 640x480 JPEGs and 224 px PNGs); for
+    tiny files thread overhead dominates (2-5x slower), so those are read serially. JPEGs are
+    decoded at 1/8 scale, which still reads the whole stream and so still catches truncation.
     """
+    facts = _in_threads(read_file, paths, workers)
+    hashes = {f.path: f.sha1 for f in facts if f.sha1}
+    return hashes, [(f.path, f.error) for f in facts if f.error]
+
+
+def hash_files(paths: Sequence[Path | str], workers: int | None = None) -> dict[str, str]:
+    """path -> sha1 of the file bytes, without decoding; a one-line DataError for a lost file."""
+    def one(path: Path | str) -> str | OSError:
+        try:
+            return sha1_file(path)
+        except OSError as exc:
+            return exc
+
+    out: dict[str, str] = {}
+    for path, result in zip(paths, _in_threads(one, paths, workers), strict=True):
+        if isinstance(result, OSError):
+            raise DataError(f"cannot read {path} to hash it ({type(result).__name__}): restore "
+                            "the file, or scan the folder again for a new split")
+        out[str(path)] = result
+    return out
+
+
+def _in_threads(fn: Callable, paths: Sequence[Path | str], workers: int | None) -> list:
+    """`fn` over paths in order: in a thread pool for large files, serially for tiny ones."""
     if not paths:
         return []
     workers = workers or min(8, 2 * (os.cpu_count() or 1))
     if workers <= 1 or len(paths) < 16 or _mean_file_size(paths) < _THREADED_MIN_BYTES:
-        results = [_check_image(p) for p in paths]
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(_check_image, paths, chunksize=32))
-    return [(str(p), reason) for p, reason in zip(paths, results, strict=True) if reason]
+        return [fn(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, paths, chunksize=32))
 
 
 def _mean_file_size(paths: Sequence[Path | str], sample: int = 32) -> float:
@@ -502,33 +550,21 @@ def _mean_file_size(paths: Sequence[Path | str], sample: int = 32) -> float:
     return sum(sizes) / max(1, len(sizes))
 
 
-def _check_image(path: Path | str) -> str | None:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as img:
-                if img.format == "JPEG":
-                    img.draft(None, (1, 1))
-                img.load()
-    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError ...)
-        return one_line(f"cannot decode image: {type(exc).__name__}: {exc}")
-    return None
-
-
 # --------------------------------------------------------------------------------------------
 # Pixels: any image mode to RGB (`to_rgb` lives in components.data.images, torch-free for workers)
 # --------------------------------------------------------------------------------------------
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image file fully into memory as RGB (the file handle is closed on return)."""
+    """Open an image file fully into memory as upright RGB (EXIF orientation applied by
+    `to_rgb`); the file handle is closed on return."""
     with Image.open(path) as img:
         img.load()
         return to_rgb(img)
 
 
 class ToRGB:
-    """Transform step: a PIL image of any mode to RGB (picklable for DataLoader workers)."""
+    """Transform step: a PIL image of any mode to upright RGB (picklable for DataLoader workers)."""
 
     def __call__(self, img: Image.Image) -> Image.Image:
         return to_rgb(img)

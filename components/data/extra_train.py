@@ -6,7 +6,6 @@ image of the run's split is excluded, so nothing leaks.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,18 +14,8 @@ from components.data.datasets import (
     DataError,
     DatasetSplits,
     list_images,
-    verify_images,
+    scan_images,
 )
-
-
-def file_sha1(path: str | Path) -> str:
-    """Content hash of the file bytes: the same hash `preprocess` uses for its leakage guard."""
-    digest = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 # --------------------------------------------------------------------------------------------
 # `train --extra-train`
@@ -62,15 +51,17 @@ def extra_train_samples(folder: str | Path, splits: DatasetSplits) -> ExtraTrain
     if unknown:
         raise DataError(f"extra_train classes {', '.join(unknown)} are not classes of "
                         f"the dataset ({', '.join(splits.classes)})")
-    held_out = {file_sha1(p) for p, _ in splits.val + splits.test}
+    hashes = splits.content_hashes()  # from the scan that made the split: no second read
+    held_out = {hashes[p] for p, _ in splits.val + splits.test}
     index = {c: i for i, c in enumerate(splits.classes)}
     paths = [p for cls in sorted(per_class) for p in per_class[cls]]
-    bad = dict(verify_images(paths))
+    sha1_of, bad_list = scan_images(paths)  # one read per file: hash and decode check
+    bad = dict(bad_list)
     samples: list[tuple[str, int]] = []
     rows: list[dict[str, Any]] = []
     for cls in sorted(per_class):
         for path in per_class[cls]:
-            sha1 = file_sha1(path)
+            sha1 = sha1_of.get(str(path), "")
             reason = bad.get(str(path), "")
             if not reason and sha1 in held_out:
                 reason = "same content as a val/test image (leakage)"

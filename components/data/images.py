@@ -13,6 +13,10 @@ hashed (sha1, for exact-duplicate and leakage checks), size/mode/format come fro
 - cache pixels: a full decode, `to_rgb`, then the exact resize `build_transform` applies, so a
   cached image is bit-identical to one decoded on the fly.
 
+Every decode goes through `to_rgb`, which first applies the EXIF Orientation tag (`upright`):
+phone photos are stored sideways with a tag saying so, and training, the tensor cache, eda and
+serving must all see the image the way a viewer shows it.
+
 This module imports no torch, so worker processes (fork or spawn) start fast.
 """
 
@@ -31,7 +35,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from tqdm import tqdm
 
 from components.errors import one_line
@@ -42,8 +46,26 @@ HIST_BINS = 256
 _AUTO_SERIAL_BELOW = 64  # with workers=-1, fewer files than this are read in-process
 
 
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF Orientation tag (1 = upright, 2-8 = stored flipped/rotated); 1 when absent."""
+    value = img.getexif().get(ExifTags.Base.Orientation, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as a viewer shows it (EXIF Orientation applied); the same object if upright.
+
+    `ImageOps.exif_transpose` does the work; the tag is checked first so the common, upright
+    case costs no copy and the caller's image is never modified.
+    """
+    if exif_orientation(img) == 1:
+        return img
+    return ImageOps.exif_transpose(img)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB; transparency is composited on white, 16-bit is scaled down."""
+    """Any PIL mode to upright 8-bit RGB; transparency is composited on white, 16-bit scaled."""
+    img = upright(img)
     if img.mode == "RGB":
         return img
     if img.mode == "P" and "transparency" in img.info:
@@ -61,6 +83,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def sha1_file(path: str | Path) -> str:
+    """sha1 of a file's bytes: the content hash of the leakage guard and the dataset digest."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def resize_square(img: Image.Image, image_size: int) -> Image.Image:
@@ -82,8 +113,9 @@ class FileFacts:
     sha1: str = ""
     format: str = ""
     mode: str = ""
-    width: int = 0
+    width: int = 0  # as displayed: EXIF orientation applied
     height: int = 0
+    orientation: int = 1  # the EXIF Orientation tag; not 1 = stored rotated or flipped
     error: str = ""  # one line; empty when the image decodes
     hist: np.ndarray | None = None  # (3, 256) float32, each channel sums to 1
     pixels: np.ndarray | None = None  # (s, s, 3) uint8 when a cache size was asked for
@@ -91,6 +123,11 @@ class FileFacts:
     @property
     def ok(self) -> bool:
         return not self.error
+
+    @property
+    def rotated(self) -> bool:
+        """Stored rotated or flipped (EXIF Orientation not 1): decoding turns it upright."""
+        return self.orientation != 1
 
 
 def read_file(path: str | Path, histogram: bool = False, cache_size: int = 0) -> FileFacts:
@@ -120,6 +157,9 @@ def read_file(path: str | Path, histogram: bool = False, cache_size: int = 0) ->
                     if img.format == "JPEG":
                         img.draft(None, (1, 1))
                     img.load()
+                facts.orientation = exif_orientation(img)
+                if facts.orientation >= 5:  # 5-8 swap width and height
+                    facts.width, facts.height = facts.height, facts.width
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError ...)
         message = _IN_MEMORY.sub("", str(exc))  # "<_io.BytesIO object at 0x..>": no information
         facts.error = one_line(f"cannot decode image: {type(exc).__name__}: {message}")

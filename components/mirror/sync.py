@@ -69,6 +69,7 @@ STATUS_MAP = {"RUNNING": "in_progress", "SCHEDULED": "in_progress", "FINISHED": 
               "FAILED": "failed", "KILLED": "killed"}
 BULK_HISTORY_MAX = 25000  # MLflow's cap on points per get-history-bulk answer
 BULK_HISTORY_RUNS = 100  # and on run ids per request
+MONGO_TIMEOUT = 5.0  # seconds a Mongo call waits for a server before it fails
 
 
 class MirrorError(CnnflowError, RuntimeError):
@@ -110,7 +111,7 @@ class PassReport:
 # --------------------------------------------------------------------------------------------
 
 
-def connect_mongo(uri: str, timeout: float = 5.0):
+def connect_mongo(uri: str, timeout: float = MONGO_TIMEOUT):
     """A MongoClient that gives up within `timeout` seconds instead of pymongo's 30 s."""
     from pymongo import MongoClient
 
@@ -635,6 +636,20 @@ def _failure(exc: BaseException) -> str:
     return mask_text(one_line(f"{type(exc).__name__}: {exc}"))[:300]
 
 
+def _follow_error(exc: BaseException, mongo_uri: str) -> str:
+    """One line for a failed pass. Mongo going away mid-pass raises the driver's error, whose
+    text is a whole topology dump: say which server and what to do instead."""
+    from pymongo.errors import ConnectionFailure
+
+    from components.services import mongo_unreachable
+
+    if isinstance(exc, MirrorError):
+        return str(exc)
+    if isinstance(exc, ConnectionFailure):  # refused, timed out, reset: not a bad request
+        return mongo_unreachable(mongo_uri, exc, MONGO_TIMEOUT)
+    return _failure(exc)
+
+
 def follow(tracking_uri: str, mongo_uri: str, options: SyncOptions, interval: float = 2.0,
            log: Callable[[str], None] = logger.info, stop: Callable[[], bool] = lambda: False,
            max_backoff: float = 30.0) -> None:
@@ -660,8 +675,7 @@ def follow(tracking_uri: str, mongo_uri: str, options: SyncOptions, interval: fl
                 log(report.line())
             delay = interval
         except Exception as exc:  # noqa: BLE001 - a follower outlives server outages
-            log(f"sync error, retrying in {delay:g} s: "
-                f"{exc if isinstance(exc, MirrorError) else _failure(exc)}")
+            log(f"sync error, retrying in {delay:g} s: {_follow_error(exc, mongo_uri)}")
             if mongo is not None:
                 mongo.close()
                 mongo = None

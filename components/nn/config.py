@@ -19,18 +19,20 @@ from components.params import param
 class TrainConfig:
     """Every knob of the loop, with the seeds' defaults (Adam 1e-3, wd 1e-4, patience 10)."""
 
-    epochs: int = param(10, "Maximum number of epochs.")
+    epochs: int = param(10, "Maximum number of epochs.", ge=1, le=100_000)
     optimizer: str = param("adam", "adam | adamw | sgd.")
-    lr: float = param(1e-3, "Learning rate.")
-    weight_decay: float = param(1e-4, "Weight decay (L2).")
-    momentum: float = param(0.9, "SGD momentum (Nesterov when > 0).")
+    lr: float = param(1e-3, "Learning rate.", gt=0)
+    weight_decay: float = param(1e-4, "Weight decay (L2).", ge=0)
+    momentum: float = param(0.9, "SGD momentum (Nesterov when > 0).", ge=0, lt=1)
     scheduler: str = param("none", "none | plateau | cosine | onecycle.")
     scheduler_patience: int = param(3, "plateau: epochs without improvement before the LR is "
-                                       "reduced.")
-    scheduler_factor: float = param(0.1, "plateau: factor the LR is multiplied by.")
+                                       "reduced.", ge=0, le=10_000)
+    scheduler_factor: float = param(0.1, "plateau: factor the LR is multiplied by.",
+                                    gt=0, lt=1)
     patience: int = param(10, "Early stopping: epochs without val_loss improvement; "
-                              "0 disables.")
+                              "0 disables.", ge=0, le=100_000)
     min_delta: float = param(0.0, "Early stopping: smallest val_loss decrease that counts as "
-                                  "improvement.")
-    label_smoothing: float = param(0.0, "Label smoothing for the training loss.")
+                                  "improvement.", ge=0)
+    label_smoothing: float = param(0.0, "Label smoothing for the training loss.",
+                                    ge=0, lt=1)
     amp: str = param("auto", "Mixed precision: auto (on for CUDA) | on | off.")

@@ -31,8 +31,9 @@ PREDICT_BATCH = 4
 
 
 def _rgb(img: Image.Image) -> Image.Image:
-    """The training loader's conversion (transparency on white, 16-bit scaled), so a served
-    RGBA or 16-bit image gives the same pixels the model was trained and evaluated on."""
+    """The training loader's conversion (EXIF orientation applied, transparency on white,
+    16-bit scaled), so a served phone photo, RGBA or 16-bit image gives the same pixels the
+    model was trained and evaluated on."""
     from components.data.datasets import to_rgb
 
     img.load()

@@ -1,13 +1,18 @@
-"""What a model costs to run: parameters, size, latency, throughput and peak memory."""
+"""What a model costs to run: parameters, size, latency, throughput and peak memory.
+
+Timings are pinned (warm-up, a minimum of runs and of time, medians) and flagged
+(`cost_reliable`) when the machine was too busy for them to mean much."""
 
 from __future__ import annotations
 
 import io
+import itertools
+import os
 import resource
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -95,13 +100,80 @@ def _state_size_bytes(model: Any) -> int:
     return total
 
 
+# The measurement's budget: at least this many timed calls *and* at least this long, so a
+# tiny model is timed hundreds of times in a fraction of a second and a big one still
+# `latency_runs` times; a cap keeps a pathological case bounded.
+MIN_SECONDS = 0.2
+MAX_RUNS = 10_000
+# When the figures say nothing reliable about the model: the slow tail this much above the
+# median (other work stole the CPU mid-measurement), or more runnable work than cores.
+SPREAD_LIMIT = 5.0
+
+
+class Cost(NamedTuple):
+    """What `measure_cost` found: metrics to log, the conditions behind them, and a note
+    (empty when the figures look reliable)."""
+
+    metrics: dict[str, float]
+    context: dict[str, Any]
+    note: str
+
+
+def reliability(latency_p50: float, latency_p95: float, batch_p50: float, batch_p95: float,
+                load: float, cores: int) -> list[str]:
+    """Why measured figures cannot be trusted (empty list: they can).
+
+    A p95 more than `SPREAD_LIMIT` times its median means the timings were interrupted (the
+    issue's custom_cnn: p50 0.44 ms, p95 145 ms); a 1-minute load average above the core
+    count means the model shared the CPUs with other work throughout.
+    """
+    reasons = []
+    if latency_p95 > SPREAD_LIMIT * latency_p50:
+        reasons.append(f"latency p95 {latency_p95:.3g} ms > {SPREAD_LIMIT:g}x p50 "
+                       f"{latency_p50:.3g} ms")
+    if batch_p95 > SPREAD_LIMIT * batch_p50:
+        reasons.append(f"batch time p95 {batch_p95:.3g} ms > {SPREAD_LIMIT:g}x p50 "
+                       f"{batch_p50:.3g} ms")
+    if load > cores:
+        reasons.append(f"load average {load:.2f} > {cores} cores")
+    return reasons
+
+
+def _timed(call: Callable[[], None], device: torch.device, min_runs: int,
+           min_seconds: float) -> list[float]:
+    """Milliseconds of each call, repeated until both `min_runs` calls and `min_seconds` of
+    timed calls have passed (at most `MAX_RUNS`)."""
+    times: list[float] = []
+    total = 0.0
+    while len(times) < MAX_RUNS and (len(times) < min_runs or total < min_seconds * 1000):
+        _sync(device)
+        t0 = time.perf_counter()
+        call()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1000)
+        total += times[-1]
+    return times
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return 0.0
+
+
 def measure_cost(model: Any, images: Sequence[Image.Image], batch_size: int,
-                 latency_runs: int = 30, throughput_batches: int = 3) -> dict[str, float]:
+                 latency_runs: int = 30, throughput_batches: int = 3,
+                 min_seconds: float = MIN_SECONDS) -> Cost:
     """Latency and throughput from decoded images to probabilities (preprocessing + forward).
 
-    Latency: `latency_runs` single-image calls (after warm-up), p50 and p95 in milliseconds.
-    Throughput: `throughput_batches` calls on a batch of `batch_size` images (the split's
-    images repeated if it has fewer). File reading and decoding are not included.
+    After `WARMUP_RUNS` untimed calls at each shape, single-image calls are timed until both
+    `latency_runs` calls and `min_seconds` have passed (p50, p95 in ms), then calls on a batch
+    of `batch_size` images (the split's images repeated) until `throughput_batches` and
+    `min_seconds`: throughput is `batch_size` over the median batch time, so one stolen time
+    slice cannot halve it. Torch runs with its configured threads. The load average, cores and
+    threads go into the context, and `cost_reliable` is 0 when `reliability` finds a reason.
+    File reading and decoding are not included.
     """
     device = getattr(model, "device", torch.device("cpu"))
     transforms = model.input_transforms()
@@ -111,25 +183,30 @@ def measure_cost(model: Any, images: Sequence[Image.Image], batch_size: int,
         inputs = [torch.stack([t(img) for img in batch]) for t in transforms]
         model.score_batch(inputs)
 
-    latencies = []
-    for i in range(WARMUP_RUNS + latency_runs):
-        img = images[i % len(images)]
-        _sync(device)
-        started = time.perf_counter()
-        run([img])
-        _sync(device)
-        if i >= WARMUP_RUNS:
-            latencies.append((time.perf_counter() - started) * 1000)
+    load_before = _load()
+    single = itertools.count()
     batch = [images[i % len(images)] for i in range(batch_size)]
-    run(batch)  # warm-up at the batch size (allocator, kernels)
-    _sync(device)
-    started = time.perf_counter()
-    for _ in range(throughput_batches):
+    for i in range(WARMUP_RUNS):  # allocator, kernels, caches at both shapes
+        run([images[i % len(images)]])
         run(batch)
-    _sync(device)
-    elapsed = time.perf_counter() - started
-    return {"params_count": float(sum(count_parameters(n) for n in nets)),
-            "model_size_mb": _state_size_bytes(model) / 2**20,
-            "latency_ms_p50": float(np.percentile(latencies, 50)),
-            "latency_ms_p95": float(np.percentile(latencies, 95)),
-            "throughput_images_per_sec": batch_size * throughput_batches / max(elapsed, 1e-9)}
+    latencies = _timed(lambda: run([images[next(single) % len(images)]]), device,
+                       latency_runs, min_seconds)
+    batches = _timed(lambda: run(batch), device, throughput_batches, min_seconds)
+    lat_p50, lat_p95 = np.percentile(latencies, [50, 95])
+    batch_p50, batch_p95 = np.percentile(batches, [50, 95])
+    load, cores = max(load_before, _load()), os.cpu_count() or 1
+    reasons = reliability(lat_p50, lat_p95, batch_p50, batch_p95, load, cores)
+    metrics = {"params_count": float(sum(count_parameters(n) for n in nets)),
+               "model_size_mb": _state_size_bytes(model) / 2**20,
+               "latency_ms_p50": float(lat_p50),
+               "latency_ms_p95": float(lat_p95),
+               "throughput_images_per_sec": batch_size * 1000 / max(float(batch_p50), 1e-9),
+               "cost_reliable": 0.0 if reasons else 1.0}
+    context = {"latency_runs": len(latencies), "latency_seconds": sum(latencies) / 1000,
+               "throughput_batches": len(batches), "throughput_seconds": sum(batches) / 1000,
+               "batch_ms_p50": float(batch_p50), "batch_ms_p95": float(batch_p95),
+               "warmup_runs": WARMUP_RUNS, "torch_threads": torch.get_num_threads(),
+               "cpu_count": cores, "load_avg_1m": round(load, 2), "unreliable": reasons}
+    note = (f"cost figures unreliable ({'; '.join(reasons)}): re-run evaluate on an idle "
+            "machine to compare costs" if reasons else "")
+    return Cost(metrics, context, note)

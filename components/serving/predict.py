@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from components.data.datasets import load_rgb
 from components.errors import CnnflowError, one_line
+from components.nn.engine import remove_stale_temp, temp_prefix
 
 
 class ModelLoadError(CnnflowError, RuntimeError):
@@ -23,15 +25,24 @@ class ModelLoadError(CnnflowError, RuntimeError):
 
 
 def load_model(model_uri: str) -> Any:
-    """The cnnflow model behind a URI (ImageClassifier or EnsembleClassifier), on the CPU."""
+    """The cnnflow model behind a URI (ImageClassifier or EnsembleClassifier), on the CPU.
+
+    The download goes to a temp folder removed once the model is in memory (its load_context
+    reads config and weights eagerly), so loads never pile model copies up in the temp dir.
+    """
     import mlflow.pyfunc
 
     _accept_old_layout()
+    remove_stale_temp()  # what killed runs left behind
+    saved_path = list(sys.path)
     try:
-        pyfunc = mlflow.pyfunc.load_model(model_uri)
+        with tempfile.TemporaryDirectory(prefix=temp_prefix("model")) as tmp:
+            pyfunc = mlflow.pyfunc.load_model(model_uri, dst_path=tmp)
     except (MlflowException, OSError, ImportError, AttributeError) as exc:
         raise ModelLoadError(f"cannot load model {model_uri}: "
                              f"{one_line(f'{type(exc).__name__}: {exc}')}") from None
+    finally:
+        sys.path[:] = saved_path  # MLflow put the copy's code/ folder first; it is gone now
     model = pyfunc.unwrap_python_model()
     if not hasattr(model, "score_batch"):
         raise ModelLoadError(f"{model_uri} is not a cnnflow image model (no score_batch)")

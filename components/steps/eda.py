@@ -63,7 +63,7 @@ class DatasetScan:
     classes: list[str]
     # One row per file with an image extension: path (relative, '/'), label, group (the
     # folder: 'all' or a split folder), split ('' when unreadable), format, mode, width,
-    # height, n_bytes, sha1, error.
+    # height (as displayed, EXIF orientation applied), orientation, n_bytes, sha1, error.
     table: pd.DataFrame
     other_files: list[tuple[str, str]]  # non-image or misplaced files: (relative path, reason)
     hist_sum: dict[str, np.ndarray]  # class -> summed per-image (3, 256) histograms
@@ -102,8 +102,8 @@ def scan_dataset(data: str | Path, val_ratio: float = EdaParams.val_ratio,
     for (group, cls, path), facts in zip(entries, facts_iter, strict=True):
         records.append({"path": rel(path), "abs": str(path), "label": cls, "group": group,
                         "format": facts.format, "mode": facts.mode, "width": facts.width,
-                        "height": facts.height, "n_bytes": facts.n_bytes, "sha1": facts.sha1,
-                        "error": facts.error})
+                        "height": facts.height, "orientation": facts.orientation,
+                        "n_bytes": facts.n_bytes, "sha1": facts.sha1, "error": facts.error})
         if facts.hist is not None:
             if cls not in hist_sum:
                 hist_sum[cls] = np.zeros((3, HIST_BINS), dtype=np.float64)
@@ -115,7 +115,8 @@ def scan_dataset(data: str | Path, val_ratio: float = EdaParams.val_ratio,
     split_of: dict[str, str] = {}
     split_error, digest, notes = "", "", []
     try:
-        splits = load_splits(root, val_ratio, test_ratio, seed, known_bad=bad)
+        splits = load_splits(root, val_ratio, test_ratio, seed, known_bad=bad,
+                             known_hashes={r["abs"]: r["sha1"] for r in records if r["sha1"]})
     except DataError as exc:
         split_error = str(exc)
     else:
@@ -212,6 +213,7 @@ def summarize(scan: DatasetScan) -> EdaSummary:
         "n_within_class_duplicates": float(n_within),
         "n_label_conflicts": float(conflicts["sha1"].nunique() if len(conflicts) else 0),
         "n_off_size": float(off_size), "n_other_files": float(len(scan.other_files)),
+        "n_rotated": float((ok["orientation"] != 1).sum()),
     }
     summary = EdaSummary(
         metrics=metrics, findings=[], counts=counts, class_totals=totals, sizes=sizes,
@@ -263,6 +265,9 @@ def _findings(scan: DatasetScan, s: EdaSummary) -> list[str]:
         if min(smallest) < 32:
             out.append(f"the smallest image is {smallest[0]}x{smallest[1]}: upscaling it to a "
                        "large image_size adds no detail")
+    if m["n_rotated"]:
+        out.append(f"{m['n_rotated']:.0f} image(s) are stored rotated or flipped (EXIF "
+                   "Orientation): they are turned upright when decoded, as a viewer shows them")
     not_rgb = {mode: n for mode, n in s.modes.items() if mode != "RGB"}
     if not_rgb:
         parts = ", ".join(f"{mode}: {n}" for mode, n in not_rgb.items())
@@ -377,6 +382,8 @@ def _markdown(scan: DatasetScan, s: EdaSummary, run_note: str, files: set[str]) 
         ["other files (not images / not in a class folder)", int(m["n_other_files"])],
         ["distinct image sizes", int(m["n_distinct_sizes"])],
         [f"images not of the most common size ({common})", int(m["n_off_size"])],
+        ["images stored rotated or flipped (EXIF Orientation, turned upright)",
+         int(m["n_rotated"])],
         ["exact duplicates (extra copies of identical files)", int(m["n_duplicates"])],
         ["... of which within one class", int(m["n_within_class_duplicates"])],
         ["identical images under different classes (label conflicts)",

@@ -9,7 +9,8 @@ and logs into the evaluated run:
   per-class accuracy and mean loss, expected calibration error (`<split>_` prefix);
 - figures and `classification_report.json` under `evaluation/<split>/`;
 - cost on the run's device: parameter count, size on disk, latency at batch 1 (p50/p95),
-  throughput at `batch_size`, peak memory.
+  throughput at `batch_size`, peak memory, and `cost_reliable` (0 with a note when the
+  machine was too busy for the timings to compare; the load and spread are in the report).
 
 On the test split it also scores the val split (same prediction path, `val_` prefix; no
 figures), so a registry version carries both: validation chooses among candidates, test
@@ -150,7 +151,10 @@ def run_splits(client: MlflowClient, run: Run) -> DatasetSplits:
     lists: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
     for row in rows:
         lists[row["split"]].append((str(root / row["path"]), int(row["class_index"])))
-    return DatasetSplits(name=name, root=root, classes=names, **lists)
+    # The content hashes the run recorded give its digest without re-reading the files
+    # (manifests logged before they had a sha1 column are hashed from the files).
+    hashes = {str(root / r["path"]): r["sha1"] for r in rows if r.get("sha1")}
+    return DatasetSplits(name=name, root=root, classes=names, hashes=hashes, **lists)
 
 
 def split_samples(splits: DatasetSplits, split: str, run_id: str) -> list[tuple[str, int]]:
@@ -314,10 +318,14 @@ def evaluate(params: EvalParams, tracking_uri: str,
     batch_size = params.batch_size or auto_batch_size(device)
     predictions = predict_samples(model, samples, batch_size, params.num_workers)
     cost: dict[str, float] = {}
+    cost_context: dict[str, Any] = {}
     if params.cost:
         images = [load_rgb(p) for p in predictions.paths[:params.latency_runs]]
-        cost = measure_cost(model, images, batch_size, params.latency_runs)
-        cost["peak_memory_mb"] = memory.peak_mb()
+        measured = measure_cost(model, images, batch_size, params.latency_runs)
+        cost = {**measured.metrics, "peak_memory_mb": memory.peak_mb()}
+        cost_context = measured.context
+        if measured.note:
+            notes.append(measured.note)
     val_metrics: dict[str, float] = {}
     if val_samples:
         val_predictions = predict_samples(model, val_samples, batch_size, params.num_workers)
@@ -326,8 +334,8 @@ def evaluate(params: EvalParams, tracking_uri: str,
         folder = Path(tmp) / params.split
         metrics, report = score_predictions(predictions, splits, params.split, folder)
         if cost:
-            report["cost"] = {**cost, "device": device.type, "batch_size": batch_size,
-                              "peak_memory_method": memory.method}
+            report["cost"] = {**cost, **cost_context, "device": device.type,
+                              "batch_size": batch_size, "peak_memory_method": memory.method}
             (folder / "classification_report.json").write_text(json.dumps(report, indent=2))
             metrics.update(cost)
         metrics.update(val_metrics)

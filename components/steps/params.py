@@ -16,7 +16,9 @@ means and defaults the same in all of them:
 A step re-declares a group's field only where its meaning or default differs, and says so
 in its docstring (`inherited` then leaves that field out of what is passed on).
 
-`validate()` checks values before any run or scan exists. It imports the layers below the
+`validate()` checks values before any run or scan exists: first every declared range
+(`param(..., ge=, le=)`, one `check_bounds` for all classes), then the rules that tie
+fields together or read a registry. It imports the layers below the
 steps (data, nn, serving, tracking) lazily, never a step module: a step's own registries
 (tune's samplers and search space, pseudo-label's placers) are checked by that step.
 
@@ -33,17 +35,22 @@ from typing import Any
 
 from components.nn.config import TrainConfig
 from components.params import (
+    MAX_WORKERS,
     DataParams,
     ParamError,
     RuntimeParams,
     bool_text,
+    check_bounds,
     inherited,
     param,
     split_list,
 )
 from components.settings import state_dir
 
-MIN_IMAGE_SIZE = 8
+# Hard ranges, checked before any run exists: past them memory runs out (a 100000-px image) or
+# a typo is the likelier story (a batch of a million).
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
+MAX_BATCH_SIZE = 4096
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,12 +66,18 @@ class TrainRecipe(TrainConfig):
                                  "PATH to a state dict.")
     freeze: str = param("none", "none | backbone (feature extraction) | partial:N (last N "
                                 "blocks also train).")
-    image_size: int = param(32, "Square input size in pixels.")
-    batch_size: int = param(32, "Images per batch.")
+    image_size: int = param(32, "Square input size in pixels.", ge=MIN_IMAGE_SIZE,
+                            le=MAX_IMAGE_SIZE)
+    batch_size: int = param(32, "Images per batch.", ge=1, le=MAX_BATCH_SIZE)
     augmentation: str = param("light", "Augmentation preset: none | light | strong.")
-    dropout: float = param(0.5, "Dropout in the classifier head.")
-    head_hidden: int = param(0, "Hidden units of the head; 0 = the model's default.")
+    dropout: float = param(0.5, "Dropout in the classifier head.", ge=0, lt=1)
+    head_hidden: int = param(0, "Hidden units of the head; 0 = the model's default.", ge=0,
+                             le=65536)
     class_weights: str = param("none", "none | balanced (inverse class frequency).")
+    log_timeout: float = param(60.0, "Seconds to wait after the last epoch for an unreachable "
+                                     "MLflow server to take the epochs it missed; then exit 1 "
+                                     "with the --resume command that completes the run.",
+                               ge=0)
 
 
 @dataclass
@@ -73,7 +86,7 @@ class ScanParams:
     file-reading processes, not DataLoader workers, hence its own declaration and default."""
 
     num_workers: int = param(-1, "Processes reading files: -1 = one per CPU core, 0 = this "
-                                 "process only.")
+                                 "process only.", ge=-1, le=MAX_WORKERS)
 
 
 @dataclass
@@ -90,7 +103,7 @@ class PromotionParams:
     metric: str = param("test_acc", "Metric the promotion rule compares (losses and costs: "
                                     "lower is better).")
     min_delta: float = param(0.0, "The challenger must beat the champion by at least this "
-                                  "much.")
+                                  "much.", ge=0)
 
 
 @dataclass
@@ -107,7 +120,8 @@ class VoteParams:
     """How an ensemble is formed from trained runs (ensemble and the `main` pipeline)."""
 
     top_k: int = param(3, "Ensemble the k best training runs by validation accuracy "
-                          "(ensemble: without --run-ids; run: 0 = no ensemble).")
+                          "(ensemble: without --run-ids; run: 0 = no ensemble).", ge=0,
+                       le=1000)
     vote: str = param("soft", "soft (mean of probabilities) | logits (mean of logits) | hard "
                               "(majority).")
 
@@ -117,13 +131,14 @@ class PredictRuntimeParams(RuntimeParams):
     """Steps that predict with logged models (evaluate, ensemble, pseudo-label) decode images
     in this process by default: same meaning as `RuntimeParams.num_workers`, default 0."""
 
-    num_workers: int = param(0, "DataLoader worker processes decoding images.")
+    num_workers: int = param(0, "DataLoader worker processes decoding images.", ge=0,
+                             le=MAX_WORKERS)
 
 
 @dataclass
 class PredictParams(PredictRuntimeParams):
     batch_size: int = param(0, "Prediction batch size (evaluate: also for throughput); 0 = auto "
-                               "(64 on CUDA, 4 on CPU).")
+                               "(64 on CUDA, 4 on CPU).", ge=0, le=MAX_BATCH_SIZE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,8 +155,8 @@ class EdaParams(DataParams, ReportsParams, ScanParams):
         """Cheap checks first, so a typo never creates a run or scans a folder."""
         from components.data.datasets import check_ratios
 
+        check_bounds(self)
         check_ratios(self.val_ratio, self.test_ratio)
-        _check_scan_workers(self.num_workers)
 
     def logged(self) -> dict[str, Any]:
         """What changes the report: not where it goes nor how many processes read the files."""
@@ -154,32 +169,24 @@ class PreprocessParams(DataParams, ScanParams):
     """`cnnflow preprocess` / `mlflow run . -e preprocess`."""
 
     train_ratio: float = param(0.6, "Train share of a flat folder (the three shares must add "
-                                    "up to 1).")
+                                    "up to 1).", gt=0, le=1)
     cache: bool = param(False, "Also store every image decoded and resized to image_size "
                                "(uint8 .npy).")
     image_size: int = param(TrainRecipe.image_size, "Square size of the cached images; train "
-                                                    "uses the cache at this size.")
+                                                    "uses the cache at this size.",
+                            ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)
 
     def validate(self) -> None:
         """Cheap checks first: a typo must not cost a scan of the folder or create a run."""
         from components.data.datasets import check_ratios
 
-        for name in ("train_ratio", "val_ratio", "test_ratio"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
-                raise ParamError(f"{name}={value} is outside [0, 1]: pass a share such as 0.2")
+        check_bounds(self)
         total = self.train_ratio + self.val_ratio + self.test_ratio
         if not math.isclose(total, 1.0, abs_tol=1e-6):
             raise ParamError(
                 f"train_ratio + val_ratio + test_ratio = {total:g}, not 1: pass shares that "
                 "add up to 1, e.g. 0.6 0.2 0.2, 0.7 0.3 0 or 0.9 0.1 0")
-        if self.train_ratio <= 0:
-            raise ParamError("train_ratio=0 leaves nothing to train on: give train a share > 0")
         check_ratios(self.val_ratio, self.test_ratio)
-        if self.image_size < MIN_IMAGE_SIZE:
-            raise ParamError(f"image_size={self.image_size} is below {MIN_IMAGE_SIZE}: pass "
-                             "the square size the model trains at, e.g. 32 or 224")
-        _check_scan_workers(self.num_workers)
 
     def logged(self) -> dict[str, Any]:
         """Everything that changes the outputs (not the worker count or the experiment).
@@ -189,12 +196,6 @@ class PreprocessParams(DataParams, ScanParams):
         logged = {k: getattr(self, k) for k in ("data", "train_ratio", "val_ratio",
                                                 "test_ratio", "seed", "image_size")}
         return {**logged, "cache": bool_text(self.cache)}
-
-
-def _check_scan_workers(num_workers: int) -> None:
-    if num_workers < -1:
-        raise ParamError(f"num_workers={num_workers} must be -1 (one per CPU core), "
-                         "0 (in this process) or more")
 
 
 @dataclass
@@ -207,18 +208,18 @@ class TrainParams(DataParams, TrainRecipe, RuntimeParams):
                                     "manifest (and tensor cache at this image_size) instead of "
                                     "scanning `data`.")
     nproc: int = param(1, "Training processes (DistributedDataParallel via torchrun: gloo on "
-                          "CPU, one GPU each with NCCL); batch_size is per process.")
+                          "CPU, one GPU each with NCCL); batch_size is per process.", ge=1)
     resume: str = param("", "Run id of an unfinished run to continue from its last "
                             "checkpoint.")
     cv: int = param(0, "Stratified K-fold cross-validation over train+val (test untouched); "
-                       "0 = off.")
+                       "0 = off.", ge=0, le=100)
     cv_ensemble: bool = param(False, "With --cv: also soft-vote the K fold models into one "
                                      "ensemble run.")
     extra_train: str = param("", "Folder of extra labelled images (class sub-folders, e.g. "
                                  "from `cnnflow pseudo-label`) added to the train split only.")
 
     # Parameters that describe the run, not the result; a resumed run may change them.
-    RUNTIME = ("device", "amp", "num_workers", "resume", "experiment")
+    RUNTIME = ("device", "amp", "num_workers", "resume", "experiment", "log_timeout")
 
     def engine_config(self) -> TrainConfig:
         """The engine's knobs carry the same names as the run's parameters."""
@@ -226,17 +227,14 @@ class TrainParams(DataParams, TrainRecipe, RuntimeParams):
 
     def validate(self) -> None:
         """Cheap checks first, so a typo never creates an empty MLflow run."""
+        from components.data.datasets import check_ratios
         from components.nn.distributed import check_nproc
         from components.nn.engine import check_config
 
-        if self.image_size < MIN_IMAGE_SIZE:
-            raise ParamError(f"image_size must be >= {MIN_IMAGE_SIZE} (got {self.image_size})")
-        if self.batch_size < 1:
-            raise ParamError(f"batch_size must be >= 1 (got {self.batch_size})")
-        if self.num_workers < 0:
-            raise ParamError(f"num_workers must be >= 0 (got {self.num_workers})")
-        if self.cv < 0 or self.cv == 1:
+        if self.cv < 0 or self.cv == 1:  # a rule, not a range: said first
             raise ParamError(f"cv must be 0 (off) or >= 2 folds (got {self.cv})")
+        check_bounds(self)
+        check_ratios(self.val_ratio, self.test_ratio)
         if self.cv_ensemble and not self.cv:
             raise ParamError("cv_ensemble needs --cv K (K >= 2 folds to ensemble)")
         if self.preprocess_run and (self.cv or self.extra_train):
@@ -281,22 +279,16 @@ class EvalParams(PromotionParams, RegistryParams, PredictParams):
     device: str = param("run", "run (the device the run trained on) | auto | cpu | cuda | "
                                "cuda:N | mps.")
     cost: bool = param(True, "Measure parameters, size, latency, throughput and peak memory.")
-    latency_runs: int = param(30, "Single-image predictions timed for latency p50/p95.")
+    latency_runs: int = param(30, "Least single-image predictions timed for latency p50/p95 "
+                                  "(more while the time budget lasts).", ge=1, le=100_000)
     register: bool = param(True, "Register the model (test split) as a new version with alias "
                                  "challenger.")
     promote: bool = param(True, "Apply the promotion rule after registering.")
 
     def validate(self) -> None:
+        check_bounds(self)
         if self.split not in ("val", "test"):
             raise ParamError(f"split must be val or test (got '{self.split}')")
-        if self.batch_size < 0:
-            raise ParamError(f"batch_size must be >= 1, or 0 for auto (got {self.batch_size})")
-        if self.num_workers < 0:
-            raise ParamError(f"num_workers must be >= 0 (got {self.num_workers})")
-        if self.latency_runs < 1:
-            raise ParamError(f"latency_runs must be >= 1 (got {self.latency_runs})")
-        if self.min_delta < 0:
-            raise ParamError(f"min_delta must be >= 0 (got {self.min_delta})")
 
 
 @dataclass
@@ -322,23 +314,22 @@ class EnsembleParams(VoteParams, DataParams, TrainRecipe, PredictRuntimeParams):
     weights: str = param("equal", "Vote weights: equal | val_acc | comma-separated list, one "
                                   "per member.")
     bagging: int = param(0, "Train N members on bootstrap samples of train (0: off); the "
-                            "training options apply to them.")
+                            "training options apply to them.", ge=0, le=1000)
     model: str = param(TrainParams.model, "Bagging: the members' model.")
     init_weights: str = param(TrainRecipe.weights, "Bagging: the members' starting weights: "
                                                    "none | imagenet | auto | PATH.")
 
     def validate(self) -> None:
+        from components.data.datasets import check_ratios
         from components.serving.ensemble import get_vote
 
+        check_bounds(self)
+        check_ratios(self.val_ratio, self.test_ratio)
         get_vote(self.vote)
         explicit_vote_weights(self.weights)
         if self.top_k < 2:
             raise ParamError(f"top_k must be >= 2 (got {self.top_k})")
-        if self.batch_size < 1:
-            raise ParamError(f"batch_size must be >= 1 (got {self.batch_size})")
-        if self.num_workers < 0:
-            raise ParamError(f"num_workers must be >= 0 (got {self.num_workers})")
-        if self.bagging == 1 or self.bagging < 0:
+        if self.bagging == 1:
             raise ParamError(f"bagging must be 0 (off) or >= 2 members (got {self.bagging})")
         if self.bagging and self.run_ids:
             raise ParamError("pass either --bagging N (train new members) or --run-ids, "
@@ -383,8 +374,10 @@ class TuneParams(DataParams, TrainRecipe, RuntimeParams):
                        "lists, fixed values).")
     model: str = param(TrainParams.model, "Model, or several comma-separated (then `model` is "
                                           "tuned too).")
-    n_trials: int = param(10, "Trials this worker runs (0 with a timeout: until the timeout).")
-    timeout: float = param(0.0, "Stop starting trials after this many seconds; 0 = no limit.")
+    n_trials: int = param(10, "Trials this worker runs (0 with a timeout: until the timeout).",
+                          ge=0, le=1_000_000)
+    timeout: float = param(0.0, "Stop starting trials after this many seconds; 0 = no limit.",
+                           ge=0)
     metric: str = param("val_loss", "Epoch metric to optimise: val_loss | val_acc | "
                                     "train_loss | train_acc.")
     direction: str = param("minimize", "minimize | maximize.")
@@ -395,9 +388,16 @@ class TuneParams(DataParams, TrainRecipe, RuntimeParams):
     study: str = param("", "Study name; workers with the same name and storage share it "
                            "(default: a new study per run).")
     trial_epochs: int = param(0, "Maximum epochs per trial; 0 = epochs (which the "
-                                 "--retrain-best run always gets).")
+                                 "--retrain-best run always gets).", ge=0, le=100_000)
     retrain_best: bool = param(False, "Train the best configuration with full epochs, then "
                                       "evaluate it.")
+
+    def validate(self) -> None:
+        """The ranges of every field (the space, samplers and pruners: `tune.check`)."""
+        from components.data.datasets import check_ratios
+
+        check_bounds(self)
+        check_ratios(self.val_ratio, self.test_ratio)
 
     def base(self, model: str, fixed: dict[str, Any]) -> TrainParams:
         """A trial's TrainParams before its sampled values."""
@@ -425,20 +425,17 @@ class PseudoLabelParams(PredictParams):
     images: str = param("", "Folder of unlabelled images (any depth).")
     out: str = param("", "New dataset folder for the confident images (default: "
                          "<images>-pseudo).")
-    threshold: float = param(0.95, "Keep images whose top probability is at least this, in "
-                                   "(0, 1].")
+    threshold: float = param(0.95, "Keep images whose top probability is at least this.",
+                             gt=0, le=1)
     mode: str = param("copy", "copy | hardlink | symlink: how images are placed in the new "
                               "folder.")
     experiment: str = param("", "MLflow experiment of the run (default: the model's run's "
                                 "experiment).")
 
     def validate(self) -> None:
+        check_bounds(self)
         if not self.model:
             raise ParamError("pass --model: a models:/ URI or the run id of a trained model")
-        if not (0.0 < self.threshold <= 1.0):
-            raise ParamError(f"threshold must be in (0, 1] (got {self.threshold})")
-        if self.batch_size < 0 or self.num_workers < 0:
-            raise ParamError("batch_size and num_workers must be >= 0")
         images = Path(self.images).expanduser()
         if not self.images or not images.is_dir():
             raise ParamError(f"images folder '{self.images}' does not exist: pass a folder of "
@@ -465,11 +462,15 @@ class SyncParams:
     experiments: str = param("", "Comma-separated experiment names to mirror (default: all).")
     follow: bool = param(False, "Keep polling until stopped (Ctrl-C / SIGTERM) instead of one "
                                 "pass.")
-    interval: float = param(2.0, "Seconds between passes with --follow.")
-    dead_after: float = param(120.0, "A RUNNING run silent this many seconds shows as `died`.")
+    interval: float = param(2.0, "Seconds between passes with --follow.", gt=0)
+    dead_after: float = param(120.0, "A RUNNING run silent this many seconds shows as `died`.",
+                              gt=0)
     reconcile_every: float = param(60.0, "Seconds between full listings that catch edits to "
-                                         "long-finished runs (0 = every pass).")
+                                         "long-finished runs (0 = every pass).", ge=0)
     rebuild: bool = param(False, "Drop the mirror and rebuild it from MLflow.")
+
+    def validate(self) -> None:
+        check_bounds(self)
 
     def experiment_list(self) -> list[str]:
         return split_list(self.experiments, whitespace=False)  # a name may hold spaces
@@ -496,7 +497,7 @@ class PipelineParams(DataParams, VoteParams, PromotionParams, ReportsParams, Tra
 
     # How the pipeline runs, not what it computes: left out of the pipeline's key.
     RUNTIME = ("experiment", "sync", "report", "reports_dir", "device", "amp", "num_workers",
-               "force")
+               "log_timeout", "force")
 
     def model_list(self) -> list[str]:
         return split_list(self.models)
@@ -507,6 +508,7 @@ class PipelineParams(DataParams, VoteParams, PromotionParams, ReportsParams, Tra
         from components.serving.ensemble import get_vote
         from components.tracking.registry import VERSION_METRICS
 
+        check_bounds(self)
         models = self.model_list()
         if not models:
             raise ParamError("models is empty: pass a comma-separated list, e.g. "
@@ -516,11 +518,9 @@ class PipelineParams(DataParams, VoteParams, PromotionParams, ReportsParams, Tra
                              "each model once")
         for model in models:
             get_spec(model)
-        if self.top_k < 0 or self.top_k == 1:
+        if self.top_k == 1:
             raise ParamError(f"top_k must be 0 (no ensemble) or >= 2 (got {self.top_k})")
         get_vote(self.vote)
-        if self.min_delta < 0:
-            raise ParamError(f"min_delta must be >= 0 (got {self.min_delta})")
         if self.metric not in VERSION_METRICS:
             raise ParamError(f"metric '{self.metric}' is not one evaluate records on a "
                              f"version: choose one of {', '.join(VERSION_METRICS)}")

@@ -13,11 +13,13 @@ sha1, width, height) and, with cache=true, one memory-mappable uint8 NxHxWx3 `.n
 (each image decoded once and resized exactly as `build_transform` would) are artifacts of a
 run tagged `cnnflow.step=preprocess`. `train --preprocess-run <id>` reads them back
 (`load_prepared`) instead of scanning and decoding the folder; the manifest's digest is
-`DatasetSplits.digest()`, so it becomes the training run's `cnnflow.dataset_digest`.
+`DatasetSplits.digest()` over its sha1, label and split columns, so it becomes the training
+run's `cnnflow.dataset_digest`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -79,11 +81,11 @@ class SplitPlan:
     row_of: dict[str, int] = field(default_factory=dict)
 
     def manifest_rows(self) -> list[dict[str, Any]]:
-        """`DatasetSplits.manifest_rows()` plus sha1, width and height of every image."""
+        """`DatasetSplits.manifest_rows()` (sha1 included) plus width and height of every image."""
         rows = []
         for row in self.splits.manifest_rows():
-            sha1, width, height = self.facts[str(self.splits.root / str(row["path"]))]
-            rows.append({**row, "sha1": sha1, "width": width, "height": height})
+            _, width, height = self.facts[str(self.splits.root / str(row["path"]))]
+            rows.append({**row, "width": width, "height": height})
         return rows
 
     def metrics(self) -> dict[str, float]:
@@ -133,7 +135,8 @@ def plan_split(params: PreprocessParams, scratch: Path, *, progress: bool = Fals
         pixels.flush()
         del pixels
 
-    splits = load_splits(root, params.val_ratio, params.test_ratio, params.seed, known_bad=bad)
+    splits = load_splits(root, params.val_ratio, params.test_ratio, params.seed, known_bad=bad,
+                         known_hashes={p: v[0] for p, v in facts.items()})
     splits = replace(splits, name=name)
     missing = [p for s in SPLITS for p, _ in splits.split(s) if p not in facts]
     if missing:
@@ -342,6 +345,7 @@ def read_manifest(path: Path, root: Path, name: str,
                         f"{', '.join(MANIFEST_COLUMNS)}): run preprocess to make one")
     classes: dict[int, str] = {}
     out: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
+    hashes: dict[str, str] = {}
     for n, row in enumerate(rows, start=2):
         try:
             index = int(row["class_index"])
@@ -352,12 +356,14 @@ def read_manifest(path: Path, root: Path, name: str,
             raise DataError(f"{path} line {n}: inconsistent label/class_index or unknown split "
                             f"{row['split']!r}: run preprocess again")
         out[row["split"]].append((str(root / row["path"]), index))
+        if row.get("sha1"):  # the digest is over these: no file is read again
+            hashes[str(root / row["path"])] = row["sha1"]
     if sorted(classes) != list(range(len(classes))):
         raise DataError(f"{path}: class indices are not 0..{len(classes) - 1}: "
                         "run preprocess again")
     return DatasetSplits(name=name, root=root, classes=[classes[i] for i in range(len(classes))],
                          train=out["train"], val=out["val"], test=out["test"],
-                         skipped=list(skipped or []), presplit=presplit)
+                         skipped=list(skipped or []), presplit=presplit, hashes=hashes)
 
 
 def load_prepared(client: MlflowClient, run_id: str, image_size: int,
@@ -392,7 +398,7 @@ def load_prepared(client: MlflowClient, run_id: str, image_size: int,
                for r in read_csv(data_dir / "skipped_files.csv")]
     splits = read_manifest(data_dir / "manifest.csv", root, tags.get(DATASET_TAG, data),
                            skipped, tags.get(PRESPLIT_TAG) == "true")
-    if splits.digest() != tags.get(DATASET_DIGEST_TAG):
+    if tags.get(DATASET_DIGEST_TAG) not in (splits.digest(), _path_digest(splits)):
         raise DataError(f"the manifest in {data_dir} does not match run {run_id}'s digest: "
                         f"delete {local} and train again")
 
@@ -415,6 +421,15 @@ def load_prepared(client: MlflowClient, run_id: str, image_size: int,
         _check_files_exist(splits, run_id)
     return PreparedData(run_id=run_id, splits=splits, params=dict(params), arrays=arrays,
                         source=source)
+
+
+def _path_digest(splits: DatasetSplits) -> str:
+    """The digest preprocess runs logged before it covered file contents (relpath, label,
+    split), so their manifests still pass the integrity check; training from one is tagged
+    with the content digest."""
+    lines = sorted(f"{splits.relpath(p)},{splits.classes[label]},{s}"
+                   for s in SPLITS for p, label in splits.split(s))
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 
 
 def _same_folder(data: str, root: Path) -> bool:

@@ -6,9 +6,12 @@ val/test images never leaked into train. Here:
 
 - `run_pseudo_label` predicts every image of an unlabelled folder with a logged model (a
   `models:/` URI or a run id), writes those at or above the threshold into a new dataset
-  folder in class layout (copies, hard links or symlinks) with `pseudo_labels.csv` (source
-  path, file, predicted class, confidence), lists the rest in `below_threshold.csv`, and logs
-  a `pseudo_label-vN` run with the counts per class.
+  folder in class layout (copies, hard links or symlinks) with `.cnnflow/pseudo_labels.csv`
+  (source path, file, predicted class, confidence), lists the rest in
+  `.cnnflow/below_threshold.csv`, and logs a `pseudo_label-vN` run with the counts per class.
+  The CSVs sit in a hidden folder, so no class folder can collide with them and dataset scans
+  skip them; the folder is built beside `--out` and moved into place only when complete, so a
+  failure leaves nothing behind and a re-run works.
 - `extra_train_samples` reads such a folder for `train --extra-train`: the images join the
   train split only, and any whose content (sha1 of the file bytes, as `preprocess` hashes)
   equals a val or test image of the run's split is excluded, so nothing leaks.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -26,10 +30,11 @@ from pathlib import Path
 from components import tracking
 from components.data.datasets import (
     IMAGE_EXTENSIONS,
+    remove_stale_tmp,
     verify_images,
 )
 from components.errors import CnnflowError
-from components.files import write_csv
+from components.files import replace_dir, write_csv
 from components.nn.engine import resolve_device
 from components.serving.metrics import metric_key
 from components.serving.predict import auto_batch_size, load_model, predict_samples
@@ -39,6 +44,10 @@ from components.steps.params import PseudoLabelParams
 
 class PseudoLabelError(CnnflowError, ValueError):
     """Bad pseudo-labelling input; one line saying what to do."""
+
+
+REPORT_DIR = ".cnnflow"  # in --out; hidden, so never a class folder and skipped by dataset scans
+REPORT_FILES = ("pseudo_labels.csv", "below_threshold.csv", "skipped_files.csv")
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,52 +116,70 @@ def run_pseudo_label(params: PseudoLabelParams, tracking_uri: str,
         raise PseudoLabelError(f"no readable images in {images_dir}")
     device = resolve_device(params.device)
     model = load_model(target.model_uri).to(device)
+    classes = list(model.class_names)
+    _check_class_names(classes, target.model_uri)
+    out = params.out_dir()
     run_id, _, run_name = tracking.open_run(
         client, step="pseudo_label", experiment=params.experiment or target.experiment,
         adopt=job_run_id)
-    out = params.out_dir()
-    with tracking.ending_run(client, run_id):
-        log(f"pseudo-labelling {len(paths)} images with {target.model_uri} ({device.type})")
-        predictions = predict_samples(
-            model, [(str(p), 0) for p in paths],
-            params.batch_size or auto_batch_size(device), params.num_workers)
-        probs = predictions.probs
-        classes = list(model.class_names)
-        confident, below = [], []
-        for path, row in zip(paths, probs, strict=True):
-            best = int(row.argmax())
-            entry = {"path": str(path), "predicted": classes[best],
-                     "confidence": float(row[best])}
-            (confident if row[best] >= params.threshold else below).append(entry)
-        per_class = dict.fromkeys(classes, 0)
-        out.mkdir(parents=True, exist_ok=True)
-        for entry in confident:
-            src = Path(entry["path"])
-            dst = _free_name(out / entry["predicted"], src, images_dir)
-            PLACERS[params.mode](src, dst)
-            entry["file"] = dst.relative_to(out).as_posix()
-            per_class[entry["predicted"]] += 1
-        write_csv(out / "pseudo_labels.csv", confident,
-                  ["path", "file", "predicted", "confidence"])
-        write_csv(out / "below_threshold.csv", below, ["path", "predicted", "confidence"])
-        write_csv(out / "skipped_files.csv", [{"path": p, "reason": r} for p, r in skipped],
-                  ["path", "reason"])
-        logged = {f.name: getattr(params, f.name) for f in fields(params)}
-        logged["out"] = str(out)
-        present = client.get_run(run_id).data.params
-        tracking.log_params_and_tags(
-            client, run_id, {k: v for k, v in logged.items() if k not in present},
-            {"cnnflow.model_uri_used": target.model_uri,
-             "cnnflow.source_run_id": target.run_id})
-        metrics = {"n_images": len(paths), "n_confident": len(confident),
-                   "n_below_threshold": len(below), "n_skipped": len(skipped),
-                   **{f"n_confident_{metric_key(c)}": n
-                      for c, n in per_class.items()}}
-        tracking.log_metrics(client, run_id, metrics)
-        for name in ("pseudo_labels.csv", "below_threshold.csv", "skipped_files.csv"):
-            client.log_artifact(run_id, str(out / name), artifact_path="pseudo_label")
+    # Built beside --out and moved into place when complete: a failure leaves nothing behind.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out.parent, f".{out.name}-tmp-*")
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}-tmp-", dir=out.parent))
+    try:
+        with tracking.ending_run(client, run_id):
+            log(f"pseudo-labelling {len(paths)} images with {target.model_uri} ({device.type})")
+            predictions = predict_samples(
+                model, [(str(p), 0) for p in paths],
+                params.batch_size or auto_batch_size(device), params.num_workers)
+            confident, below = [], []
+            for path, row in zip(paths, predictions.probs, strict=True):
+                best = int(row.argmax())
+                entry = {"path": str(path), "predicted": classes[best],
+                         "confidence": float(row[best])}
+                (confident if row[best] >= params.threshold else below).append(entry)
+            per_class = dict.fromkeys(classes, 0)
+            for entry in confident:
+                src = Path(entry["path"])
+                dst = _free_name(work / entry["predicted"], src, images_dir)
+                PLACERS[params.mode](src, dst)
+                entry["file"] = dst.relative_to(work).as_posix()
+                per_class[entry["predicted"]] += 1
+            report = work / REPORT_DIR
+            report.mkdir()
+            write_csv(report / "pseudo_labels.csv", confident,
+                      ["path", "file", "predicted", "confidence"])
+            write_csv(report / "below_threshold.csv", below, ["path", "predicted", "confidence"])
+            write_csv(report / "skipped_files.csv",
+                      [{"path": p, "reason": r} for p, r in skipped], ["path", "reason"])
+            logged = {f.name: getattr(params, f.name) for f in fields(params)}
+            logged["out"] = str(out)
+            present = client.get_run(run_id).data.params
+            tracking.log_params_and_tags(
+                client, run_id, {k: v for k, v in logged.items() if k not in present},
+                {"cnnflow.model_uri_used": target.model_uri,
+                 "cnnflow.source_run_id": target.run_id})
+            metrics = {"n_images": len(paths), "n_confident": len(confident),
+                       "n_below_threshold": len(below), "n_skipped": len(skipped),
+                       **{f"n_confident_{metric_key(c)}": n for c, n in per_class.items()}}
+            tracking.log_metrics(client, run_id, metrics)
+            for name in REPORT_FILES:
+                client.log_artifact(run_id, str(report / name), artifact_path="pseudo_label")
+            if out.exists():
+                out.rmdir()  # validated empty up front; refuses anything written there since
+            replace_dir(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return PseudoLabelOutcome(run_id, run_name, out, len(paths), len(confident), len(below),
                               per_class, skipped)
+
+
+def _check_class_names(classes: list[str], model_uri: str) -> None:
+    """Every class must be a plain, visible folder name, or its images would land elsewhere."""
+    for name in classes:
+        if name in ("", ".", "..") or name.startswith(".") or "/" in name or os.sep in name:
+            raise PseudoLabelError(f"class {name!r} of {model_uri} is not a plain folder name: "
+                                   "pseudo-label only models whose classes are folder names")
 
 
 def _free_name(folder: Path, src: Path, root: Path) -> Path:

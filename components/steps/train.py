@@ -6,10 +6,13 @@ MLproject entry point and resumed runs all go through it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,18 +44,31 @@ from components.nn.engine import (
     FitResult,
     fit,
     load_checkpoint,
+    remove_stale_temp,
     seed_everything,
+    temp_prefix,
 )
 from components.nn.engine import resolve_device as _resolve_device
 from components.nn.models import create_model, model_normalization
+from components.settings import mask_uri, state_dir
 from components.steps.params import TrainParams
 from components.steps.preprocess import load_prepared
-from components.tracking.callback import MLflowCallback
+from components.tracking.callback import MLflowCallback, epoch_span
 from components.tracking.models import log_pyfunc_model
 
 
 class TrainingError(CnnflowError, RuntimeError):
     """A run-level problem (bad resume target, bad parameter) with a one-line message."""
+
+
+class LoggingTimeout(TrainingError):
+    """MLflow did not take the backlog in time: the run is left as it is, to be resumed."""
+
+
+# MLflow's own HTTP retries, while training: one quick retry, then the callback's policy
+# (retry every few seconds, bounded by log_timeout) takes over. 30 s still lets a large
+# checkpoint upload get its answer. Only where the user has not set them.
+SHORT_HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 @dataclass
@@ -84,6 +100,30 @@ def train(params: TrainParams, tracking_uri: str, *, progress: bool | None = Non
     Under torchrun (WORLD_SIZE > 1) every rank trains its shard with DistributedDataParallel;
     only rank 0 touches MLflow, and the other ranks return an outcome with empty run ids.
     """
+    remove_stale_temp()  # what killed runs left behind
+    with _short_http_retries():
+        return _train_checked(params, tracking_uri, progress, log, train_sample, parent_run_id,
+                              callbacks, run_tags, job_run_id)
+
+
+@contextlib.contextmanager
+def _short_http_retries() -> Iterator[None]:
+    """Set `SHORT_HTTP_RETRIES` the user has not set, for the duration of the training."""
+    added = {k: v for k, v in SHORT_HTTP_RETRIES.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _train_checked(params: TrainParams, tracking_uri: str, progress: bool | None,
+                   log: Callable[[str], None],
+                   train_sample: Callable[[DatasetSplits], DatasetSplits] | None,
+                   parent_run_id: str | None, callbacks: Sequence[Callback],
+                   run_tags: dict[str, str] | None, job_run_id: str | None) -> TrainOutcome:
+    """`train` in one process or as one rank of a process group."""
     world_size = distributed.env_world_size()
     if world_size > 1:
         if params.nproc not in (1, world_size):
@@ -158,7 +198,7 @@ def _train(client, params: TrainParams, tracking_uri: str, progress: bool,
         f"read from the {source})")
 
     if not distributed.is_main():  # a worker rank: train its shard, leave MLflow to rank 0
-        with tempfile.TemporaryDirectory(prefix="cnnflow-train-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=temp_prefix("train")) as tmp:
             result = fit(model, loaders["train"], loaders["val"], config, Path(tmp),
                          **run_on, class_weights=weights)
         return TrainOutcome("", "", "", result, "", "")
@@ -173,25 +213,37 @@ def _train(client, params: TrainParams, tracking_uri: str, progress: bool,
             parent=parent_run_id)
     if run_tags:
         tracking.log_params_and_tags(client, run_id, {}, run_tags)
-    callback = MLflowCallback(client, run_id)
-    with tempfile.TemporaryDirectory(prefix="cnnflow-train-") as tmp:
+    callback = MLflowCallback(client, run_id, log=log)
+    with tempfile.TemporaryDirectory(prefix=temp_prefix("train")) as tmp:
         work = Path(tmp)
         try:
-            resume_from = None
-            if resumed is not None:
-                resume_from, _ = tracking.download_checkpoint(client, run_id, work / "ckpt")
+            resume_from = _resume_point(client, run_id, work / "ckpt") if resumed else None
+            if resume_from is not None:
                 done = tracking.backfill_epochs(client, run_id, load_checkpoint(resume_from))
                 log(f"resuming {run_name} ({run_id}) after epoch {done}")
             else:
+                if resumed is not None:
+                    log(f"restarting {run_name} ({run_id}) from epoch 1: it stopped before "
+                        "its first checkpoint")
                 _log_run_start(client, run_id, params, splits, device.type, weights_source,
-                               run_name, work, source)
+                               run_name, work, source,
+                               client.get_run(run_id).data.params if resumed else None)
                 if extra is not None:
                     _log_extra_train(client, run_id, extra, work)
             result = fit(model, loaders["train"], loaders["val"], config,
                          work / "ckpt", **run_on, class_weights=weights,
                          callbacks=[ConsoleCallback(f"{run_name} "), callback, *callbacks],
                          resume_from=resume_from)
-            callback.flush()
+            missing = callback.flush(params.log_timeout)
+            if missing:
+                kept = _keep_checkpoints(run_id, work / "ckpt")
+                raise LoggingTimeout(
+                    f"MLflow at {mask_uri(tracking_uri)} did not answer for "
+                    f"{params.log_timeout:g} s after the last epoch: epochs "
+                    f"{epoch_span(missing)} of {run_name} are not logged (training finished; "
+                    f"checkpoint kept in {kept}); when the server is back, complete the run "
+                    f"with: cnnflow train --resume {run_id}")
+            _forget_kept_checkpoints(run_id)
             tracking.log_metrics(client, run_id, result.final_metrics())
             tracking.log_history(client, run_id, result.history, work / "history")
             model_uri = log_pyfunc_model(run_id, result.best_path, {
@@ -201,24 +253,27 @@ def _train(client, params: TrainParams, tracking_uri: str, progress: bool,
                 splits.train[0][0] if splits.train else None)
             client.set_tag(run_id, MODEL_URI_TAG, model_uri)
             tracking.finish_run(client, run_id, "FINISHED")
+        except LoggingTimeout:
+            raise  # no server to tell; the run stays unfinished, and --resume completes it
         except KeyboardInterrupt:
-            _abort(client, callback, run_id, "KILLED", "interrupted by the user (Ctrl-C)")
+            _abort(client, callback, run_id, "KILLED", "interrupted by the user (Ctrl-C)",
+                   params.log_timeout)
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure must end the run
             for key, value in getattr(exc, "run_tags", {}).items():
                 client.set_tag(run_id, key, value)
             _abort(client, callback, run_id, getattr(exc, "run_status", "FAILED"),
-                   f"{type(exc).__name__}: {exc}")
+                   f"{type(exc).__name__}: {exc}", params.log_timeout)
             raise
     return TrainOutcome(run_id, run_name, exp_id, result, model_uri,
                         tracking.run_url(tracking_uri, exp_id, run_id))
 
 
 def _abort(client, callback: MLflowCallback, run_id: str, status: str,
-           reason: str) -> None:
+           reason: str, timeout: float) -> None:
     """Record why the run ended; never let a second failure hide the first."""
     try:
-        callback.flush()
+        callback.flush(timeout)
     except Exception:  # noqa: BLE001
         pass
     try:
@@ -280,8 +335,48 @@ def _load_resume(client, params: TrainParams) -> TrainParams:
     if FOLD_TAG in run.data.tags or TRIAL_TAG in run.data.tags:
         raise TrainingError(f"cannot resume: run '{params.resume}' is a cross-validation fold "
                             "or a tuning trial; run train --cv / tune again instead")
+    if "model" not in run.data.params:
+        raise TrainingError(f"cannot resume: run '{params.resume}' stopped before its "
+                            "parameters were logged; start a new run instead")
     runtime = {k: getattr(params, k) for k in TrainParams.RUNTIME}
     return TrainParams.from_logged(run.data.params, **runtime)
+
+
+def _resume_point(client, run_id: str, ckpt_dir: Path) -> Path | None:
+    """The run's newest last.pt, into `ckpt_dir` (with its best.pt): the server's, or the one
+    this machine kept when the server was gone at the end (then it is uploaded now). None when
+    the run stopped before its first checkpoint: it restarts from epoch 1."""
+    try:
+        last, _ = tracking.download_checkpoint(client, run_id, ckpt_dir)
+    except FileNotFoundError:
+        last = None
+    kept = _kept_dir(run_id) / "last.pt"
+    if kept.exists() and (last is None or
+                          load_checkpoint(kept)["epoch"] > load_checkpoint(last)["epoch"]):
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for path in sorted(kept.parent.glob("*.pt")):
+            shutil.copy2(path, ckpt_dir / path.name)
+            client.log_artifact(run_id, str(ckpt_dir / path.name), artifact_path="checkpoints")
+        last = ckpt_dir / "last.pt"
+    return last
+
+
+def _kept_dir(run_id: str) -> Path:
+    return state_dir() / "checkpoints" / run_id
+
+
+def _keep_checkpoints(run_id: str, ckpt_dir: Path) -> Path:
+    """Copy last.pt / best.pt where `--resume` looks first, out of the temp folder that goes."""
+    kept = _kept_dir(run_id)
+    kept.mkdir(parents=True, exist_ok=True)
+    for path in ckpt_dir.glob("*.pt"):
+        shutil.copy2(path, kept / path.name)
+    return kept
+
+
+def _forget_kept_checkpoints(run_id: str) -> None:
+    """The server has every epoch now: a kept copy is no longer needed."""
+    shutil.rmtree(_kept_dir(run_id), ignore_errors=True)
 
 
 def _check_same_data(client, run_id: str, digest: str) -> None:
@@ -292,11 +387,17 @@ def _check_same_data(client, run_id: str, digest: str) -> None:
 
 
 def _log_run_start(client, run_id: str, params: TrainParams, splits, device: str,
-                   weights_source: str, run_name: str, work: Path, source: str) -> None:
-    """Params, tags, the split manifest (artifact and dataset input) and the skipped files."""
+                   weights_source: str, run_name: str, work: Path, source: str,
+                   logged_before: dict[str, str] | None = None) -> None:
+    """Params, tags, the split manifest (artifact and dataset input) and the skipped files.
+
+    `logged_before`: the params of a run restarted from epoch 1, which stay as they are
+    (MLflow refuses a changed value, and a resume may change the runtime ones).
+    """
     logged = params.logged()
     logged.update(num_classes=len(splits.classes), n_train=len(splits.train),
                   n_val=len(splits.val), n_test=len(splits.test))
+    logged = {k: v for k, v in logged.items() if k not in (logged_before or {})}
     digest = splits.digest()
     tags = {DATASET_TAG: splits.name, DATASET_DIGEST_TAG: digest,
             WEIGHTS_SOURCE_TAG: weights_source, DEVICE_TAG: device,

@@ -273,14 +273,13 @@ class PruningCallback(Callback):
 
 def check(params: TuneParams) -> tuple[Space, dict[str, Any]]:
     """Everything checkable before a study or a run exists; returns the parsed space."""
+    params.validate()  # the declared ranges (n_trials, timeout, trial_epochs, ...)
     space, fixed = parse_space(params.space)
     models = _models(params.model)
     if len(models) > 1:
         space["model"] = CategoricalDistribution(models)
     if params.n_trials < 1 and params.timeout <= 0:
         raise TuneError(f"n_trials must be >= 1 (got {params.n_trials}), or give a timeout")
-    if params.timeout < 0:
-        raise TuneError(f"timeout must be >= 0 seconds, 0 = none (got {params.timeout})")
     if params.metric not in TUNABLE_METRICS:
         raise TuneError(f"metric '{params.metric}' is not an epoch metric: use one of "
                         f"{', '.join(TUNABLE_METRICS)}")
@@ -292,8 +291,6 @@ def check(params: TuneParams) -> tuple[Space, dict[str, Any]]:
     if params.pruner not in PRUNERS:
         raise TuneError(f"unknown pruner '{params.pruner}': use one of "
                         f"{', '.join(sorted(PRUNERS))}")
-    if params.trial_epochs < 0:
-        raise TuneError(f"trial_epochs must be >= 0, 0 = epochs (got {params.trial_epochs})")
     SAMPLERS[params.sampler](space, params.seed)  # grid checks its space here
     params.base(models[0], fixed).validate()
     return space, fixed
@@ -321,15 +318,53 @@ class TuneOutcome:
     retrained_metrics: dict[str, float] = field(default_factory=dict)
 
 
+def check_storage(params: TuneParams, attempts: int = 3) -> None:
+    """Open the study's storage once before any run exists, so a mistyped --storage, a
+    missing folder or a database that does not answer leaves no FAILED `tune-vN` run behind.
+
+    Tables are created here if missing (as the study would); database errors are retried,
+    since workers started together race to create them (as in `_create_study`).
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import DBAPIError
+
+    url = params.storage_url()
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - ArgumentError, ValueError: not a URL at all
+        raise TuneError(f"--storage {mask_uri(url)} is not a database URL: write e.g. "
+                        "sqlite:///path/to/optuna.db or postgresql://user:pass@host/db"
+                        ) from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        folder = Path(parsed.database).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise TuneError(f"the folder of Optuna storage {mask_uri(url)} ({folder}) does not "
+                            "exist: create it or pass another --storage")
+    for attempt in range(attempts):
+        try:
+            storage = optuna.storages.RDBStorage(url, **_storage_kwargs(url))
+            storage.engine.dispose()
+            return
+        except Exception as exc:  # noqa: BLE001 - driver missing, refused, bad schema
+            if attempt == attempts - 1 or not isinstance(exc, DBAPIError):  # a race: retry
+                cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+                raise TuneError(f"cannot open Optuna storage {mask_uri(url)}: "
+                                f"{type(exc).__name__}: {one_line(exc)}{cause}") from None
+            time.sleep(0.5 + random.random())
+
+
+def _storage_kwargs(url: str) -> dict[str, Any]:
+    """Several workers on one SQLite file wait for the lock instead of failing at once."""
+    if url.startswith("sqlite"):
+        return {"engine_kwargs": {"connect_args": {"timeout": 60}}}
+    return {}
+
+
 def open_study(params: TuneParams, space: Space, study_name: str) -> optuna.Study:
     """Create the study, or join it when another worker already did (load_if_exists)."""
     url = params.storage_url()
-    kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        # Several workers on one SQLite file wait for the lock instead of failing at once.
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     try:
-        study = _create_study(url, kwargs, params, space, study_name)
+        study = _create_study(url, _storage_kwargs(url), params, space, study_name)
     except ValueError as exc:  # e.g. joining a study created with the other direction
         raise TuneError(f"cannot open study '{study_name}' in {mask_uri(url)}: "
                         f"{one_line(exc)}") from None
@@ -375,8 +410,11 @@ def run_tune(params: TuneParams, tracking_uri: str,
     from components.data.datasets import load_splits
     splits = load_splits(params.data, val_ratio=params.val_ratio,
                          test_ratio=params.test_ratio, seed=params.seed, verify=False)
-    # A named (shared) study is opened first: a bad storage or direction creates no run.
+    # A named (shared) study is opened first: a bad storage or direction creates no run;
+    # an unnamed one is named after the run, so only its storage is checked first.
     study = open_study(params, space, params.study) if params.study else None
+    if study is None:
+        check_storage(params)
     run_id, _, run_name = tracking.open_run(client, step="tune",
                                             experiment=params.experiment or splits.name,
                                             adopt=job_run_id)

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from components.errors import one_line
@@ -62,10 +63,16 @@ def _ui_page(tracking_uri: str, route: str) -> str:
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The experiment's id, created on first use (restoring it if it was deleted)."""
+    """The experiment's id, created on first use (restoring it if it was deleted); a
+    process creating it at the same moment wins, and its experiment is used."""
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+        except MlflowException as exc:
+            exp = client.get_experiment_by_name(name)
+            if exp is None or exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
     mark_training(client, exp.experiment_id, exp.tags)
@@ -80,16 +87,6 @@ def mark_training(client: MlflowClient, exp_id: str, tags: dict[str, str] | None
         tags = client.get_experiment(exp_id).tags
     if tags.get(EXPERIMENT_KIND_TAG) != TRAINING_KIND:
         client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
-
-
-def next_version(client: MlflowClient, exp_id: str, name: str, tag: str = MODEL_TAG) -> int:
-    """N in `<name>-vN`: one more than the highest version of the runs whose `tag` is `name`
-    (a model's runs by `cnnflow.model`, a step's by `cnnflow.step`), deleted runs included."""
-    runs = client.search_runs([exp_id], filter_string=f"tags.`{tag}` = '{name}'",
-                              run_view_type=ViewType.ALL, max_results=50000)
-    versions = [int(r.data.tags.get(VERSION_TAG, 0)) for r in runs
-                if str(r.data.tags.get(VERSION_TAG, "")).isdigit()]
-    return max(versions, default=0) + 1
 
 
 def clean_params(params: dict[str, Any]) -> list[Param]:
@@ -185,6 +182,8 @@ def open_run(client: MlflowClient, *, step: str, model: str | None = None,
     - else a new run, nested under `parent` (`mlflow.parentRunId`) when given.
     The experiment is the adopted or parent run's, else `exp_id`, else the one named
     `experiment` (created on first use). `tags` are added to the run (URIs masked).
+    The run exists (tagged with its label and a claim) before its version is chosen, so
+    runs opened at the same moment get distinct versions (`claim_version`).
     """
     if adopt and parent:
         raise ValueError("open_run: adopt a run or create a child of a parent, not both")
@@ -194,22 +193,102 @@ def open_run(client: MlflowClient, *, step: str, model: str | None = None,
         mark_training(client, exp_id)
     elif not exp_id:
         exp_id = experiment_id(client, experiment)
-    label = model or step
-    version = next_version(client, exp_id, label, tag=MODEL_TAG if model else STEP_TAG)
-    name = f"{label}-v{version}"
-    all_tags: dict[str, Any] = {STEP_TAG: step, VERSION_TAG: version}
+    label, label_tag = (model, MODEL_TAG) if model else (step, STEP_TAG)
+    all_tags: dict[str, Any] = {STEP_TAG: step, CLAIM_TAG: _claim_stamp()}
     if model:
         all_tags[MODEL_TAG] = model
     if parent:
         all_tags[MLFLOW_PARENT_RUN_ID] = parent
     all_tags.update(tags or {})
     if adopt:
-        client.update_run(adopt, name=name)
         log_params_and_tags(client, adopt, {}, all_tags)
-        return OpenedRun(adopt, exp_id, name)
-    run = client.create_run(exp_id, run_name=name,
-                            tags={k: mask_uri(str(v)) for k, v in all_tags.items()})
-    return OpenedRun(run.info.run_id, exp_id, name)
+        run_id = adopt
+    else:
+        run_id = client.create_run(exp_id, run_name=f"{label}-new",
+                                   tags={k: mask_uri(str(v)) for k, v in all_tags.items()}
+                                   ).info.run_id
+    version = claim_version(client, exp_id, run_id, label, label_tag)
+    return OpenedRun(run_id, exp_id, f"{label}-v{version}")
+
+
+# --------------------------------------------------------------------------------------------
+# Versions that stay unique when runs open at the same moment
+# --------------------------------------------------------------------------------------------
+
+# On a run from its creation (or adoption) until its version is written: "<ms>:<ticket>",
+# ticket 0 while it is still choosing one. MLflow has no compare-and-set, so the runs that
+# open at the same moment take turns by Lamport's bakery algorithm over these tags.
+CLAIM_TAG = "cnnflow.version_claim"
+# A claim this old belongs to a process that died before settling: nobody waits for it.
+STALE_CLAIM_SEC = 60.0
+CLAIM_POLL_SEC = (0.02, 0.1)
+
+
+class _Claim(NamedTuple):
+    """One run with the label, as `claim_version` reads it."""
+
+    run_id: str
+    version: int  # 0: none yet
+    ticket: int | None  # None: not claiming (settled, reserved, or a dead claim); 0: choosing
+
+
+def _claim_stamp(ticket: int = 0) -> str:
+    return f"{time.time_ns() // 1_000_000}:{ticket}"
+
+
+def _claims(client: MlflowClient, exp_id: str, label: str, label_tag: str) -> list[_Claim]:
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{label_tag}` = '{label}'",
+                              run_view_type=ViewType.ALL, max_results=50000)
+    now_ms = time.time_ns() // 1_000_000
+    found = []
+    for run in runs:
+        version = run.data.tags.get(VERSION_TAG, "")
+        stamp, _, ticket = run.data.tags.get(CLAIM_TAG, "").partition(":")
+        live = stamp.isdigit() and ticket.isdigit() and \
+            now_ms - int(stamp) < STALE_CLAIM_SEC * 1000
+        found.append(_Claim(run.info.run_id, int(version) if version.isdigit() else 0,
+                            int(ticket) if live else None))
+    return found
+
+
+def claim_version(client: MlflowClient, exp_id: str, run_id: str, label: str,
+                  label_tag: str = MODEL_TAG) -> int:
+    """Name `run_id` `<label>-vN` with the next version of `label`, unique and gap-free even
+    against runs opening at the same moment (threads, processes, machines).
+
+    The run already carries `label_tag`=`label` and a choosing claim. It takes a ticket one
+    above every ticket it reads, then waits while any run is still choosing or holds a
+    smaller ticket (ties: the smaller run id); its turn come, every earlier claimant has
+    written its version, so the highest version read plus one is free. Runs are never
+    deleted or renumbered; a claim older than `STALE_CLAIM_SEC` is ignored.
+    """
+    import random
+
+    def poll() -> None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"run {run_id}: no version for '{label}' after "
+                               f"{2 * STALE_CLAIM_SEC:g} s of waiting for other runs")
+        time.sleep(random.uniform(*CLAIM_POLL_SEC))
+
+    deadline = time.monotonic() + 2 * STALE_CLAIM_SEC
+    view = _claims(client, exp_id, label, label_tag)
+    while run_id not in {c.run_id for c in view}:  # searchable a moment after creation
+        poll()
+        view = _claims(client, exp_id, label, label_tag)
+    ticket = 1 + max((c.ticket or 0 for c in view), default=0)
+    client.set_tag(run_id, CLAIM_TAG, _claim_stamp(ticket))
+    while True:
+        view = _claims(client, exp_id, label, label_tag)
+        ahead = [c for c in view if c.run_id != run_id and c.ticket is not None
+                 and (c.ticket == 0 or (c.ticket, c.run_id) < (ticket, run_id))]
+        if not ahead:
+            break
+        poll()
+    version = 1 + max((c.version for c in view if c.run_id != run_id), default=0)
+    client.update_run(run_id, name=f"{label}-v{version}")
+    client.set_tag(run_id, VERSION_TAG, str(version))
+    client.delete_tag(run_id, CLAIM_TAG)  # the next in line may go
+    return version
 
 
 def reserve_child(client: MlflowClient, parent: str, exp_id: str, step: str,

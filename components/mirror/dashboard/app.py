@@ -1,9 +1,10 @@
 """The cnnflow dashboard: a Streamlit page over the Mongo mirror (`cnnflow dashboard`).
 
 Four views picked in the sidebar: model detail, model comparison, time filter and live
-monitoring. It reads MONGO_URI (else the server `cnnflow up` started) and only reads: MLflow
-stays behind `cnnflow sync`, so the page works wherever the mirror is reachable. Queries live
-in components/mirror/dashboard/data.py; this file only lays them out.
+monitoring. It reads MONGO_URI (else the server `cnnflow up` started; else it says so in one
+line and guesses no address) and only reads: MLflow stays behind `cnnflow sync`, so the page
+works wherever the mirror is reachable. Queries live in components/mirror/dashboard/data.py;
+this file only lays them out.
 """
 
 from __future__ import annotations
@@ -293,10 +294,14 @@ def live_panel(uri: str) -> None:
 
 def main() -> None:
     st.set_page_config(page_title="cnnflow dashboard", layout="wide")
-    uri = mongo_uri()
     view = st.sidebar.radio("View", VIEWS, key="view")
     st.sidebar.caption("Reads the Mongo mirror only; `cnnflow sync --follow` keeps it current.")
     st.title(view)
+    try:  # asked on every rerun: a `cnnflow up` after the page opened is picked up
+        uri = mongo_uri()
+    except ServiceError as exc:  # neither MONGO_URI nor a server `up` started: never a guess
+        unreachable(str(exc))
+        return
     if view == "Live monitoring":
         live_panel(uri)
         return

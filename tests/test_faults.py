@@ -247,7 +247,7 @@ def test_loading_a_model_leaves_no_copy_in_the_temp_dir(trained_pair, pair_clien
 
 
 def test_stale_temp_folders_go_fresh_and_live_ones_stay(tmp_path: Path, monkeypatch):
-    from components.nn.engine import remove_stale_temp
+    from components.files import remove_stale_temp
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     old = time.time() - 2 * DAY

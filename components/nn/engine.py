@@ -9,12 +9,8 @@ improves) so any run can be resumed exactly where it stopped.
 from __future__ import annotations
 
 import math
-import os
 import random
-import shutil
-import stat
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -373,60 +369,3 @@ def _atomic_save(obj: Any, path: Path) -> Path:
     torch.save(obj, tmp)
     tmp.replace(path)
     return path
-
-
-# --- temporary folders ------------------------------------------------------------------
-
-TEMP_PREFIX = "cnnflow-"
-STALE_AFTER_SEC = 24 * 3600.0
-
-
-def temp_prefix(kind: str) -> str:
-    """`cnnflow-<kind>-<pid>-`: a temp folder named after its process, so a later sweep can
-    tell a live run's folder from one a killed run left behind."""
-    return f"{TEMP_PREFIX}{kind}-{os.getpid()}-"
-
-
-def remove_stale_temp(max_age: float = STALE_AFTER_SEC) -> list[Path]:
-    """Remove this user's `cnnflow-*` temp folders that a killed process left: nothing in
-    them touched for `max_age` seconds and the process in their name gone. Returns them."""
-    removed = []
-    now = time.time()
-    for path in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
-        try:
-            info = path.lstat()
-            if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid()
-                    or _owner_alive(path.name) or now - _newest_mtime(path) < max_age):
-                continue
-            shutil.rmtree(path)
-        except OSError:  # another sweep got there first, or it is not ours to remove
-            continue
-        removed.append(path)
-    return removed
-
-
-def _owner_alive(name: str) -> bool:
-    """Whether the pid in `cnnflow-<kind>-<pid>-...` is a running process."""
-    parts = name.split("-")
-    if len(parts) < 4 or not parts[2].isdigit():
-        return False
-    try:
-        os.kill(int(parts[2]), 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
-def _newest_mtime(folder: Path) -> float:
-    """The latest change anywhere in the folder: a long run's top folder can look old while
-    its checkpoints are rewritten every epoch."""
-    newest = folder.lstat().st_mtime
-    for root, dirs, files in os.walk(folder):
-        for name in dirs + files:
-            try:
-                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
-            except OSError:
-                continue
-    return newest

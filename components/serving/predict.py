@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from components.data.datasets import load_rgb
 from components.errors import CnnflowError, one_line
-from components.nn.engine import remove_stale_temp, temp_prefix
+from components.files import remove_stale_temp, temp_prefix
 
 
 class ModelLoadError(CnnflowError, RuntimeError):

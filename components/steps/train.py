@@ -24,7 +24,7 @@ from components import tracking
 from components.data.datasets import DatasetSplits, class_weights, load_splits, make_loaders
 from components.data.extra_train import extra_train_samples
 from components.errors import CnnflowError
-from components.files import write_csv
+from components.files import remove_stale_temp, temp_prefix, write_csv
 from components.names import (
     CLASS_NAMES_TAG,
     DATASET_DIGEST_TAG,
@@ -44,9 +44,7 @@ from components.nn.engine import (
     FitResult,
     fit,
     load_checkpoint,
-    remove_stale_temp,
     seed_everything,
-    temp_prefix,
 )
 from components.nn.engine import resolve_device as _resolve_device
 from components.nn.models import create_model, model_normalization

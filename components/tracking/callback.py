@@ -22,7 +22,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from components.errors import one_line
-from components.nn.engine import Callback, temp_prefix
+from components.files import temp_prefix
+from components.nn.engine import Callback
 from components.settings import mask_uri
 from components.tracking import log_metrics
 

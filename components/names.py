@@ -39,6 +39,14 @@ BEST_TRIAL_TAG = "cnnflow.best_trial"
 RETRAINED_RUN_TAG = "cnnflow.retrained_run_id"
 DECISION_REASON_TAG = "cnnflow.decision_reason"
 
+# What `cnnflow export` writes: on its run, the model it exported; on each exported model and
+# version, its format; per format, the gate's outcome ("registered vN" or "rejected: ...").
+FORMAT_TAG = "cnnflow.format"
+SOURCE_RUN_TAG = "cnnflow.source_run"
+SOURCE_MODEL_TAG = "cnnflow.source_model"  # the exported model's name (resnet18, ensemble)
+SOURCE_MODEL_URI_TAG = "cnnflow.source_model_uri"
+EXPORT_GATE_TAG = "cnnflow.export.{}"
+
 # Per-epoch metrics the engine reports (step = epoch >= 1) and the mirror turns into `epochs`.
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_sec",
                  "train_images_per_sec")

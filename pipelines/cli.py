@@ -16,6 +16,7 @@ COMMANDS = {
     "train": "pipelines.train:train",
     "evaluate": "pipelines.evaluate:evaluate_command",
     "ensemble": "pipelines.ensemble:ensemble_command",
+    "export": "pipelines.export:export_command",
     "promote": "pipelines.promote:promote_command",
     "compare": "pipelines.compare:compare_command",
     "sync": "pipelines.sync:sync_command",

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +19,7 @@ from components.services import free_port
 
 __all__ = [
     "BIN", "MESSY_EXPECTED", "free_port", "history", "make_image_folder", "make_messy_folder",
-    "runs_of", "subprocess_env", "write_image",
+    "runs_of", "serve_model", "subprocess_env", "write_image",
 ]
 
 BIN = Path(sys.executable).parent  # the venv's bin: python, mlflow, cnnflow, torchrun
@@ -114,3 +119,38 @@ def runs_of(client, experiment: str, step: str | None = None) -> list:
 def history(client, run_id: str, metric: str) -> list[tuple[int, float]]:
     """(step, value) pairs of one metric, in step order."""
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, metric))
+
+
+@contextlib.contextmanager
+def serve_model(model_uri: str, tracking_uri: str, log: Path) -> Iterator[str]:
+    """A real `mlflow models serve --env-manager local` of `model_uri` on a free loopback port,
+    output in `log`; yields its URL once /ping answers, and stops its process group after."""
+    import requests
+
+    port = free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+             "-h", "127.0.0.1", "-p", str(port)],
+            env=subprocess_env(tracking_uri), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import base64
-import os
-import signal
-import subprocess
-import time
 
 import mlflow
 import pandas as pd
 import pytest
 import requests
 from click.testing import CliRunner
-from helpers import BIN, subprocess_env
+from helpers import serve_model
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from components.services import free_port
 from components.tracking import registry
 from components.tracking.registry import RegistryError, decide, lower_is_better, register_version
 from pipelines.cli import cli
@@ -211,51 +206,29 @@ def test_registered_model_description_renders_and_says_how_to_serve(client, trai
 
 
 
-def test_served_champion_answers_http_with_classes_and_probabilities(client, trained_pair):
+def test_served_champion_answers_http_with_classes_and_probabilities(client, trained_pair,
+                                                                     tmp_path):
     add_version(client, trained_pair, "served", "D", test_acc=0.5)
     registry.promote(client, "served")
-    port = free_port()
-    env = subprocess_env(trained_pair.uri)
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "models", "serve", "-m", "models:/served@champion",
-         "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.5)
+    with serve_model("models:/served@champion", trained_pair.uri,
+                     tmp_path / "serve.log") as url:
         images = sorted((trained_pair.data / "k1").iterdir())[:2] + \
             sorted((trained_pair.data / "k3").iterdir())[:1]
         encoded = [base64.b64encode(p.read_bytes()).decode() for p in images]
-        response = requests.post(f"http://127.0.0.1:{port}/invocations",
+        response = requests.post(f"{url}/invocations",
                                  json={"dataframe_records": [{"image": e} for e in encoded]},
                                  timeout=60)
-        assert response.status_code == 200, response.text
-        predictions = response.json()["predictions"]
-        expected = mlflow.pyfunc.load_model("models:/served@champion").predict(
-            pd.DataFrame({"image": [str(p) for p in images]}))
-        classes = [f"k{i}" for i in range(6)]
-        assert [p["label"] for p in predictions] == list(expected["label"])
-        for row, (_, want) in zip(predictions, expected.iterrows(), strict=True):
-            assert set(row) == {"label", "confidence", *[f"prob_{c}" for c in classes]}
-            assert sum(row[f"prob_{c}"] for c in classes) == pytest.approx(1.0, abs=1e-5)
-            for c in classes:
-                assert row[f"prob_{c}"] == pytest.approx(want[f"prob_{c}"], abs=1e-6)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    expected = mlflow.pyfunc.load_model("models:/served@champion").predict(
+        pd.DataFrame({"image": [str(p) for p in images]}))
+    classes = [f"k{i}" for i in range(6)]
+    assert [p["label"] for p in predictions] == list(expected["label"])
+    for row, (_, want) in zip(predictions, expected.iterrows(), strict=True):
+        assert set(row) == {"label", "confidence", *[f"prob_{c}" for c in classes]}
+        assert sum(row[f"prob_{c}"] for c in classes) == pytest.approx(1.0, abs=1e-5)
+        for c in classes:
+            assert row[f"prob_{c}"] == pytest.approx(want[f"prob_{c}"], abs=1e-6)
 
 
 def test_promote_unknown_metric_is_one_line_even_when_challenger_is_champion(client,

@@ -5,10 +5,6 @@ say what to send) - real server, real runs."""
 from __future__ import annotations
 
 import base64
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import mlflow
@@ -16,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from helpers import BIN, free_port, subprocess_env
+from helpers import serve_model
 from mlflow.models import Model
 from PIL import Image
 
@@ -36,34 +32,9 @@ def lenet(trained_pair) -> tuple[str, Path]:
 @pytest.fixture(scope="module")
 def served(trained_pair, lenet, tmp_path_factory: pytest.TempPathFactory):
     """URL of one real `mlflow models serve` of the lenet5 model, for every REST check."""
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "models", "serve", "-m", lenet[0], "--env-manager", "local",
-             "-h", "127.0.0.1", "-p", str(port)],
-            env=subprocess_env(trained_pair.uri), stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
+    with serve_model(lenet[0], trained_pair.uri, log) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _assert_own_folder(uri: str, info: mlflow.models.model.ModelInfo) -> None:

@@ -38,17 +38,12 @@ class NonFiniteLossError(EngineError):
 
 
 def check_config(config: TrainConfig) -> None:
-    """Reject bad values before any work starts, with one line naming the fix."""
+    """Reject bad values before any work starts, with one line naming the fix: the ranges
+    `TrainConfig` declares, then the names the registries below must know."""
+    from components.params import check_bounds
+
+    check_bounds(config)
     checks = [
-        (config.epochs >= 1, f"epochs must be >= 1 (got {config.epochs})"),
-        (config.lr > 0, f"lr must be > 0 (got {config.lr})"),
-        (config.weight_decay >= 0, f"weight_decay must be >= 0 (got {config.weight_decay})"),
-        (config.patience >= 0, f"patience must be >= 0, 0 disables (got {config.patience})"),
-        (config.min_delta >= 0, f"min_delta must be >= 0 (got {config.min_delta})"),
-        (0 <= config.label_smoothing < 1,
-         f"label_smoothing must be in [0, 1) (got {config.label_smoothing})"),
-        (0 < config.scheduler_factor < 1,
-         f"scheduler_factor must be in (0, 1) (got {config.scheduler_factor})"),
         (config.optimizer in OPTIMIZERS,
          f"unknown optimizer '{config.optimizer}'; choose one of: {', '.join(OPTIMIZERS)}"),
         (config.scheduler in SCHEDULERS,

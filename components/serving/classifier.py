@@ -168,6 +168,15 @@ def input_example(image_path: str | Path) -> pd.DataFrame:
     return pd.DataFrame({IMAGE_COLUMN: [encoded]})
 
 
+def config_transform(config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
+    """The evaluation preprocessing a model config names (resize, normalise): one function, so
+    a PyTorch model and its ONNX exports see the same pixels."""
+    from components.data.datasets import build_transform
+
+    return build_transform("none", config["image_size"], train=False, mean=config["mean"],
+                           std=config["std"])
+
+
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     """Rebuilds the network from the registry and the saved state dict (never a pickle).
 
@@ -181,6 +190,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     # Inputs are deliberately untyped (paths, bytes, arrays, base64 strings); the logged
     # signature (`model_signature`) is the served contract.
     _skip_type_hint_validation = True
+    # What runs the network: `evaluate` logs it in its cost table (exports: onnx, int8).
+    format = "pytorch"
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.load(Path(context.artifacts["config"]), Path(context.artifacts["weights"]))
@@ -193,7 +204,6 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     def build(self, config: dict[str, Any], state: dict[str, torch.Tensor]) -> ImageClassifier:
         """Build from the config dict and a state dict already in memory."""
-        from components.data.datasets import build_transform
         from components.nn.models import create_model
 
         self.config = config
@@ -204,8 +214,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.model.load_state_dict(state)
         self.model.eval()
         self.to("cpu")
-        self.transform = build_transform("none", config["image_size"], train=False,
-                                         mean=config["mean"], std=config["std"])
+        self.transform = config_transform(config)
         return self
 
     @property

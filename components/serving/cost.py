@@ -90,14 +90,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _state_size_bytes(model: Any) -> int:
-    nets = [m.model for m in getattr(model, "members", [])] or [model.model]
-    total = 0
-    for net in nets:
-        buffer = io.BytesIO()
-        torch.save(net.state_dict(), buffer)
-        total += buffer.getbuffer().nbytes
-    return total
+def footprint(model: Any) -> tuple[int, int]:
+    """(parameters, bytes of the weights as saved) of a model, an ensemble summed over its
+    members; a model that is not a torch network (an ONNX export) says its own."""
+    members = getattr(model, "members", None)
+    if members:
+        parts = [footprint(m) for m in members]
+        return sum(p for p, _ in parts), sum(b for _, b in parts)
+    if hasattr(model, "footprint"):
+        return model.footprint()
+    buffer = io.BytesIO()
+    torch.save(model.model.state_dict(), buffer)
+    return count_parameters(model.model), buffer.getbuffer().nbytes
 
 
 # The measurement's budget: at least this many timed calls *and* at least this long, so a
@@ -177,7 +181,6 @@ def measure_cost(model: Any, images: Sequence[Image.Image], batch_size: int,
     """
     device = getattr(model, "device", torch.device("cpu"))
     transforms = model.input_transforms()
-    nets = [m.model for m in getattr(model, "members", [])] or [model.model]
 
     def run(batch: Sequence[Image.Image]) -> None:
         inputs = [torch.stack([t(img) for img in batch]) for t in transforms]
@@ -196,8 +199,9 @@ def measure_cost(model: Any, images: Sequence[Image.Image], batch_size: int,
     batch_p50, batch_p95 = np.percentile(batches, [50, 95])
     load, cores = max(load_before, _load()), os.cpu_count() or 1
     reasons = reliability(lat_p50, lat_p95, batch_p50, batch_p95, load, cores)
-    metrics = {"params_count": float(sum(count_parameters(n) for n in nets)),
-               "model_size_mb": _state_size_bytes(model) / 2**20,
+    params_count, size_bytes = footprint(model)
+    metrics = {"params_count": float(params_count),
+               "model_size_mb": size_bytes / 2**20,
                "latency_ms_p50": float(lat_p50),
                "latency_ms_p95": float(lat_p95),
                "throughput_images_per_sec": batch_size * 1000 / max(float(batch_p50), 1e-9),

@@ -93,13 +93,9 @@ class EnsembleClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         config = json.loads(Path(context.artifacts["ensemble"]).read_text())
         root = Path(context.artifacts["members"])
-        members = [ImageClassifier().load(root / m["dir"] / "model_config.json",
-                                           root / m["dir"] / "weights.pt")
-                   for m in config["members"]]
-        self.build(config, members)
+        self.build(config, [load_member(root / m["dir"]) for m in config["members"]])
 
-    def build(self, config: dict[str, Any], members: Sequence[ImageClassifier]
-              ) -> EnsembleClassifier:
+    def build(self, config: dict[str, Any], members: Sequence[Any]) -> EnsembleClassifier:
         classes = members[0].class_names
         for m in members[1:]:
             if m.class_names != classes:
@@ -125,6 +121,11 @@ class EnsembleClassifier(mlflow.pyfunc.PythonModel):
     def class_names(self) -> list[str]:
         return self.members[0].class_names
 
+    @property
+    def format(self) -> str:
+        """The members' format (`pytorch`, or an export's `onnx` / `int8`)."""
+        return ",".join(dict.fromkeys(m.format for m in self.members))
+
     def to(self, device: torch.device | str) -> EnsembleClassifier:
         self.device = torch.device(device)
         for m in self.members:
@@ -147,6 +148,32 @@ class EnsembleClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
         probs = log_proba(self, _items(model_input)).exp().numpy()
         return probability_frame(self.class_names, probs)
+
+
+# How a member folder is loaded, by the `format` of its model_config.json (none: pytorch).
+MEMBER_LOADERS: dict[str, Callable[[Path], Any]] = {}
+register_member_loader = registrar(MEMBER_LOADERS, "member format")
+
+
+@register_member_loader("pytorch")
+def _pytorch_member(folder: Path) -> ImageClassifier:
+    return ImageClassifier().load(folder / "model_config.json", folder / "weights.pt")
+
+
+def _onnx_member(folder: Path) -> Any:
+    from components.serving.onnx_model import ONNX_FILE, OnnxClassifier
+
+    return OnnxClassifier().load(folder / "model_config.json", folder / ONNX_FILE)
+
+
+for _format in ("onnx", "int8"):  # exported members: fp32 or int8 graphs, one loader
+    register_member_loader(_format)(_onnx_member)
+
+
+def load_member(folder: Path) -> Any:
+    """One member of a saved ensemble (`members/<i>/`), by the format its config names."""
+    config = json.loads((folder / "model_config.json").read_text())
+    return MEMBER_LOADERS[config.get("format", "pytorch")](folder)
 
 
 def save_members(members: Sequence[ImageClassifier], folder: Path) -> list[dict[str, str]]:

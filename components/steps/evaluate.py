@@ -335,6 +335,7 @@ def evaluate(params: EvalParams, tracking_uri: str,
         metrics, report = score_predictions(predictions, splits, params.split, folder)
         if cost:
             report["cost"] = {**cost, **cost_context, "device": device.type,
+                              "format": getattr(model, "format", "pytorch"),
                               "batch_size": batch_size, "peak_memory_method": memory.method}
             (folder / "classification_report.json").write_text(json.dumps(report, indent=2))
             metrics.update(cost)
@@ -348,6 +349,8 @@ def evaluate(params: EvalParams, tracking_uri: str,
         # Linked to the logged model too, so its page in the MLflow UI shows them.
         tracking.log_metrics(client, run_id, logged, model_id=model_id)
         client.set_tag(run_id, f"cnnflow.evaluated_{params.split}", device.type)
+        client.set_tag(run_id, f"cnnflow.evaluated_{params.split}_format",
+                       getattr(model, "format", "pytorch"))
         client.log_artifacts(run_id, str(folder), artifact_path=f"evaluation/{params.split}")
 
     outcome = EvalOutcome(run_id, run.info.run_name, params.split, metrics, report, notes=notes,

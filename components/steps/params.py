@@ -292,6 +292,40 @@ class EvalParams(PromotionParams, RegistryParams, PredictParams):
 
 
 @dataclass
+class ExportParams(RegistryParams):
+    """`cnnflow export` / `mlflow run . -e export`. `batch_size` and `latency_runs` are
+    re-declared: exports are compared with the PyTorch model on the CPU, where ONNX Runtime
+    runs, so `auto` is evaluate's CPU batch. `experiment` is its own, as pseudo-label's."""
+
+    run_id: str = param("", "Run whose model to export (a train or ensemble run); or use "
+                            "--model-uri.")
+    model_uri: str = param("", "models:/<name>@<alias>, models:/<name>/<version> or "
+                               "models:/m-<id>.")
+    formats: str = param("onnx,int8", "Comma-separated: onnx (fp32 graph) | int8 (ONNX "
+                                      "Runtime static quantization, QDQ, per-channel).")
+    calibration_images: int = param(200, "int8: train-split images the activation ranges are "
+                                         "calibrated on.", ge=1, le=100_000)
+    batch_size: int = param(0, "Batch for the parity check and throughput; 0 = auto (evaluate's "
+                               "CPU batch, 4).", ge=0, le=MAX_BATCH_SIZE)
+    latency_runs: int = param(EvalParams.latency_runs, "Least single-image predictions timed "
+                                                       "per format for latency p50/p95.",
+                              ge=1, le=100_000)
+    experiment: str = param("", "MLflow experiment of the export run (default: the model's "
+                                "run's experiment).")
+
+    def validate(self) -> None:
+        from components.serving.export import check_formats
+
+        check_bounds(self)
+        if bool(self.run_id) == bool(self.model_uri):
+            raise ParamError("pass exactly one of --run-id or --model-uri")
+        check_formats(self.format_list())
+
+    def format_list(self) -> list[str]:
+        return split_list(self.formats)
+
+
+@dataclass
 class PromoteParams(RegistryParams, PromotionParams):
     """`cnnflow promote` (no MLproject entry point): the promotion rule applied to a
     registered model's challenger, or a rollback to a given version. `experiment` is its own:

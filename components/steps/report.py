@@ -59,6 +59,10 @@ TABLE_COLUMNS = {"run": "run", "model": "model", "best_val_acc": "val_acc",
                  "params_count": "params_count",
                  "throughput_images_per_sec": "throughput_images_per_sec",
                  "epochs_run": "epochs_run", "registry": "registry"}
+# The cost section's table: each model's row, then its newest export's (PyTorch, each format).
+FORMAT_COLUMNS = ("model", "format", "run", "test_acc", "test_acc_delta", "model_size_mb",
+                  "latency_ms_p50", "latency_ms_p95", "throughput_images_per_sec",
+                  "latency_speedup", "max_abs_prob_diff", "top1_agreement", "gate", "registry")
 CONFUSION = "evaluation/test/confusion_matrix.png"
 PIPELINE_STEPS = "pipeline/steps.json"
 
@@ -469,18 +473,29 @@ def _eda_findings(client: MlflowClient, run_id: str) -> list[str]:
 
 
 def _comparison_rows(client: MlflowClient, experiment: str, sel: Selection
-                     ) -> list[dict[str, Any]]:
-    """compare_runs' rows of the selected runs (train runs in order, the ensemble last)."""
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """compare_runs' rows of the selected runs (train runs in order, the ensemble last), and
+    the cost rows: each of those runs (format `pytorch`) followed by the rows of its newest
+    finished export run, the PyTorch reference and each format (none when never exported)."""
     order = [r.info.run_id for r in sel.train]
     if sel.ensemble is not None:
         order.append(sel.ensemble.info.run_id)
-    by_id = {r["run_id"]: r for r in comparison.compare_runs(client, experiment)}
-    return [{ours: by_id[rid].get(theirs) for ours, theirs in TABLE_COLUMNS.items()}
-            for rid in order if rid in by_id]
+    compared = comparison.compare_runs(client, experiment)
+    by_id = {r["run_id"]: r for r in compared if not r.get(comparison.SOURCE_RUN_ID)}
+    newest: dict[str, str] = {}  # source run id -> its newest export run id
+    formats: dict[str, list[dict[str, Any]]] = {}
+    for row in compared:  # a source's export rows come newest first
+        source = row.get(comparison.SOURCE_RUN_ID)
+        if source and newest.setdefault(source, row["run_id"]) == row["run_id"]:
+            formats.setdefault(source, []).append(row)
+    ids = [rid for rid in order if rid in by_id]
+    rows = [{ours: by_id[rid].get(theirs) for ours, theirs in TABLE_COLUMNS.items()}
+            for rid in ids]
+    return rows, [r for rid in ids for r in (by_id[rid], *formats.get(rid, []))]
 
 
 def _models_section(doc: Document, figs: _Figures, rows: list[dict[str, Any]],
-                    sel: Selection) -> None:
+                    costs: list[dict[str, Any]], sel: Selection) -> None:
     doc.heading(2, "Models compared")
     doc.para("Validation accuracy is the best epoch's; test metrics and cost come from "
              "`cnnflow evaluate` (empty when a run was not evaluated).")
@@ -499,14 +514,31 @@ def _models_section(doc: Document, figs: _Figures, rows: list[dict[str, Any]],
         else:
             doc.para(f"`{_name(run)}`: no training curves logged.")
     doc.heading(2, "Cost")
-    costed = [r for r in rows if any(r.get(m) is not None for m, _ in plots.COST_METRICS)]
+    costed = [{**r, "run": _cost_label(r, costs)} for r in costs
+              if any(r.get(m) is not None for m, _ in plots.COST_METRICS)]
     if costed:
         name = figs.name("cost")
         plots.plot_cost(costed, figs.dir / name)
-        doc.figure(name, "latency p50, model size and parameters per model")
+        doc.figure(name, "latency p50, model size and parameters per model and format")
     else:
         doc.para("No cost metrics yet: `cnnflow evaluate` measures latency, size and "
                  "parameters.")
+    if any(r["format"] != comparison.REFERENCE_FORMAT for r in costs):
+        doc.para("One row per format: the run as `cnnflow evaluate` measured it, then its "
+                 "newest `cnnflow export`, which measures the PyTorch model (`pytorch`) and "
+                 "each exported format side by side on the same test images and threads, so "
+                 "compare those rows with each other; `latency_speedup` is PyTorch's latency "
+                 "p50 over the format's. A format that failed its gate is not registered.")
+        doc.table(costs, list(FORMAT_COLUMNS))
+
+
+def _cost_label(row: dict[str, Any], costs: list[dict[str, Any]]) -> str:
+    """A bar's name: the run, or the source run and the format for an export's row."""
+    source = row.get(comparison.SOURCE_RUN_ID)
+    if not source:
+        return str(row["run"])
+    return next((f"{r['run']}\n{row['format']}" for r in costs if r["run_id"] == source),
+                f"{row['run']}\n{row['format']}")
 
 
 HISTORY_KEYS = ("train_loss", "val_loss", "train_acc", "val_acc")
@@ -688,7 +720,7 @@ def _write(client: MlflowClient, tracking_uri: str, experiment: str, sel: Select
         doc, figs = Document(tmp), _Figures(tmp, client)
         _header(doc, experiment, tracking_uri, sel, run_id, run_name)
         _eda_section(doc, figs, sel)
-        _models_section(doc, figs, _comparison_rows(client, experiment, sel), sel)
+        _models_section(doc, figs, *_comparison_rows(client, experiment, sel), sel)
         _confusion_section(doc, figs, client, experiment, sel)
         _tuning_section(doc, figs, sel)
         _registry_section(doc, client, experiment)

@@ -5,6 +5,12 @@ dropout, batch size, learning rate) and chose by cost as well as accuracy; `comp
 builds that table from MLflow (training and ensemble runs; `cnnflow evaluate` fills in the
 test and cost columns), `sort_rows` orders it by any column in the column's better-first
 direction, and `write_table` saves it as CSV and Markdown.
+
+Those rows are the `pytorch` format. A finished `cnnflow export` run adds rows beside its
+source run's: its PyTorch reference and each format it checked (`onnx`, `int8`), all timed
+side by side, with the export's `<format>.<metric>` figures under the same column names
+(test_acc, model_size_mb, latency_ms_p50, ...), so sorting by a column compares formats; plus
+the parity check, the gate and the registry version each format became.
 """
 
 from __future__ import annotations
@@ -14,12 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import ViewType
+from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 
 from components.errors import CnnflowError
 from components.files import columns_of, write_csv
-from components.names import MODEL_TAG, STEP_TAG, VERSION_TAG
+from components.names import (
+    EXPORT_GATE_TAG,
+    FORMAT_TAG,
+    MODEL_TAG,
+    SOURCE_MODEL_TAG,
+    SOURCE_RUN_TAG,
+    STEP_TAG,
+    VERSION_TAG,
+)
 from components.tracking import registry
 
 # column -> its source: ("metric", names...), ("param", name), ("tag", name), ("info", attr)
@@ -27,6 +41,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "run": ("info", "run_name"),
     "model": ("tag", MODEL_TAG),
     "version": ("tag", VERSION_TAG),
+    "format": ("format",),
     "step": ("tag", STEP_TAG),
     "status": ("info", "status"),
     "train_acc": ("metric", "train_acc"),
@@ -42,6 +57,12 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "latency_ms_p95": ("metric", "latency_ms_p95"),
     "throughput_images_per_sec": ("metric", "throughput_images_per_sec"),
     "peak_memory_mb": ("metric", "peak_memory_mb"),
+    # Export rows only: the export run's check of the format against the PyTorch model.
+    "latency_speedup": ("export",),  # PyTorch's latency p50 / the format's, same run
+    "test_acc_delta": ("export", "test_acc_delta"),
+    "max_abs_prob_diff": ("export", "max_abs_prob_diff"),
+    "top1_agreement": ("export", "top1_agreement"),
+    "gate": ("export",),  # passed, or `rejected: <reason>`
     "epochs_run": ("metric", "epochs_run"),
     "lr": ("param", "lr"),
     "batch_size": ("param", "batch_size"),
@@ -57,7 +78,14 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "run_id": ("info", "run_id"),
 }
 STEPS = ("train", "ensemble")
+EXPORT_STEP = "export"  # the runs `cnnflow export` writes (its tags: components.names)
+REFERENCE_FORMAT = "pytorch"
+SOURCE_RUN_ID = "source_run_id"  # a key of export rows (not a column): the run exported
+# Sorted ascending although `registry.lower_is_better` does not call them costs.
+ASCENDING = ("version", "lr", "batch_size", "epochs", "image_size", "dropout",
+             "max_abs_prob_diff")
 INTEGER_COLUMNS = {"params_count", "epochs_run"}
+SCIENTIFIC_COLUMNS = {"max_abs_prob_diff"}  # 1e-7 is no 0.0000
 _INTEGER = re.compile(r"^-?\d+$")
 _NUMBER = re.compile(r"^-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -77,9 +105,11 @@ def _value(text: str | None) -> Any:
     return text
 
 
-def _registry_labels(client: MlflowClient, run_ids: list[str]) -> dict[str, str]:
-    """run id -> 'name v3 @champion' for every registry version made from that run."""
-    labels: dict[str, list[str]] = {}
+def _registry_labels(client: MlflowClient, run_ids: list[str]
+                     ) -> dict[tuple[str, str], str]:
+    """(run id, format) -> 'name v3 @champion' for every registry version made from that run;
+    the format is the version's `cnnflow.format` tag, `pytorch` without one."""
+    labels: dict[tuple[str, str], list[str]] = {}
     aliases_of = registry.AliasLookup(client)
     for start in range(0, len(run_ids), 100):
         chunk = run_ids[start:start + 100]
@@ -90,35 +120,112 @@ def _registry_labels(client: MlflowClient, run_ids: list[str]) -> dict[str, str]
             return {}
         for v in versions:
             alias = "".join(f" @{a}" for a in aliases_of(v.name, v.version))
-            labels.setdefault(v.run_id, []).append(f"{v.name} v{v.version}{alias}")
+            key = (v.run_id, (v.tags or {}).get(FORMAT_TAG) or REFERENCE_FORMAT)
+            labels.setdefault(key, []).append(f"{v.name} v{v.version}{alias}")
     return {k: "; ".join(sorted(v)) for k, v in labels.items()}
 
 
 def compare_runs(client: MlflowClient, experiment: str) -> list[dict[str, Any]]:
-    """One row per training or ensemble run of the experiment (newest first)."""
+    """One row per training or ensemble run of the experiment (newest first, format
+    `pytorch`), each followed by the rows of its finished export runs (newest export first:
+    the PyTorch reference, then each format; `source_run_id` names the run exported)."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ComparisonError(f"experiment '{experiment}' does not exist: pass the name "
                               "cnnflow train used (the dataset's name by default)")
     runs = client.search_runs([exp.experiment_id], run_view_type=ViewType.ACTIVE_ONLY,
                               max_results=50000, order_by=["attributes.start_time DESC"])
+    exports = [r for r in runs if r.data.tags.get(STEP_TAG) == EXPORT_STEP
+               and r.info.status == "FINISHED"]
     runs = [r for r in runs if r.data.tags.get(STEP_TAG) in STEPS]
-    labels = _registry_labels(client, [r.info.run_id for r in runs])
+    labels = _registry_labels(client, [r.info.run_id for r in runs + exports])
+    rows = {run.info.run_id: _model_row(run, labels) for run in runs}
+    formats: dict[str, list[dict[str, Any]]] = {}
+    unplaced = []
+    for run in exports:
+        source_id = run.data.tags.get(SOURCE_RUN_TAG, "")
+        source = rows.get(source_id) or _source_row(client, source_id, labels)
+        made = _format_rows(run, source, labels)
+        if source_id in rows:
+            formats.setdefault(source_id, []).extend(made)
+        else:
+            unplaced += made  # exported from another experiment's run
+    table = []
+    for run_id, row in rows.items():
+        table += [row, *formats.get(run_id, [])]
+    return table + unplaced
+
+
+def _model_row(run: Run, labels: dict[tuple[str, str], str]) -> dict[str, Any]:
+    """A training or ensemble run's row: the PyTorch model as `cnnflow evaluate` measured it."""
+    row: dict[str, Any] = {}
+    for column, (kind, *names) in COLUMNS.items():
+        if kind == "info":
+            row[column] = getattr(run.info, names[0])
+        elif kind == "tag":
+            row[column] = _value(run.data.tags.get(names[0]))
+        elif kind == "param":
+            row[column] = _value(run.data.params.get(names[0]))
+        elif kind == "metric":
+            row[column] = next((run.data.metrics[n] for n in names
+                                if n in run.data.metrics), None)
+        elif kind == "format":
+            row[column] = REFERENCE_FORMAT
+        elif kind == "registry":
+            row[column] = labels.get((run.info.run_id, REFERENCE_FORMAT), "")
+        else:
+            row[column] = None
+    return row
+
+
+def _source_row(client: MlflowClient, run_id: str, labels: dict[tuple[str, str], str]
+                ) -> dict[str, Any]:
+    """The exported run's row when it lives in another experiment ({} when it is gone)."""
+    try:
+        return _model_row(client.get_run(run_id), labels) if run_id else {}
+    except MlflowException:
+        return {}
+
+
+def _format_rows(run: Run, source: dict[str, Any], labels: dict[tuple[str, str], str]
+                 ) -> list[dict[str, Any]]:
+    """One row per format an export run measured: its PyTorch reference (`pytorch`, timed
+    side by side with the formats), then each format checked (in `--formats` order). The
+    run's `<format>.<m>` metrics go under the PyTorch columns' names; model, version and
+    hyperparameters are the source's (the same weights); then the parity check, the gate
+    and the registry version the format became."""
+    metrics, tags = run.data.metrics, run.data.tags
+    order = run.data.params.get("formats", "").split(",")
+    found = [k.removesuffix(".passed") for k in metrics if k.endswith(".passed")]
+    found.sort(key=lambda f: order.index(f) if f in order else len(order))
+    if f"{REFERENCE_FORMAT}.test_acc" in metrics:
+        found.insert(0, REFERENCE_FORMAT)
+    reference = metrics.get(f"{REFERENCE_FORMAT}.latency_ms_p50")
     rows = []
-    for run in runs:
+    for fmt in found:
         row: dict[str, Any] = {}
         for column, (kind, *names) in COLUMNS.items():
             if kind == "info":
                 row[column] = getattr(run.info, names[0])
-            elif kind == "tag":
-                row[column] = _value(run.data.tags.get(names[0]))
             elif kind == "param":
-                row[column] = _value(run.data.params.get(names[0]))
-            elif kind == "metric":
-                row[column] = next((run.data.metrics[n] for n in names
-                                    if n in run.data.metrics), None)
+                row[column] = source.get(column)
+            elif kind in ("metric", "export") and names:
+                row[column] = next((metrics[f"{fmt}.{n}"] for n in names
+                                    if f"{fmt}.{n}" in metrics), None)
             else:
-                row[column] = labels.get(run.info.run_id, "")
+                row[column] = None
+        latency, passed = row["latency_ms_p50"], metrics.get(f"{fmt}.passed")
+        gate = None if passed is None else "passed" if passed == 1.0 else tags.get(
+            EXPORT_GATE_TAG.format(fmt), "rejected")
+        # The reference was registered by the run it came from (its own row says so).
+        registered = ("" if fmt == REFERENCE_FORMAT
+                      else labels.get((run.info.run_id, fmt), ""))
+        row.update({
+            "model": tags.get(SOURCE_MODEL_TAG) or source.get("model"),
+            "version": source.get("version"), "format": fmt, "step": EXPORT_STEP,
+            "latency_speedup": reference / latency if reference and latency else None,
+            "gate": gate, "registry": registered,
+            SOURCE_RUN_ID: tags.get(SOURCE_RUN_TAG, "")})
         rows.append(row)
     return rows
 
@@ -130,8 +237,7 @@ def sort_rows(rows: list[dict[str, Any]], column: str, reverse: bool = False
         raise ComparisonError(f"unknown column '{column}' for --sort: use one of "
                               f"{', '.join(COLUMNS)}")
     numeric = all(isinstance(r[column], int | float) for r in rows if r[column] is not None)
-    descending = numeric and not registry.lower_is_better(column) and column not in (
-        "version", "lr", "batch_size", "epochs", "image_size", "dropout")
+    descending = numeric and not registry.lower_is_better(column) and column not in ASCENDING
     if reverse:
         descending = not descending
     present = [r for r in rows if r[column] not in (None, "")]
@@ -149,11 +255,14 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def format_cell(value: Any, column: str = "") -> str:
-    """Floats with 4 decimals; counts (metrics are floats in MLflow) as integers."""
+    """Floats with 4 decimals (parity differences in scientific notation); counts (metrics
+    are floats in MLflow) as integers."""
     if value is None or (isinstance(value, float) and value != value):
         return ""
     if column in INTEGER_COLUMNS and isinstance(value, float) and value.is_integer():
         return str(int(value))
+    if column in SCIENTIFIC_COLUMNS and isinstance(value, float):
+        return f"{value:.1e}"
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 1e5 else f"{value:.0f}"
     return str(value)

@@ -33,14 +33,15 @@ def log_pyfunc_model(run_id: str, weights_path: Path, model_config: dict[str, An
 
 def log_python_model(run_id: str, python_model: mlflow.pyfunc.PythonModel,
                      artifacts: dict[str, str], class_names: Sequence[str],
-                     example_image: str | Path | None, *, name: str) -> str:
+                     example_image: str | Path | None, *, name: str,
+                     extra_requirements: Sequence[str] = ()) -> str:
     """Log any cnnflow pyfunc model (a classifier, an ensemble) into a run; returns its URI.
 
     Every model carries the served contract (`model_signature`: base64 `image` in, label,
     confidence and prob_<class> out) and one real training image as its input example,
     which MLflow runs through the model at log time. The `components` package travels with
     the model (code_paths), so it loads in a fresh environment that has only torch,
-    torchvision, pillow and pandas.
+    torchvision, pillow and pandas (plus `extra_requirements`: onnxruntime for an export).
     """
     import numpy
     import pandas
@@ -53,7 +54,7 @@ def log_python_model(run_id: str, python_model: mlflow.pyfunc.PythonModel,
     requirements = [f"mlflow=={mlflow.__version__}", f"torch=={_public(torch.__version__)}",
                     f"torchvision=={_public(torchvision.__version__)}",
                     f"pillow=={PIL.__version__}", f"pandas=={pandas.__version__}",
-                    f"numpy=={numpy.__version__}"]
+                    f"numpy=={numpy.__version__}", *extra_requirements]
     # No example (the signature still holds) when the split's files are not on this machine.
     example = (input_example(example_image)
                if example_image and Path(example_image).is_file() else None)

@@ -19,7 +19,8 @@ from components.services import free_port
 
 __all__ = [
     "BIN", "MESSY_EXPECTED", "free_port", "history", "make_image_folder", "make_messy_folder",
-    "runs_of", "serve_model", "subprocess_env", "write_image",
+    "CHROMIUM", "SCREENSHOTS", "launch_chromium", "playwright_or_skip", "runs_of",
+    "serve_model", "subprocess_env", "write_image",
 ]
 
 BIN = Path(sys.executable).parent  # the venv's bin: python, mlflow, cnnflow, torchrun
@@ -154,3 +155,32 @@ def serve_model(model_uri: str, tracking_uri: str, log: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+# --------------------------------------------------------------------------- browser tests
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "reports" / "screenshots"
+
+
+def playwright_or_skip():
+    """`sync_playwright`, or skip the test saying why (`make test` tries to install chromium)."""
+    import pytest
+
+    if not CHROMIUM.exists():
+        print(f"skipping: {CHROMIUM} is missing (make test tries `apt-get install chromium`)")
+        pytest.skip(f"{CHROMIUM} is missing")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        print("skipping: the `playwright` package is not installed (pip install -e '.[dev]')")
+        pytest.skip("playwright is not installed")
+    return sync_playwright
+
+
+def launch_chromium(pw):
+    """The system Chromium, headless, with nothing that reaches the network."""
+    return pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                              args=["--headless", "--no-sandbox", "--disable-gpu",
+                                    "--disable-background-networking",
+                                    "--disable-component-update", "--disable-sync"])

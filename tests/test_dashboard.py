@@ -11,7 +11,7 @@ from pathlib import Path
 from uuid import uuid4
 
 import pytest
-from helpers import free_port
+from helpers import SCREENSHOTS, free_port, launch_chromium, playwright_or_skip
 from pymongo import MongoClient
 
 from components.mirror.dashboard import data
@@ -342,8 +342,6 @@ def test_dashboard_command_serves_the_app_on_loopback(seeded):
 
 # --------------------------------------------------------------------------- in a browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "reports" / "screenshots"
 # What each view must show once drawn (seeded RUNS; the time view leaves out r7vgg).
 VISIBLE = {"Model detail": "Test accuracy", "Model comparison": "7 runs",
            "Time filter": "6 runs", "Live monitoring": "died"}
@@ -351,25 +349,14 @@ VISIBLE = {"Model detail": "Test accuracy", "Model comparison": "7 runs",
 
 def test_each_view_in_headless_chromium(seeded):
     """The served page as a user sees it: each view drawn by a real browser, screenshots kept."""
-    if not CHROMIUM.exists():
-        print(f"skipping: {CHROMIUM} is missing (make test tries `apt-get install chromium`)")
-        pytest.skip(f"{CHROMIUM} is missing")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        print("skipping: the `playwright` package is not installed (pip install -e '.[dev]')")
-        pytest.skip("playwright is not installed")
+    sync_playwright = playwright_or_skip()
     port = free_port()
     proc = _serve_dashboard(seeded, port)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     try:
         _wait_healthy(port, proc)
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(
-                executable_path=str(CHROMIUM), headless=True,
-                args=["--headless", "--no-sandbox", "--disable-gpu",
-                      "--disable-background-networking", "--disable-component-update",
-                      "--disable-sync"])
+            browser = launch_chromium(pw)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"http://127.0.0.1:{port}/", timeout=30000)
             for view, text in VISIBLE.items():

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import re
 import subprocess
-from pathlib import Path
 from uuid import uuid4
 
 import pytest
-from helpers import BIN, make_image_folder, subprocess_env
+from helpers import (
+    BIN,
+    SCREENSHOTS,
+    launch_chromium,
+    make_image_folder,
+    playwright_or_skip,
+    subprocess_env,
+)
 from mlflow import MlflowClient
 
-CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "reports" / "screenshots"
 MODELS = ("lenet5", "custom_cnn")
-
-
-def _browser(pw):
-    return pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                              args=["--headless", "--no-sandbox", "--disable-gpu",
-                                    "--disable-background-networking",
-                                    "--disable-component-update", "--disable-sync"])
 
 
 def _metric_value(page, name: str) -> float:
@@ -33,14 +30,7 @@ def _metric_value(page, name: str) -> float:
 
 
 def test_the_printed_link_opens_the_training_view(mlflow_server, tmp_path):
-    if not CHROMIUM.exists():
-        print(f"skipping: {CHROMIUM} is missing (make test tries `apt-get install chromium`)")
-        pytest.skip(f"{CHROMIUM} is missing")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        print("skipping: the `playwright` package is not installed (pip install -e '.[dev]')")
-        pytest.skip("playwright is not installed")
+    sync_playwright = playwright_or_skip()
     data = make_image_folder(tmp_path / "cups", {"cup": 8, "glass": 8})
     experiment = f"ui-{uuid4().hex[:6]}"
     done = subprocess.run(
@@ -63,7 +53,7 @@ def test_the_printed_link_opens_the_training_view(mlflow_server, tmp_path):
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
-        browser = _browser(pw)
+        browser = launch_chromium(pw)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(url, timeout=30000)
         page.get_by_text(summary[1], exact=True).first.wait_for(timeout=30000)

@@ -39,6 +39,14 @@ BEST_TRIAL_TAG = "cnnflow.best_trial"
 RETRAINED_RUN_TAG = "cnnflow.retrained_run_id"
 DECISION_REASON_TAG = "cnnflow.decision_reason"
 
+# What explain and label-issues leave on the runs they looked at, for the mirror and report:
+# the artifact path of evaluate's Grad-CAM overview figure (set on the evaluated run), and on
+# a CV parent the label-issues run that ranked its out-of-fold predictions (its count is the
+# parent's `n_label_issues` metric).
+EXPLAIN_OVERVIEW_TAG = "cnnflow.explain_overview"
+LABEL_ISSUES_RUN_TAG = "cnnflow.label_issues_run"
+EXCLUDE_FILE_TAG = "cnnflow.exclude_file"  # train --exclude-file: the list it left out
+
 # What `cnnflow export` writes: on its run, the model it exported; on each exported model and
 # version, its format; per format, the gate's outcome ("registered vN" or "rejected: ...").
 FORMAT_TAG = "cnnflow.format"

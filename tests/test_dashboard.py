@@ -23,6 +23,7 @@ NOW = datetime.now(UTC).replace(microsecond=0)
 DIGEST = safe_key("cnnflow.dataset_digest")
 SOURCE = safe_key("cnnflow.weights_source")
 URL = "http://127.0.0.1:5000/#/experiments/1/runs/"
+EXPLAIN = "http://127.0.0.1:5000/get-artifact?path=evaluation%2Ftest%2Fexplain%2Foverview.png"
 
 
 def _run(run_id: str, model: str, version: int, status: str, start: datetime, *,
@@ -46,7 +47,8 @@ RUNS = [
          train_accuracy=0.97, val_accuracy=0.93, test_accuracy=0.91, best_val_loss=0.21,
          test_loss=0.25, dropout=0.3, batch_size=32, learning_rate=0.001, num_classes=10,
          feature_extraction=True, early_stopping=True, patience=3, weights="imagenet",
-         image_size=64, duration_sec=125.0,
+         image_size=64, duration_sec=125.0, label_issues=3, label_issues_url=URL + "li1",
+         explain_overview_url=EXPLAIN,
          registry={"versions": [{"name": "digits-clf", "version": 4, "aliases": ["champion"]}]}),
     _run("r2lenet", "lenet5", 1, "completed", NOW - timedelta(days=1), epochs=3,
          train_accuracy=0.85, val_accuracy=0.82, test_accuracy=0.80, best_val_loss=0.5,
@@ -201,6 +203,11 @@ def test_detail_view_shows_the_run_document(monkeypatch, seeded):
     text = " ".join(m.value for m in at.markdown)
     assert URL + "r1resnet" in text and "digits-clf v4 @champion" in text
     assert len(at.get("plotly_chart")) == 2  # loss and accuracy curves
+    assert "3 likely mislabelled images" in text and URL + "li1" in text
+    assert [i.url for img in at.get("image") for i in img.proto.imgs] == [EXPLAIN]
+
+    at.selectbox(key="detail-run").set_value("r2lenet").run(timeout=30)
+    assert not at.get("image") and "mislabelled" not in " ".join(m.value for m in at.markdown)
 
     at.text_input(key="detail-search").set_value("custom_cnn v3").run(timeout=30)
     assert at.selectbox(key="detail-run").options == [data.run_label(

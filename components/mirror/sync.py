@@ -47,6 +47,8 @@ from components.names import (
     DATASET_TAG,
     EPOCH_METRICS,
     ERROR_TAG,
+    EXPLAIN_OVERVIEW_TAG,
+    LABEL_ISSUES_RUN_TAG,
     MODEL_TAG,
     MODEL_URI_TAG,
     STEP_TAG,
@@ -64,7 +66,7 @@ STATE_ID = "state"
 # Runs that hold no model: data steps and bookkeeping runs (an evaluate job run's metrics are
 # in the evaluated run's document already).
 EXCLUDED_STEPS = frozenset({"eda", "preprocess", "sync", "pipeline", "evaluate", "promote",
-                            "report"})
+                            "report", "explain", "label-issues"})
 STATUS_MAP = {"RUNNING": "in_progress", "SCHEDULED": "in_progress", "FINISHED": "completed",
               "FAILED": "failed", "KILLED": "killed"}
 BULK_HISTORY_MAX = 25000  # MLflow's cap on points per get-history-bulk answer
@@ -384,6 +386,16 @@ def training_doc(run: Run, experiment: str, status: str, registry: list[dict[str
         "registry": {"versions": registry} if registry else None,
         "mlflow_url": (tracking.run_url(tracking_uri, info.experiment_id, info.run_id)
                        if tracking.has_ui(tracking_uri) else None),
+        # What evaluate and label-issues found, as links the dashboard shows without MLflow.
+        "explain_overview_url": (tracking.artifact_url(tracking_uri, info.run_id,
+                                                       tags[EXPLAIN_OVERVIEW_TAG])
+                                 if tags.get(EXPLAIN_OVERVIEW_TAG) else None),
+        "label_issues": (int(metrics["n_label_issues"]) if "n_label_issues" in metrics
+                         else None),
+        "label_issues_url": (tracking.run_url(tracking_uri, info.experiment_id,
+                                              tags[LABEL_ISSUES_RUN_TAG])
+                             if tags.get(LABEL_ISSUES_RUN_TAG) and tracking.has_ui(tracking_uri)
+                             else None),
     }
     return {k: v for k, v in doc.items() if v is not None}
 
@@ -589,7 +601,8 @@ TRAINING_FIELDS = (
     "optimizer", "weight_decay", "early_stopping", "patience", "image_size", "weights",
     "dataset", "epochs_run", "max_epochs", "train_accuracy", "val_accuracy", "test_accuracy",
     "best_val_loss", "test_loss", "duration_sec", "start_time", "end_time", "status", "error",
-    "model_uri", "params", "metrics", "tags", "registry", "mlflow_url")
+    "model_uri", "params", "metrics", "tags", "registry", "mlflow_url", "explain_overview_url",
+    "label_issues", "label_issues_url")
 STATUS_FIELDS = ("run_name", "model_name", "start_time", "end_time", "current_epoch",
                  "max_epochs", "last_heartbeat", "error")
 

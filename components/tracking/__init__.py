@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import time
+import urllib.parse
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -52,6 +53,16 @@ def experiment_url(tracking_uri: str, exp_id: str) -> str:
 def run_url(tracking_uri: str, exp_id: str, run_id: str) -> str:
     """The run's page in the MLflow UI, or the masked URI of a store that has no UI."""
     return _ui_page(tracking_uri, f"experiments/{exp_id}/runs/{run_id}")
+
+
+def artifact_url(tracking_uri: str, run_id: str, path: str) -> str | None:
+    """A run artifact as the server hands it to a browser (the route the MLflow UI's own
+    image previews use), or None for a store without a server: a dashboard shows it without
+    calling MLflow itself."""
+    if not has_ui(tracking_uri):
+        return None
+    query = urllib.parse.urlencode({"path": path, "run_uuid": run_id})
+    return f"{mask_uri(tracking_uri).rstrip('/')}/get-artifact?{query}"
 
 
 def _ui_page(tracking_uri: str, route: str) -> str:

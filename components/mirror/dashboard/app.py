@@ -177,11 +177,26 @@ def detail_view(db) -> None:
             ("End time", doc.get("end_time"), "time")]
     st.table(pd.DataFrame({"field": [r[0] for r in rows],
                            "value": [_fmt(r[1], r[2]) for r in rows]}).set_index("field"))
+    findings_panel(doc)
     curves = data.load_curves(db, [run_id])
     if curves.empty:
         st.info("This run has no epochs in the mirror yet.")
         return
     show_curves(curves, {run_id: "run"}, {run_id: doc.get("model_name")}, "detail")
+
+
+def findings_panel(doc: dict[str, Any]) -> None:
+    """What evaluate's Grad-CAM and label-issues found, when the run has them: the image is
+    the MLflow server's artifact link stored in the mirror, loaded by the browser."""
+    if doc.get("label_issues") is not None:
+        count = doc["label_issues"]
+        text = f"**Label issues:** {count} likely mislabelled image{'s' * (count != 1)}"
+        if doc.get("label_issues_url"):
+            text += f" ([review the list]({doc['label_issues_url']}))"
+        st.markdown(text)
+    if doc.get("explain_overview_url"):
+        st.markdown("**Where the model looks** (Grad-CAM on the test split's hardest images)")
+        st.image(doc["explain_overview_url"], width="stretch")
 
 
 def _filters(db) -> dict[str, Any]:

@@ -46,7 +46,8 @@ DETAIL_FIELDS = ("run_id", "run_name", "experiment", "model_name", "version", "n
                  "early_stopping", "patience", "weights", "image_size", "train_accuracy",
                  "val_accuracy", "test_accuracy", "best_val_loss", "test_loss", "duration_sec",
                  "start_time", "end_time", "status", "error", "epochs_run", "max_epochs",
-                 "registry", "mlflow_url")
+                 "registry", "mlflow_url", "explain_overview_url", "label_issues",
+                 "label_issues_url")
 CURVE_FIELDS = ("run_id", "epoch", "train_loss", "val_loss", "train_acc", "val_acc")
 LIVE_FIELDS = ("run_id", "run_name", "model_name", "status", "start_time", "current_epoch",
                "max_epochs", "last_heartbeat", "error")

@@ -8,8 +8,11 @@ generated folder (benchmarks/synth_images.py: photo-like JPEGs, optionally some 
   its histogram counted at full resolution - what the seeds' EDA notebooks did;
 * cnnflow: `components.steps.eda.scan_dataset` (which `cnnflow eda` runs): each file read once
   in worker processes (one per core), size/mode/format from the header, JPEGs decoded at
-  reduced scale (`draft`) and other formats shrunk with `Image.reduce` before the histogram.
-  It also lists the folder and computes the train split (included in its time).
+  reduced scale (`draft`) and other formats shrunk with `Image.reduce` before the histogram
+  and the perceptual hash of near-duplicate detection (which the naive loop does not do;
+  `--near-dup-distance 0` turns it off to see what it costs). It also lists the folder and
+  computes the train split (included in its time); grouping near-duplicates is part of
+  `summarize`, timed on its own.
 
 Histograms therefore differ slightly (downscaled vs. full resolution); the script prints how
 much (largest difference of a channel's mean value, and the largest L1 distance between two
@@ -20,6 +23,7 @@ hashing, not the disk. Benchmarks print; they never assert.
     .venv/bin/python benchmarks/eda_scan.py               # 5,000 JPEGs x 3 sizes, ~5 min
     .venv/bin/python benchmarks/eda_scan.py --size web    # one size preset only
     .venv/bin/python benchmarks/eda_scan.py --png-share 0.5  # half PNGs (no reduced decode)
+    .venv/bin/python benchmarks/eda_scan.py --near-dup-distance 0  # without perceptual hashes
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from synth_images import SIZE_PRESETS, make_photo_folder  # noqa: E402
 
 from components.data.images import to_rgb  # noqa: E402
 from components.steps.eda import scan_dataset, summarize  # noqa: E402
+from components.steps.params import EdaParams  # noqa: E402
 
 TARGET = 5.0
 
@@ -78,7 +83,7 @@ def naive_scan(root: Path) -> dict[str, dict]:
     return out
 
 
-def compare(root: Path, repeats: int, workers: int) -> dict[str, float]:
+def compare(root: Path, repeats: int, workers: int, near_dup_distance: int) -> dict[str, float]:
     """Time both on one folder, check the outputs agree, print one block; returns the figures."""
     naive_times, flow_times, naive_cpu, flow_cpu = [], [], [], []
     naive = scan = None
@@ -90,7 +95,7 @@ def compare(root: Path, repeats: int, workers: int) -> dict[str, float]:
         naive_cpu.append(cpu_seconds() - c)
         print(f"  pass {i + 1}/{repeats}: cnnflow ...", file=sys.stderr, flush=True)
         t, c = time.perf_counter(), cpu_seconds()
-        scan = scan_dataset(root, workers=workers)
+        scan = scan_dataset(root, workers=workers, near_dup_distance=near_dup_distance)
         flow_times.append(time.perf_counter() - t)
         flow_cpu.append(cpu_seconds() - c)
     t = time.perf_counter()
@@ -131,7 +136,8 @@ def compare(root: Path, repeats: int, workers: int) -> dict[str, float]:
           f"{'yes' if mismatches == 0 else f'NO ({mismatches} differ)'}")
     print(f"per-class mean histograms, reduced vs. full decode: largest channel-mean "
           f"difference {mean_diff:.2f} (of 255), largest L1 distance {l1:.3f} (of 2)")
-    print(f"summarize afterwards (counts, duplicates, findings): {summarize_time:.2f} s")
+    print(f"summarize afterwards (counts, duplicates, near-duplicate groups, findings): "
+          f"{summarize_time:.2f} s")
     return {"n": n, "naive": n / best_naive, "flow": n / best_flow, "ratio": ratio,
             "cpu_ratio": cpu_ratio}
 
@@ -145,11 +151,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of PNG files (the rest JPEG)")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes of each (best kept)")
     parser.add_argument("--workers", type=int, default=-1, help="cnnflow worker processes")
+    parser.add_argument("--near-dup-distance", type=int, default=EdaParams.near_dup_distance,
+                        help="eda's near_dup_distance (0 = no perceptual hashes)")
     args = parser.parse_args(argv)
 
     sizes = list(SIZE_PRESETS) if args.size == "all" else [args.size]
     print(f"{args.images} images per folder, {args.png_share:.0%} PNG (rest JPEG q90); "
-          f"CPU cores: {os.cpu_count()}; cnnflow workers: {args.workers} (-1 = one per core); "
+          f"CPU cores: {os.cpu_count()}; cnnflow workers: {args.workers} (-1 = one per core), "
+          f"near_dup_distance {args.near_dup_distance}; "
           f"1-min load average before start: {os.getloadavg()[0]:.2f}")
     results = {}
     for size in sizes:
@@ -161,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             dims = ", ".join(sorted({f"{w}x{h}" for w, h in SIZE_PRESETS[size]}))
             print(f"\n== {size}: {dims}; {n_bytes / 2**20:.0f} MiB (generated in "
                   f"{time.perf_counter() - started:.0f} s)")
-            results[size] = compare(root, args.repeats, args.workers)
+            results[size] = compare(root, args.repeats, args.workers, args.near_dup_distance)
     print()
     print(f"{'size':>8} {'naive img/s':>12} {'cnnflow img/s':>14} {'speed-up':>9} "
           f"{'CPU-work ratio':>15}")

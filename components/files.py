@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -115,3 +116,8 @@ def _newest_mtime(folder: Path) -> float:
             except OSError:
                 continue
     return newest
+
+
+def slug(text: str) -> str:
+    """A file or folder name safe on every OS."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "unnamed"

@@ -55,6 +55,14 @@ SOURCE_MODEL_TAG = "cnnflow.source_model"  # the exported model's name (resnet18
 SOURCE_MODEL_URI_TAG = "cnnflow.source_model_uri"
 EXPORT_GATE_TAG = "cnnflow.export.{}"
 
+# What `cnnflow cascade` writes on its run (and the cascade's registered versions): the
+# classifier it ran (URI), the detector (its name, or `boxes:<path>` for detections made
+# elsewhere), the detector's weights, and the logged cascade model (with a detector only).
+CLASSIFIER_URI_TAG = "cnnflow.classifier_uri"
+DETECTOR_TAG = "cnnflow.detector"
+DETECTOR_WEIGHTS_TAG = "cnnflow.detector_weights"
+CASCADE_MODEL_URI_TAG = "cnnflow.cascade_model_uri"
+
 # Per-epoch metrics the engine reports (step = epoch >= 1) and the mirror turns into `epochs`.
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_sec",
                  "train_images_per_sec")

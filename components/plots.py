@@ -127,6 +127,37 @@ def plot_misclassified(items: list[tuple[str, str, str, float]], path: Path,
     return _save(fig, path)
 
 
+def plot_label_issues(items: list[tuple[Path, str, str, float]], path: Path,
+                      columns: int = 6) -> Path:
+    """Likely mislabelled images, most suspicious first: (image file, given label, suggested
+    label, label quality score). An image not on this machine is drawn as a note."""
+    from components.data.datasets import load_rgb
+
+    if not items:
+        fig, ax = plt.subplots(figsize=(4, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no likely label issues", ha="center", va="center")
+        return _save(fig, path)
+    cols = min(columns, len(items))
+    rows = -(-len(items) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for rank, (ax, (image, given, suggested, score)) in enumerate(
+            zip(axes.ravel(), items, strict=False), start=1):
+        if Path(image).is_file():
+            ax.imshow(load_rgb(image))
+        else:
+            ax.text(0.5, 0.5, "image not\non this machine", ha="center", va="center",
+                    fontsize=8, transform=ax.transAxes)
+        name = Path(image).name
+        name = name if len(name) <= 24 else f"...{name[-21:]}"
+        ax.set_title(f"#{rank} {name}\n{given} -> {suggested}, quality {score:.3f}",
+                     fontsize=8, color="firebrick")
+    fig.suptitle("likely label issues (given -> suggested; low quality = suspicious)")
+    return _save(fig, path)
+
+
 def plot_reliability(bins: list[dict], ece: float, path: Path) -> Path:
     """Accuracy vs. confidence per bin against the diagonal: is the model over-confident?"""
     sns.set_theme(style="whitegrid")
@@ -249,6 +280,25 @@ def plot_sample_grid(samples: dict[str, list[Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_near_duplicates(groups: list[tuple[str, list[tuple[Any, str]]]], path: Path) -> Path:
+    """One row per near-duplicate group: its title above, thumbnails (RGB arrays) with a
+    caption each (eda: class / split), so a reader sees at once what was matched."""
+    cols = max([len(items) for _, items in groups] + [1])
+    fig = plt.figure(figsize=(1.7 * cols + 0.3, 2.2 * len(groups)))
+    grid = fig.add_gridspec(2 * len(groups), cols, height_ratios=[0.18, 1] * len(groups))
+    for r, (title, items) in enumerate(groups):
+        head = fig.add_subplot(grid[2 * r, :])
+        head.axis("off")
+        head.text(0.0, 0.0, title, fontsize=9, fontweight="bold", va="bottom")
+        for c, (image, caption) in enumerate(items):
+            ax = fig.add_subplot(grid[2 * r + 1, c])
+            ax.imshow(image)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel(caption, fontsize=8)
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------------------------
 # Experiment report figures (steps/report.py)
 # --------------------------------------------------------------------------------------------
@@ -279,4 +329,89 @@ def plot_cost(rows: list[dict[str, Any]], path: Path) -> Path:
                       ha="right" if len(names) > 2 else "center")
         ax.set_title(label)
     fig.suptitle("cost per model (lower is cheaper)")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- Grad-CAM
+
+
+def cam_overlay(image: Any, cam: Any, max_side: int = 160, alpha: float = 0.45) -> Any:
+    """An RGB image (PIL) with a Grad-CAM map (H x W in [0, 1], any size) laid over it in the
+    `jet` colours, shrunk to at most `max_side` px: an HxWx3 uint8 array.
+
+    The map covers the whole image: the model's input is the image resized to a square, so
+    stretching the map back to the image's own shape puts each cell where it looked.
+    """
+    import numpy as np
+    from PIL import Image
+
+    img = image.convert("RGB")
+    scale = min(1.0, max_side / max(img.size))
+    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+    heat = Image.fromarray((np.clip(np.asarray(cam, dtype=np.float32), 0, 1) * 255)
+                           .astype(np.uint8)).resize(img.size, Image.BILINEAR)
+    colours = plt.get_cmap("jet")(np.asarray(heat) / 255.0)[..., :3] * 255
+    blended = (1 - alpha) * np.asarray(img, dtype=np.float32) + alpha * colours
+    return blended.clip(0, 255).astype(np.uint8)
+
+
+def cam_tile(image: Any, cam: Any, caption: str, correct: bool = True, side: int = 160) -> Any:
+    """One Grad-CAM overlay as a PIL image, `side` px on its long side, with a caption band
+    below (wrong predictions in red). Drawn with PIL, no matplotlib figure: a gallery of
+    many images stays cheap (evaluate draws one on every run)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    overlay = Image.fromarray(cam_overlay(image, cam, max_side=side))
+    scale = side / max(overlay.size)
+    overlay = overlay.resize((max(1, round(overlay.width * scale)),
+                              max(1, round(overlay.height * scale))), Image.NEAREST)
+    lines = caption.splitlines() or [""]
+    tile = Image.new("RGB", (side, side + 14 * len(lines) + 6), "white")
+    tile.paste(overlay, ((side - overlay.width) // 2, (side - overlay.height) // 2))
+    draw, font = ImageDraw.Draw(tile), ImageFont.load_default()
+    for i, line in enumerate(lines):
+        draw.text((4, side + 3 + 14 * i), line, font=font,
+                  fill=(0, 0, 0) if correct else (178, 34, 34))
+    return tile
+
+
+def save_cam_sheet(tiles: list[Any], path: Path, title: str = "", columns: int = 8,
+                   gap: int = 6) -> Path:
+    """`cam_tile`s in a grid under a title line, as one PNG (evaluate's overview)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not tiles:
+        tiles = [Image.new("RGB", (160, 40), "white")]
+        ImageDraw.Draw(tiles[0]).text((4, 14), "no images to explain", fill=(0, 0, 0))
+    cols = min(columns, len(tiles))
+    rows = -(-len(tiles) // cols)
+    w, h = max(t.width for t in tiles), max(t.height for t in tiles)
+    top = 22 if title else 0
+    sheet = Image.new("RGB", (cols * w + (cols + 1) * gap, top + rows * h + (rows + 1) * gap),
+                      "white")
+    if title:
+        ImageDraw.Draw(sheet).text((gap, 6), title, font=ImageFont.load_default(),
+                                   fill=(0, 0, 0))
+    for k, tile in enumerate(tiles):
+        r, c = divmod(k, cols)
+        sheet.paste(tile, (gap + c * (w + gap), top + gap + r * (h + gap)))
+    sheet.save(path)
+    return path
+
+
+def plot_cam_panels(image: Any, panels: list[tuple[str, Any]], path: Path, title: str = "",
+                    cell: float = 2.6) -> Path:
+    """One image side by side: the photo itself, then one overlay per (name, map), e.g. the
+    model's map and, for an ensemble, each member's."""
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(cell * (1 + len(panels)), cell + 0.5),
+                             squeeze=False)
+    axes[0, 0].imshow(cam_overlay(image, [[0.0]], max_side=256, alpha=0.0))
+    axes[0, 0].set_title("image", fontsize=9)
+    for ax, (name, cam) in zip(axes[0, 1:], panels, strict=True):
+        ax.imshow(cam_overlay(image, cam, max_side=256))
+        ax.set_title(name, fontsize=9)
+    for ax in axes.ravel():
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)

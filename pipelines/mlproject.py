@@ -25,7 +25,9 @@ from pipelines.options import option_name, params_class
 # MLproject entry point -> the `cnnflow` command that runs the same code.
 ENTRY_POINTS = {"eda": "eda", "preprocess": "preprocess", "train": "train",
                 "evaluate": "evaluate", "ensemble": "ensemble", "export": "export",
-                "sync": "sync", "tune": "tune", "pseudo_label": "pseudo-label", "main": "run"}
+                "sync": "sync", "tune": "tune", "pseudo_label": "pseudo-label",
+                "explain": "explain", "label_issues": "label-issues", "cascade": "cascade",
+                "main": "run"}
 MLPROJECT_COMMAND = "python -m pipelines.mlproject > MLproject"
 DOCS_COMMAND = "python -m pipelines.mlproject --docs > docs/parameters.md"
 # MLflow's parameter types: integers are `float` (MLflow has no integer type) and booleans

@@ -78,6 +78,11 @@ def _train_cv(params: TrainParams) -> None:
     if outcome.ensemble_run_id:
         click.echo(f"fold ensemble run {outcome.ensemble_run_id} "
                    f"(register it: cnnflow evaluate --run-id {outcome.ensemble_run_id})")
+    if outcome.label_issues is not None:
+        from components.steps.label_issues import summary
+
+        for line in summary(outcome.label_issues):
+            click.echo(line)
 
 
 if __name__ == "__main__":

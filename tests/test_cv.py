@@ -64,6 +64,17 @@ def test_cv_logs_nested_fold_runs_and_their_mean_and_std(tracking, image_folder,
     with open(local, newline="") as fh:
         assigned = list(csv.DictReader(fh))
     assert len(assigned) == 18 and {row["fold"] for row in assigned} == {"0", "1", "2"}
+    # Each train+val image predicted once, by the fold model that never saw it.
+    assert "cv/oof_probabilities.csv" in files
+    local = tracking.download_artifacts(parent.info.run_id, "cv/oof_probabilities.csv",
+                                        str(tmp_path))
+    with open(local, newline="") as fh:
+        oof = list(csv.DictReader(fh))
+    assert ({(r["path"], r["label"], r["fold"]) for r in oof}
+            == {(r["path"], r["label"], r["fold"]) for r in assigned}) and len(oof) == 18
+    for row in oof:
+        assert sum(float(row[f"prob_{c}"]) for c in ("blue", "green", "red")) == \
+            pytest.approx(1.0, abs=1e-6)
     # --cv-ensemble: the fold models as one ensemble run, nested under the parent.
     ensemble = tracking.get_run(parent.data.tags["cnnflow.ensemble_run_id"])
     assert ensemble.data.tags["cnnflow.step"] == "ensemble"

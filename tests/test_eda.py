@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import MESSY_EXPECTED, runs_of, write_image
 
-from components.data.datasets import SPLITS, load_splits
+from components.data.datasets import SPLITS, load_splits, relative_posix
 from components.data.images import read_file, read_files
 from components.steps import eda
 from pipelines.cli import cli
@@ -34,6 +35,7 @@ def test_eda_numbers_report_and_run_are_exact(tracking, messy_folder, tmp_path):
     assert run.data.tags["cnnflow.step"] == "eda" and run.data.tags["cnnflow.dataset"] == "messy"
     for name, expected in MESSY_EXPECTED.items():
         assert run.data.metrics[name] == pytest.approx(expected), name
+    assert run.data.metrics["n_near_duplicate_groups"] == 0  # exact copies are not "near"
 
     out = reports / "eda" / "messy"
     assert {p.name for p in out.iterdir()} == FIGURES | {"report.md"}
@@ -91,13 +93,23 @@ def test_images_stored_rotated_are_counted_and_measured_upright(tmp_path):
     assert any("1 image(s) are stored rotated" in f for f in summary.findings)
 
 
+@pytest.mark.parametrize("path, root", [
+    ("/d/cat/1.png", "/d"), ("/d/cat/1.png", "/d/"), ("d/cat/1.png", "d"), ("./cat/1.png", "."),
+    ("/d/x/../cat/1.png", "/d"), ("/dd/cat/1.png", "/d"), ("/d//cat/1.png", "/d"),
+])
+def test_relative_paths_are_exactly_os_relpaths(path, root):
+    """The fast path eda and the split take for every file never changes a path."""
+    assert relative_posix(path, root) == Path(os.path.relpath(path, root)).as_posix()
+
+
 def test_parallel_scan_reads_the_same_as_in_process(messy_folder):
     paths = sorted(str(p) for p in messy_folder.rglob("*.png"))
-    serial = list(read_files(paths, histogram=True, workers=0))
-    parallel = list(read_files(paths, histogram=True, workers=2))
+    serial = list(read_files(paths, histogram=True, phash=True, workers=0))
+    parallel = list(read_files(paths, histogram=True, phash=True, workers=2))
     for a, b in zip(serial, parallel, strict=True):
-        assert (a.path, a.sha1, a.width, a.height, a.mode, a.format, a.error) == \
-            (b.path, b.sha1, b.width, b.height, b.mode, b.format, b.error)
+        assert (a.path, a.sha1, a.width, a.height, a.mode, a.format, a.error, a.phash) == \
+            (b.path, b.sha1, b.width, b.height, b.mode, b.format, b.error, b.phash)
+        assert len(a.phash) == (0 if a.error else 64)
         assert (a.hist is None and b.hist is None) or np.array_equal(a.hist, b.hist)
 
 
@@ -133,6 +145,7 @@ def _no_class_folders(tmp: Path) -> Path:
     (_no_class_folders, [], "no class folders"),
     (_no_images, ["--val-ratio", "0.6", "--test-ratio", "0.5"], "val_ratio + test_ratio"),
     (_no_images, ["--num-workers", "-3"], "num_workers=-3"),
+    (_no_images, ["--near-dup-distance", "33"], "near_dup_distance=33 is above 32"),
 ])
 def test_bad_input_is_one_line_and_creates_no_run(tracking, tmp_path, make, args, message):
     result = CliRunner().invoke(cli, ["eda", "--data", str(make(tmp_path)), "--experiment",

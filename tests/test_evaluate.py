@@ -91,6 +91,12 @@ def test_evaluate_logs_correct_metrics_figures_cost_and_registers(client, traine
 
     files = {Path(f.path).name for f in client.list_artifacts(run_id, "evaluation/test")}
     assert FIGURES <= files
+    # The Grad-CAM gallery (default 8 highest-loss + at most 8 from confusion pairs), its
+    # overview named by the run's tag for the mirror and the report.
+    gallery = {Path(f.path).name for f in client.list_artifacts(run_id,
+                                                                "evaluation/test/explain")}
+    assert {"overview.png", "gallery.csv"} <= gallery and 8 <= len(gallery) - 2 <= 16
+    assert run.data.tags["cnnflow.explain_overview"] == "evaluation/test/explain/overview.png"
     report = json.loads(Path(client.download_artifacts(
         run_id, "evaluation/test/classification_report.json", str(tmp_path))).read_text())
     expected = np.zeros((6, 6), dtype=int)
@@ -146,13 +152,13 @@ def test_val_split_is_prefixed_leaves_epoch_curves_alone_and_registers_nothing(c
     run_id = trained_pair.runs["lenet5"]
     before = sorted(x.step for x in client.get_metric_history(run_id, "val_loss"))
     result = invoke("evaluate", "--run-id", run_id, "--split", "val", "--cost", "false",
-                    "--registered-model", "eval-val")
+                    "--registered-model", "eval-val", "--explain-images", "0")
     assert result.exit_code == 0, result.output
     m = client.get_run(run_id).data.metrics
     assert {"val_f1_macro", "val_top5_acc", "val_ece", "val_acc_k0"} <= set(m)
     assert sorted(x.step for x in client.get_metric_history(run_id, "val_loss")) == before
     files = {Path(f.path).name for f in client.list_artifacts(run_id, "evaluation/val")}
-    assert "confusion_matrix.png" in files
+    assert "confusion_matrix.png" in files and "explain" not in files  # --explain-images 0
     assert versions(client, "eval-val") == []
 
 

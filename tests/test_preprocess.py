@@ -226,6 +226,7 @@ def _tiny_class(tmp: Path) -> Path:
     (_tiny_class, [], "the val split gets no images of class 'a'"),
     (_tiny_class, ["--image-size", "7"], "image_size=7 is below 8"),
     (_tiny_class, ["--num-workers", "-2"], "num_workers=-2"),
+    (_tiny_class, ["--near-dup-distance", "-1"], "near_dup_distance=-1 is below 0"),
 ])
 def test_bad_input_is_one_line_and_creates_no_run(tracking, tmp_path, make, args, message):
     result = CliRunner().invoke(cli, ["preprocess", "--data", str(make(tmp_path)),

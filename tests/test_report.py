@@ -106,9 +106,12 @@ def test_report_has_every_section_figure_and_model(experiment, tracking, tmp_pat
     assert {p.name for p in out.figures} == {Path(r).name for r in refs}
     names = " ".join(refs)
     for expected in ("eda-class_counts", "eda-samples", "cost", "confusion-champion",
-                     "confusion-ensemble", "curves-all-models",
+                     "explain-champion", "confusion-ensemble", "curves-all-models",
                      *(f"curves-{n}" for n in experiment.names.values())):
         assert f"figures/{expected}.png" in names, expected
+    # evaluate's Grad-CAM overview comes right after the champion's confusion matrix.
+    assert refs.index("figures/explain-champion.png") == \
+        refs.index("figures/confusion-champion.png") + 1
     table = md.split("## Models compared")[1].split("## Training curves")[0]
     for name in [*experiment.names.values(), experiment.ensemble_name]:
         assert f"| {name} |" in table, name

@@ -193,3 +193,72 @@ def test_mlflow_run_entry_point(mlflow_server, image_folder):
     (run,) = runs_of(client, "mlproject")
     assert run.info.status == "FINISHED" and run.info.run_name == "lenet5-v1"
     assert [s for s, _ in history(client, run.info.run_id, "val_acc")] == [1]
+
+
+# --------------------------------------------------------------------------- --exclude-file
+
+
+def test_exclude_file_leaves_listed_images_out_of_train_and_val(tracking, image_folder,
+                                                                 tmp_path):
+    from components.data.datasets import load_splits
+
+    data = image_folder({"a": 8, "b": 8})
+    splits = load_splits(data)
+    listed = sorted([splits.relpath(splits.train[0][0]), splits.relpath(splits.val[0][0])])
+    exclude = tmp_path / "reviewed.csv"  # the columns label_issues.csv has
+    exclude.write_text("path,given_label,suggested_label,quality_score,fold\n"
+                       + "".join(f"./{p},a,b,0.1,0\n" for p in listed))
+    result = run_cli("--data", str(data), "--experiment", "exclude", "--epochs", "1",
+                     "--patience", "0", "--exclude-file", str(exclude), *FAST)
+    assert result.exit_code == 0, result.output
+    (run,) = runs_of(tracking, "exclude")
+    assert run.data.params["exclude_file"] == str(exclude)
+    assert run.data.tags["cnnflow.exclude_file"] == str(exclude.resolve())
+    assert run.data.metrics["n_excluded"] == 2
+    assert run.data.params["n_train"] == str(len(splits.train) - 1)
+    assert run.data.params["n_val"] == str(len(splits.val) - 1)
+    manifest = tracking.download_artifacts(run.info.run_id, "data/manifest.csv", str(tmp_path))
+    rows = [line.split(",") for line in Path(manifest).read_text().splitlines()[1:]]
+    assert len(rows) == 16 - 2 and not {r[0] for r in rows} & set(listed)
+    assert sorted(r[0] for r in rows if r[3] == "test") == sorted(
+        splits.relpath(p) for p, _ in splits.test)  # the yardstick is untouched
+    excluded = tracking.download_artifacts(run.info.run_id, "data/excluded.csv", str(tmp_path))
+    assert [line.split(",")[0] for line in Path(excluded).read_text().splitlines()[1:]] == listed
+    assert run.data.tags["cnnflow.dataset_digest"] != splits.digest()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    ("{train}\nno/such.png\nno/other.png\n", "2 of the 3 paths"),
+    ("{train}\n{test}\n", "in the test split"),
+])
+def test_bad_exclude_file_is_one_line_and_creates_no_run(tracking, image_folder, tmp_path,
+                                                         content, message):
+    from components.data.datasets import load_splits
+
+    data = image_folder({"a": 6, "b": 6})
+    splits = load_splits(data)
+    exclude = tmp_path / "exclude.txt"
+    if content is not None:
+        exclude.write_text(content.format(train=splits.relpath(splits.train[0][0]),
+                                          test=splits.relpath(splits.test[0][0])))
+    result = CliRunner().invoke(cli, ["train", "--data", str(data), "--experiment", "bad-ex",
+                                      "--exclude-file", str(exclude), *FAST])
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and message in errors[0], result.output
+    assert runs_of(tracking, "bad-ex") == []
+
+
+def test_cache_rows_follow_train_and_val_with_images_left_out(image_folder):
+    """--exclude-file with --preprocess-run: the tensor cache's rows follow the kept images."""
+    import dataclasses
+
+    from components.data.datasets import load_splits
+    from components.steps.train import _cache_rows
+
+    cached = load_splits(image_folder({"a": 8, "b": 8}))
+    kept = dataclasses.replace(cached, train=cached.train[1:], val=cached.val[:1])
+    assert _cache_rows(cached, kept) == {"train": list(range(1, len(cached.train))),
+                                         "val": [0]}
+    assert _cache_rows(cached, cached) == {}

@@ -1,4 +1,5 @@
-"""Per-file image work - content hash, header facts, small histograms, cache pixels - in parallel.
+"""Per-file image work - content hash, header facts, small histograms, perceptual hash, cache
+pixels - in parallel.
 
 `eda` and `preprocess` must read every file of a dataset, and a naive loop that fully decodes
 each image is slow on real photo folders. Here each file is read exactly once: its bytes are
@@ -10,8 +11,12 @@ hashed (sha1, for exact-duplicate and leakage checks), size/mode/format come fro
 - histograms: JPEGs are decoded at reduced scale (`draft`, DCT scaling) to about
   `HIST_SIDE` px, other formats are decoded fully and shrunk with `Image.reduce` (box filter)
   before counting - colour distributions survive downscaling, the work drops 10-50x;
+- perceptual hash (near-duplicate detection, `components.data.near_duplicates`): a 256-bit
+  pHash of that same reduced image (`reduced`), so eda and preprocess get the same hash for
+  a file whatever else they decode; the decode check then uses the reduced decode too;
 - cache pixels: a full decode, `to_rgb`, then the exact resize `build_transform` applies, so a
-  cached image is bit-identical to one decoded on the fly.
+  cached image is bit-identical to one decoded on the fly (with a perceptual hash asked for,
+  a drafted JPEG is decoded a second time, at full scale, from the bytes already read).
 
 Every decode goes through `to_rgb`, which first applies the EXIF Orientation tag (`upright`):
 phone photos are stored sideways with a tag saying so, and training, the tensor cache, eda and
@@ -22,6 +27,8 @@ This module imports no torch, so worker processes (fork or spawn) start fast.
 
 from __future__ import annotations
 
+import array
+import functools
 import hashlib
 import io
 import os
@@ -43,6 +50,9 @@ from components.errors import one_line
 _IN_MEMORY = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 HIST_SIDE = 64  # histograms are computed on images shrunk to about this size
 HIST_BINS = 256
+PHASH_SIDE = 16  # perceptual hash: 16x16 = 256 bits (components.data.near_duplicates)
+_HALF = PHASH_SIDE * PHASH_SIDE // 2
+HASH_INPUT = 4 * PHASH_SIDE  # imagehash's image size for the DCT (highfreq_factor 4)
 _AUTO_SERIAL_BELOW = 64  # with workers=-1, fewer files than this are read in-process
 
 
@@ -118,6 +128,7 @@ class FileFacts:
     orientation: int = 1  # the EXIF Orientation tag; not 1 = stored rotated or flipped
     error: str = ""  # one line; empty when the image decodes
     hist: np.ndarray | None = None  # (3, 256) float32, each channel sums to 1
+    phash: str = ""  # 256-bit perceptual hash, 64 hex digits, when asked for
     pixels: np.ndarray | None = None  # (s, s, 3) uint8 when a cache size was asked for
 
     @property
@@ -130,7 +141,8 @@ class FileFacts:
         return self.orientation != 1
 
 
-def read_file(path: str | Path, histogram: bool = False, cache_size: int = 0) -> FileFacts:
+def read_file(path: str | Path, histogram: bool = False, cache_size: int = 0,
+              phash: bool = False) -> FileFacts:
     """Hash, inspect and (as far as needed) decode one file; never raises for a bad image."""
     facts = FileFacts(str(path))
     try:
@@ -147,13 +159,16 @@ def read_file(path: str | Path, histogram: bool = False, cache_size: int = 0) ->
             with Image.open(io.BytesIO(data)) as img:
                 facts.format, facts.mode = img.format or "", img.mode
                 facts.width, facts.height = img.size
+                if histogram or phash:
+                    small = to_rgb(reduced(img))
+                    if histogram:
+                        facts.hist = _histogram(small)
+                    if phash:
+                        facts.phash = perceptual_hash(small)
                 if cache_size:
-                    img.load()
-                    facts.pixels = np.asarray(resize_square(to_rgb(img), cache_size),
-                                              dtype=np.uint8)
-                elif histogram:
-                    facts.hist = _small_histogram(img)
-                else:
+                    facts.pixels = _cache_pixels(img, data, (facts.width, facts.height),
+                                                 cache_size)
+                elif not (histogram or phash):
                     if img.format == "JPEG":
                         img.draft(None, (1, 1))
                     img.load()
@@ -164,31 +179,91 @@ def read_file(path: str | Path, histogram: bool = False, cache_size: int = 0) ->
         message = _IN_MEMORY.sub("", str(exc))  # "<_io.BytesIO object at 0x..>": no information
         facts.error = one_line(f"cannot decode image: {type(exc).__name__}: {message}")
         facts.hist = facts.pixels = None
+        facts.phash = ""
     return facts
 
 
-def _small_histogram(img: Image.Image) -> np.ndarray:
-    """Per-channel 256-bin histogram of the image shrunk to about HIST_SIDE px, normalised."""
+def _cache_pixels(img: Image.Image, data: bytes, size: tuple[int, int], cache_size: int
+                  ) -> np.ndarray:
+    """Full decode, `to_rgb`, the exact resize of `build_transform`: one cache row.
+
+    When `reduced` has drafted `img` to a smaller scale, the bytes are decoded again at full
+    scale (a JPEG larger than 2 x HIST_SIDE with a perceptual hash asked for)."""
+    if img.size == size:
+        img.load()
+        return np.asarray(resize_square(to_rgb(img), cache_size), dtype=np.uint8)
+    with Image.open(io.BytesIO(data)) as full:
+        full.load()
+        return np.asarray(resize_square(to_rgb(full), cache_size), dtype=np.uint8)
+
+
+def reduced(img: Image.Image) -> Image.Image:
+    """The image decoded to about HIST_SIDE px: the input of histograms and perceptual hashes.
+
+    JPEGs are decoded at reduced scale (`draft`, DCT scaling; the decode still reads the whole
+    stream, so a truncated file fails here as in a full decode); other formats are decoded
+    fully and shrunk with `Image.reduce` (box filter). `img` is loaded by this call; when it
+    was drafted, its size is the reduced one.
+    """
     if img.format == "JPEG":
         img.draft("RGB", (HIST_SIDE, HIST_SIDE))  # DCT-domain downscale: decodes far less
     img.load()
     factor = max(1, min(img.size) // HIST_SIDE)
-    if factor > 1:
-        img = img.reduce(factor)
-    rgb = to_rgb(img)
-    counts = np.asarray(rgb.histogram(), dtype=np.float64).reshape(3, HIST_BINS)
-    return (counts / max(1, rgb.width * rgb.height)).astype(np.float32)
+    return img.reduce(factor) if factor > 1 else img
+
+
+def _histogram(rgb: Image.Image) -> np.ndarray:
+    """Per-channel 256-bin histogram of an RGB image, normalised.
+
+    PIL returns a list of 768 ints; `array.array` takes it in at C speed (numpy's own list
+    conversion cost as much as the count itself)."""
+    counts = np.frombuffer(array.array("q", rgb.histogram()), dtype=np.int64)
+    return (counts.astype(np.float32) / np.float32(max(1, rgb.width * rgb.height))
+            ).reshape(3, HIST_BINS)
+
+
+def perceptual_hash(small: Image.Image) -> str:
+    """256-bit pHash of a `reduced` image, as 64 hex digits.
+
+    pHash as `imagehash.phash(img, hash_size=16)` defines it - grey, Lanczos resize to 64x64,
+    2-D DCT-II, the 16x16 lowest frequencies, each bit = coefficient above their median -
+    except that a reduced image of 64 px or more is not resized: the DCT is taken of it
+    directly (basis rows of its own size). The lowest 16 frequencies are the same picture
+    content at any size (the result stays within a few bits of imagehash's), and the resize
+    cost more than the rest of a thumbnail's scan. A resized or recompressed photo lands
+    within a few bits; unrelated pictures differ in about half of them
+    (components.data.near_duplicates groups them).
+    """
+    grey = small.convert("L")
+    if min(grey.size) < HASH_INPUT:  # a small original: imagehash's own Lanczos resize
+        grey = grey.resize((HASH_INPUT, HASH_INPUT), Image.LANCZOS)
+    rows, cols = _dct_basis(grey.height, grey.width)
+    pixels = np.frombuffer(grey.tobytes(), np.uint8).reshape(grey.height, grey.width)
+    coeffs = np.dot(np.dot(rows, pixels), cols).ravel()  # float32: ample for 8-bit input
+    ranked = np.sort(coeffs)  # np.median's value, without its overhead
+    return np.packbits(coeffs > (ranked[_HALF - 1] + ranked[_HALF]) * 0.5).tobytes().hex()
+
+
+@functools.lru_cache(maxsize=256)
+def _dct_basis(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The PHASH_SIDE lowest-frequency DCT-II basis rows for the image's columns (16, height)
+    and, transposed, for its rows (width, 16): `rows @ pixels @ cols` is the 16x16 DCT."""
+    def basis(n: int) -> np.ndarray:
+        k, x = np.arange(PHASH_SIDE)[:, None], np.arange(n)[None, :]
+        return np.cos(np.pi * k * (2 * x + 1) / (2 * n)).astype(np.float32)
+
+    return basis(height), np.ascontiguousarray(basis(width).T)
 
 
 def read_files(paths: Sequence[str | Path], *, histogram: bool = False, cache_size: int = 0,
-               workers: int = -1, progress: bool = False, desc: str = "reading images"
-               ) -> Iterator[FileFacts]:
+               phash: bool = False, workers: int = -1, progress: bool = False,
+               desc: str = "reading images") -> Iterator[FileFacts]:
     """`read_file` over many files, in order, in worker processes, with a progress bar.
 
     workers: -1 = one process per CPU core (in-process for fewer than 64 files, where
     starting processes costs more than it saves); 0 = in this process; N = N processes.
     """
-    fn = partial(read_file, histogram=histogram, cache_size=cache_size)
+    fn = partial(read_file, histogram=histogram, cache_size=cache_size, phash=phash)
     n_workers = resolve_workers(workers, len(paths))
     bar = tqdm(total=len(paths), desc=desc, unit="img", file=sys.stderr, disable=not progress,
                mininterval=0.5, leave=False)

@@ -95,6 +95,7 @@ class ModelSpec:
     torchvision_weights: str | None  # torchvision model name whose DEFAULT weights we load
     normalization: tuple[tuple[float, float, float], tuple[float, float, float]]
     description: str
+    cam_layer: str = ""  # dotted path inside the backbone Grad-CAM explains ("": last block)
 
     @property
     def has_imagenet_weights(self) -> bool:
@@ -115,6 +116,7 @@ def register_model(
         IMAGENET_STD,
     ),
     description: str = "",
+    cam_layer: str = "",
 ) -> Callable[[Builder], Builder]:
     """Register `builder(image_size: int | None) -> Backbone` under `name`.
 
@@ -123,6 +125,11 @@ def register_model(
 
     `torchvision_weights` names the torchvision model whose ImageNet weights fit this
     backbone (None: no pretrained weights exist).
+
+    `cam_layer` is the dotted path, inside the backbone module, of the layer Grad-CAM
+    explains (`components/nn/explain.py`): the last convolutional stage whose output still
+    has a spatial grid, and whose output no later module changes in place. Empty: the last
+    module of the last block.
     """
 
     def decorate(builder: Builder) -> Builder:
@@ -137,6 +144,7 @@ def register_model(
             torchvision_weights=torchvision_weights,
             normalization=normalization,
             description=description or (lines[0] if lines else ""),
+            cam_layer=cam_layer,
         )
         return builder
 
@@ -241,6 +249,7 @@ class Classifier(nn.Module):
         blocks: Sequence[Sequence[str]],
         pool: nn.Module | None = None,
         name: str = "",
+        cam_layer: str = "",
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -250,6 +259,7 @@ class Classifier(nn.Module):
         self.block_paths: tuple[tuple[str, ...], ...] = tuple(tuple(g) for g in blocks)
         self.frozen_blocks = 0
         self.weights_source: str | None = None  # filled in by create_model
+        self.cam_layer = cam_layer or (self.block_paths[-1][-1] if self.block_paths else "")
         self._check_blocks()
 
     def _check_blocks(self) -> None:
@@ -306,6 +316,15 @@ class Classifier(nn.Module):
             for module in self.frozen_modules():
                 module.eval()
         return self
+
+    @property
+    def explained_layer(self) -> nn.Module:
+        """The backbone layer Grad-CAM explains (the registry's `cam_layer`)."""
+        try:
+            return self.backbone.get_submodule(self.cam_layer)
+        except AttributeError:
+            raise ModelError(f"{self.name}: cam_layer '{self.cam_layer}' is not a module of "
+                             "its backbone; fix its register_model(...)") from None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled, flattened backbone features (the head's input)."""
@@ -368,6 +387,7 @@ def create_model(
         blocks=part.blocks,
         pool=part.pool,
         name=name,
+        cam_layer=spec.cam_layer,
     )
     model.set_freeze(freeze)  # validates N against the real block count before loading
 
@@ -570,7 +590,7 @@ def _conv_bn_relu(cin: int, cout: int, kernel: int, padding: int) -> list[nn.Mod
             nn.ReLU(inplace=True)]
 
 
-@register_model("custom_cnn", default_head_hidden=64)
+@register_model("custom_cnn", default_head_hidden=64, cam_layer="block3")
 def custom_cnn(image_size: int | None = None) -> Backbone:
     """The rice seed's CNN: 3 Conv-BN-ReLU-MaxPool blocks (32/64/128 channels), then GAP."""
     blocks = OrderedDict()
@@ -581,7 +601,7 @@ def custom_cnn(image_size: int | None = None) -> Backbone:
     return Backbone(nn.Sequential(blocks), [[name] for name in blocks], features=cin)
 
 
-@register_model("lenet5", min_image_size=12, default_head_hidden=120)
+@register_model("lenet5", min_image_size=12, default_head_hidden=120, cam_layer="c3")
 def lenet5(image_size: int | None = None) -> Backbone:
     """LeNet-5 with BN: C1(6@5x5, pad 2)-S2-C3(16@5x5)-S4, adaptive pool to 5x5 (400 features)."""
     module = nn.Sequential(OrderedDict(
@@ -605,7 +625,7 @@ def convmixer_patch_size(image_size: int | None) -> int:
     return 7 if image_size is None else max(1, min(7, image_size // 16))
 
 
-@register_model("convmixer", default_head_hidden=128)
+@register_model("convmixer", default_head_hidden=128, cam_layer="mixer7")
 def convmixer(image_size: int | None = None, dim: int = 256, depth: int = 8,
               kernel_size: int = 9) -> Backbone:
     """ConvMixer-256/8 (kernel 9); the patch size adapts to the image size."""
@@ -646,19 +666,22 @@ def _resnet(name: str) -> Backbone:
     return Backbone(module, [stem] + [[layer] for layer in layers], features=features)
 
 
-@register_model("resnet18", default_head_hidden=128, torchvision_weights="resnet18")
+@register_model("resnet18", default_head_hidden=128, torchvision_weights="resnet18",
+                cam_layer="layer4")
 def resnet18(image_size: int | None = None) -> Backbone:
     """ResNet-18; blocks: stem, layer1..layer4."""
     return _resnet("resnet18")
 
 
-@register_model("resnet50", default_head_hidden=64, torchvision_weights="resnet50")
+@register_model("resnet50", default_head_hidden=64, torchvision_weights="resnet50",
+                cam_layer="layer4")
 def resnet50(image_size: int | None = None) -> Backbone:
     """ResNet-50 (the rice seed's 2048->64->3 head); blocks: stem, layer1..layer4."""
     return _resnet("resnet50")
 
 
-@register_model("vgg16", min_image_size=32, default_head_hidden=64, torchvision_weights="vgg16")
+@register_model("vgg16", min_image_size=32, default_head_hidden=64, torchvision_weights="vgg16",
+                cam_layer="features.29")
 def vgg16(image_size: int | None = None) -> Backbone:
     """VGG-16 conv features + GAP (512-d, the seed's 512->64->3 head); blocks: 5 conv stages."""
     module = _torchvision("vgg16", ["features"])
@@ -669,7 +692,8 @@ def vgg16(image_size: int | None = None) -> Backbone:
     return Backbone(module, blocks, features=512)
 
 
-@register_model("mobilenetv2", default_head_hidden=256, torchvision_weights="mobilenet_v2")
+@register_model("mobilenetv2", default_head_hidden=256, torchvision_weights="mobilenet_v2",
+                cam_layer="features.18")
 def mobilenetv2(image_size: int | None = None) -> Backbone:
     """MobileNetV2 (the seed's 1280->256->3 head); blocks: the 19 `features` children."""
     module = _torchvision("mobilenet_v2", ["features"])
@@ -677,7 +701,7 @@ def mobilenetv2(image_size: int | None = None) -> Backbone:
 
 
 @register_model("efficientnet_b0", default_head_hidden=256,
-                torchvision_weights="efficientnet_b0")
+                torchvision_weights="efficientnet_b0", cam_layer="features.8")
 def efficientnet_b0(image_size: int | None = None) -> Backbone:
     """EfficientNet-B0; blocks: the 9 `features` children (stem, 7 MBConv stages, head conv)."""
     module = _torchvision("efficientnet_b0", ["features"])
@@ -699,7 +723,7 @@ class _GoogLeNetInput(nn.Module):
 
 
 @register_model("googlenet", min_image_size=15, default_head_hidden=128,
-                torchvision_weights="googlenet")
+                torchvision_weights="googlenet", cam_layer="inception5b")
 def googlenet(image_size: int | None = None) -> Backbone:
     """GoogLeNet (no aux heads); blocks: stem, inception 3a, 3b, 4a..4e, 5a, 5b."""
     stem = ["conv1", "maxpool1", "conv2", "conv3", "maxpool2"]

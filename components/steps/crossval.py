@@ -8,6 +8,13 @@ fold is an ordinary training run (same engine, params, artifacts, logged manifes
 nested under a `cv-vN` parent that logs the mean and standard deviation of the folds' final
 metrics, a per-fold table and a chart. `--cv-ensemble true` then soft-votes the K fold
 models into one ensemble run (components.steps.ensemble), nested under the parent as well.
+
+Each fold's best weights also predict that fold's held-out images once trained (in memory,
+no download of the logged model), so every train+val image gets exactly one out-of-fold
+prediction: `cv/oof_probabilities.csv` on the parent (path relative to the dataset root,
+label, fold, prob_<class>...). `cnnflow label-issues` ranks likely mislabelled images from
+it (components.steps.label_issues); `--find-label-issues true` runs that right after.
+`--exclude-file` leaves listed images out before the folds are dealt.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -30,13 +37,25 @@ from components.files import write_csv
 from components.names import (
     CLASS_NAMES_TAG,
     CV_PARENT_TAG,
+    DATA_ROOT_TAG,
     DATASET_DIGEST_TAG,
     DATASET_TAG,
     FOLD_TAG,
     MODEL_TAG,
 )
-from components.steps.params import EnsembleParams, TrainParams
-from components.steps.train import TrainingError, TrainOutcome, train
+from components.nn.engine import Callback, FitResult, load_checkpoint, resolve_device
+from components.steps.params import EnsembleParams, LabelIssuesParams, TrainParams
+from components.steps.train import (
+    TrainingError,
+    TrainOutcome,
+    exclude_listed,
+    log_excluded,
+    model_config,
+    train,
+)
+
+if TYPE_CHECKING:
+    from components.steps.label_issues import LabelIssuesOutcome
 
 # Fold-run metric -> the name of its mean/std on the parent (cv_<name>_mean, cv_<name>_std).
 CV_METRICS = {"best_val_acc": "val_acc", "best_val_loss": "val_loss",
@@ -88,6 +107,35 @@ class CvOutcome:
     table: list[dict[str, Any]] = field(default_factory=list)
     ensemble_run_id: str = ""
     url: str = ""
+    label_issues: LabelIssuesOutcome | None = None
+
+
+class BestWeights(Callback):
+    """Keeps a fold's best weights in memory when its training ends, before the run's
+    checkpoint folder goes: the out-of-fold predictions need no download of the model."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] | None = None
+
+    def on_train_end(self, result: FitResult) -> None:
+        path = result.best_path or result.last_path
+        self.state = load_checkpoint(path)["model"] if path is not None else None
+
+
+def out_of_fold(params: TrainParams, splits: DatasetSplits, fold: list[tuple[str, int]],
+                index: int, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Fold `index`'s held-out images predicted by the weights trained without them: one row
+    each (path relative to the dataset root, label, fold, prob_<class> per class), through
+    the logged model's own preprocessing and forward pass (ImageClassifier)."""
+    from components.serving.classifier import ImageClassifier
+    from components.serving.predict import predict_samples
+
+    model = ImageClassifier().build(model_config(params, splits.classes), state)
+    model.to(resolve_device(params.device))
+    probs = predict_samples(model, fold, batch_size=params.batch_size).probs
+    return [{"path": splits.relpath(path), "label": splits.classes[label], "fold": index,
+             **{f"prob_{c}": float(p) for c, p in zip(splits.classes, row, strict=True)}}
+            for (path, label), row in zip(fold, probs, strict=True)]
 
 
 def run_cv(params: TrainParams, tracking_uri: str, *, progress: bool | None = None,
@@ -102,6 +150,7 @@ def run_cv(params: TrainParams, tracking_uri: str, *, progress: bool | None = No
     client = tracking.connect(tracking_uri)
     splits = load_splits(params.data, val_ratio=params.val_ratio,
                          test_ratio=params.test_ratio, seed=params.seed)
+    splits, excluded = exclude_listed(splits, params.exclude_file)
     folds = make_folds(splits, params.cv, params.seed)
     run_id, exp_id, run_name = tracking.open_run(
         client, step="cv", experiment=params.experiment or splits.name, adopt=job_run_id,
@@ -111,17 +160,23 @@ def run_cv(params: TrainParams, tracking_uri: str, *, progress: bool | None = No
         logged = {k: v for k, v in params.logged().items() if k not in present}
         tracking.log_params_and_tags(client, run_id, logged, {
             DATASET_TAG: splits.name, DATASET_DIGEST_TAG: splits.digest(),
-            CLASS_NAMES_TAG: ",".join(splits.classes)})
+            CLASS_NAMES_TAG: ",".join(splits.classes), DATA_ROOT_TAG: str(splits.root)})
+        if params.exclude_file:
+            with tempfile.TemporaryDirectory(prefix="cnnflow-cv-") as tmp:
+                log_excluded(client, run_id, params.exclude_file, excluded, Path(tmp))
         fold_params = dataclasses.replace(params, experiment="")
-        outcomes = []
+        outcomes, oof = [], []
         for i in range(params.cv):
             n_train = len(splits.train) + len(splits.val) - len(folds[i])
             log(f"cv fold {i + 1}/{params.cv}: train {n_train}, val {len(folds[i])}")
             tags = {FOLD_TAG: str(i), CV_PARENT_TAG: run_id,
                     "cnnflow.fold_n_train": str(n_train), "cnnflow.fold_n_val": str(len(folds[i]))}
+            best = BestWeights()
             outcomes.append(train(fold_params, tracking_uri, progress=progress, log=log,
                                   train_sample=fold_sample(folds, i), parent_run_id=run_id,
-                                  run_tags=tags))
+                                  run_tags=tags, callbacks=[best]))
+            if best.state is not None:
+                oof += out_of_fold(params, splits, folds[i], i, best.state)
         runs = [client.get_run(o.run_id) for o in outcomes]
         table = [{"fold": i, "run_id": r.info.run_id, "run_name": r.info.run_name,
                   "n_train": len(splits.train) + len(splits.val) - len(folds[i]),
@@ -133,14 +188,20 @@ def run_cv(params: TrainParams, tracking_uri: str, *, progress: bool | None = No
         with tempfile.TemporaryDirectory(prefix="cnnflow-cv-") as tmp:
             folder = Path(tmp)
             _write_fold_files(folder, table, folds, splits, metrics)
+            write_csv(folder / "oof_probabilities.csv", sorted(oof, key=lambda r: r["path"]))
             client.log_artifacts(run_id, str(folder), artifact_path="cv")
         ensemble_run_id = ""
         if params.cv_ensemble:
             ensemble_run_id = _ensemble(params, [o.run_id for o in outcomes], run_id,
                                         tracking_uri, log)
             client.set_tag(run_id, "cnnflow.ensemble_run_id", ensemble_run_id)
+    label_issues = None
+    if params.find_label_issues:  # the same step as `cnnflow label-issues --cv-run <parent>`
+        from components.steps.label_issues import run_label_issues
+
+        label_issues = run_label_issues(LabelIssuesParams(cv_run=run_id), tracking_uri, log=log)
     return CvOutcome(run_id, run_name, outcomes, metrics, table, ensemble_run_id,
-                     tracking.run_url(tracking_uri, exp_id, run_id))
+                     tracking.run_url(tracking_uri, exp_id, run_id), label_issues)
 
 
 def summarise(table: list[dict[str, Any]]) -> dict[str, float]:

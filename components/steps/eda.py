@@ -13,7 +13,6 @@ Splits: a pre-split folder reports its own train/val/test; a flat folder reports
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile
@@ -26,26 +25,32 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from mlflow import MlflowClient
 from PIL import Image
 
 from components import tracking
+from components.data import near_duplicates
 from components.data.datasets import (
     SPLITS,
     DataError,
     check_ratios,
     list_images,
     load_splits,
+    relative_posix,
     resolve_data,
 )
 from components.data.images import HIST_BINS, read_files, to_rgb
 from components.files import replace_dir
-from components.names import DATA_ROOT_TAG, DATASET_DIGEST_TAG, DATASET_TAG
+from components.names import DATA_ROOT_TAG, DATASET_DIGEST_TAG, DATASET_TAG, STEP_TAG
+from components.steps import label_issues
 from components.steps.params import EdaParams
 
 IMBALANCE_WORTH_NOTING = 1.5
 SAMPLES_PER_CLASS = 6
 MAX_SAMPLE_CLASSES = 20
 MAX_TABLE_ROWS = 50
+NEAR_DUP_FIGURE_GROUPS = 6  # groups shown in near_duplicates.png, most urgent first
+NEAR_DUP_FIGURE_FILES = 5  # thumbnails per group
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,7 +68,8 @@ class DatasetScan:
     classes: list[str]
     # One row per file with an image extension: path (relative, '/'), label, group (the
     # folder: 'all' or a split folder), split ('' when unreadable), format, mode, width,
-    # height (as displayed, EXIF orientation applied), orientation, n_bytes, sha1, error.
+    # height (as displayed, EXIF orientation applied), orientation, n_bytes, sha1, phash
+    # (256-bit perceptual hash, '' when unreadable or near_dup_distance=0), error.
     table: pd.DataFrame
     other_files: list[tuple[str, str]]  # non-image or misplaced files: (relative path, reason)
     hist_sum: dict[str, np.ndarray]  # class -> summed per-image (3, 256) histograms
@@ -71,6 +77,7 @@ class DatasetScan:
     split_error: str = ""  # why `load_splits` (hence train) would refuse the folder
     digest: str = ""  # the split's manifest digest when load_splits accepted the folder
     notes: list[str] = field(default_factory=list)
+    near_dup_distance: int = 0  # bits of 256; 0 = near-duplicates not looked for
 
     @property
     def readable(self) -> pd.DataFrame:
@@ -79,8 +86,11 @@ class DatasetScan:
 
 def scan_dataset(data: str | Path, val_ratio: float = EdaParams.val_ratio,
                  test_ratio: float = EdaParams.test_ratio, seed: int = EdaParams.seed,
-                 workers: int = EdaParams.num_workers, progress: bool = False) -> DatasetScan:
-    """Read every file of a dataset once; a one-line DataError if there is nothing to scan."""
+                 workers: int = EdaParams.num_workers, progress: bool = False,
+                 near_dup_distance: int = EdaParams.near_dup_distance) -> DatasetScan:
+    """Read every file of a dataset once; a one-line DataError if there is nothing to scan.
+
+    With near_dup_distance > 0 the same read also computes each file's perceptual hash."""
     check_ratios(val_ratio, test_ratio)
     name, root = resolve_data(data) if isinstance(data, str) else ("", Path(data))
     listing = list_images(root)
@@ -88,7 +98,7 @@ def scan_dataset(data: str | Path, val_ratio: float = EdaParams.val_ratio,
     name = name or root.name
 
     def rel(path: str | Path) -> str:
-        return Path(os.path.relpath(path, root)).as_posix()
+        return relative_posix(path, root)
 
     entries = [(group, cls, path) for group, per_class in listing.files.items()
                for cls, paths in per_class.items() for path in paths]
@@ -97,13 +107,15 @@ def scan_dataset(data: str | Path, val_ratio: float = EdaParams.val_ratio,
                         "jpg/jpeg/png/bmp/gif/webp/tif files")
     records: list[dict[str, Any]] = []
     hist_sum: dict[str, np.ndarray] = {}
-    facts_iter = read_files([p for _, _, p in entries], histogram=True, workers=workers,
-                            progress=progress, desc=f"eda {name}")
+    facts_iter = read_files([p for _, _, p in entries], histogram=True,
+                            phash=near_dup_distance > 0, workers=workers, progress=progress,
+                            desc=f"eda {name}")
     for (group, cls, path), facts in zip(entries, facts_iter, strict=True):
         records.append({"path": rel(path), "abs": str(path), "label": cls, "group": group,
                         "format": facts.format, "mode": facts.mode, "width": facts.width,
                         "height": facts.height, "orientation": facts.orientation,
-                        "n_bytes": facts.n_bytes, "sha1": facts.sha1, "error": facts.error})
+                        "n_bytes": facts.n_bytes, "sha1": facts.sha1, "phash": facts.phash,
+                        "error": facts.error})
         if facts.hist is not None:
             if cls not in hist_sum:
                 hist_sum[cls] = np.zeros((3, HIST_BINS), dtype=np.float64)
@@ -140,7 +152,7 @@ def scan_dataset(data: str | Path, val_ratio: float = EdaParams.val_ratio,
     return DatasetScan(name=name, root=root, presplit=listing.presplit, classes=classes,
                        table=table, other_files=other, hist_sum=hist_sum,
                        split_note=split_note, split_error=split_error, digest=digest,
-                       notes=list(notes))
+                       notes=list(notes), near_dup_distance=near_dup_distance)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,6 +175,11 @@ class EdaSummary:
     within_class: pd.DataFrame  # duplicate groups inside one class
     label_conflicts: pd.DataFrame  # identical content under more than one class
     cross_split: pd.DataFrame  # identical content in more than one split
+    # Near-duplicate groups (two or more distinct files within scan.near_dup_distance bits),
+    # most urgent first: label conflicts, then cross-split, then within a class. Columns:
+    # group (1, 2, ...), labels, splits, max_distance, files (relative), members (rows of
+    # `scan.readable` as (abs path, label, split)), conflict, cross_split.
+    near_duplicates: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def _groups(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -173,6 +190,30 @@ def _groups(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
                      "splits": sorted(set(group["split"]), key=_split_order),
                      "files": sorted(group["path"]), **{k: group[k].iloc[0] for k in keys}})
     return pd.DataFrame(rows, columns=["sha1", "labels", "splits", "files", *keys])
+
+
+NEAR_COLUMNS = ["group", "labels", "splits", "max_distance", "files", "members", "conflict",
+                "cross_split"]
+
+
+def _near_groups(ok: pd.DataFrame, max_distance: int) -> pd.DataFrame:
+    """Near-duplicate groups of the readable files, as rows in the order the report uses."""
+    found = near_duplicates.groups(list(ok["phash"]), list(ok["sha1"]), max_distance)
+    rows = []
+    for g in found:
+        part = ok.iloc[list(g.members)].sort_values("path")
+        splits = set(part["split"])
+        rows.append({"labels": sorted(set(part["label"])),
+                     "splits": sorted(splits, key=_split_order),
+                     "max_distance": g.max_distance, "files": list(part["path"]),
+                     "members": list(zip(part["abs"], part["label"], part["split"],
+                                         strict=True)),
+                     "conflict": part["label"].nunique() > 1,
+                     "cross_split": len(splits & set(SPLITS)) > 1})
+    rows.sort(key=lambda r: (not r["conflict"], not r["cross_split"], r["files"][0]))
+    for n, row in enumerate(rows, start=1):
+        row["group"] = n
+    return pd.DataFrame(rows, columns=NEAR_COLUMNS)
 
 
 def _split_order(split: str) -> int:
@@ -215,12 +256,20 @@ def summarize(scan: DatasetScan) -> EdaSummary:
         "n_off_size": float(off_size), "n_other_files": float(len(scan.other_files)),
         "n_rotated": float((ok["orientation"] != 1).sum()),
     }
+    near = _near_groups(ok, scan.near_dup_distance)
+    if scan.near_dup_distance > 0:  # 0 = not looked for: no metrics rather than zeros
+        metrics.update({
+            "n_near_duplicate_groups": float(len(near)),
+            "n_near_dup_within_class": float((~near["conflict"]).sum()),
+            "n_near_dup_label_conflicts": float(near["conflict"].sum()),
+            "n_near_dup_cross_split": float(near["cross_split"].sum()),
+        })
     summary = EdaSummary(
         metrics=metrics, findings=[], counts=counts, class_totals=totals, sizes=sizes,
         common_size=common, modes=dict(Counter(ok["mode"]).most_common()),
         formats=dict(Counter(ok["format"]).most_common()),
         within_class=_groups(within, []), label_conflicts=_groups(conflicts, []),
-        cross_split=_groups(cross, ["label"]))
+        cross_split=_groups(cross, ["label"]), near_duplicates=near)
     summary.findings = _findings(scan, summary)
     return summary
 
@@ -233,10 +282,23 @@ def _findings(scan: DatasetScan, s: EdaSummary) -> list[str]:
     if m["n_label_conflicts"]:
         out.append(f"{m['n_label_conflicts']:.0f} image(s) appear under more than one class "
                    "(label conflicts): fix the labels; preprocess excludes them")
+    n = m.get("n_near_dup_label_conflicts", 0)
+    if n:
+        out.append(f"{_count(n, 'group')} of near-identical pictures "
+                   f"{'appears' if n == 1 else 'appear'} under more than one class (e.g. "
+                   f"{_example(s.near_duplicates, 'conflict')}): check their labels; "
+                   "preprocess keeps each group in one split and does not delete them")
     if m["n_cross_split_duplicates"]:
         out.append(f"{m['n_cross_split_duplicates']:.0f} image(s) appear in more than one split "
                    "(leakage: val/test scores would be inflated): train from a `preprocess` "
                    "run, which keeps each image in one split only")
+    n = m.get("n_near_dup_cross_split", 0)
+    if n:
+        out.append(f"{_count(n, 'group')} of near-identical pictures (resized, recompressed "
+                   f"or edited copies) {'spans' if n == 1 else 'span'} more than one split "
+                   f"(e.g. {_example(s.near_duplicates, 'cross_split')}; leakage: val/test "
+                   "scores would be inflated): train from a `preprocess` run, which keeps "
+                   "each group in one split")
     if m["n_corrupt"]:
         out.append(f"{m['n_corrupt']:.0f} file(s) with an image extension cannot be decoded: "
                    "they are skipped (listed under Unreadable files); re-export or delete them")
@@ -255,6 +317,11 @@ def _findings(scan: DatasetScan, s: EdaSummary) -> list[str]:
     if m["n_within_class_duplicates"]:
         out.append(f"{m['n_within_class_duplicates']:.0f} extra exact cop(ies) of images within "
                    "their class: they over-weight those images; delete them if unintended")
+    n = m.get("n_near_dup_within_class", 0)
+    if n:
+        out.append(f"{_count(n, 'group')} of near-identical pictures within one class "
+                   f"over-{'weights' if n == 1 else 'weight'} those pictures: keep one "
+                   "version of each if the others are unintended")
     if m["n_off_size"] and s.common_size:
         w, h = s.common_size
         out.append(f"images come in {m['n_distinct_sizes']:.0f} sizes; {m['n_off_size']:.0f} "
@@ -276,16 +343,31 @@ def _findings(scan: DatasetScan, s: EdaSummary) -> list[str]:
     return out or ["no problems found"]
 
 
+def _count(n: float, noun: str) -> str:
+    """'1 group', '3 groups': counts in new findings read as plain English."""
+    return f"{n:.0f} {noun}" if n == 1 else f"{n:.0f} {noun}s"
+
+
+def _example(groups: pd.DataFrame, kind: str) -> str:
+    """The files of the first group of a kind, for a finding: `a` and `b`, or `a`, `b` and
+    2 more."""
+    files = groups[groups[kind]].iloc[0]["files"]
+    if len(files) == 2:
+        return f"`{files[0]}` and `{files[1]}`"
+    return f"`{files[0]}`, `{files[1]}` and {len(files) - 2} more"
+
+
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
 
 FIGURES = {"class_counts": "class_counts.png", "image_sizes": "image_sizes.png",
-           "rgb_histograms": "rgb_histograms.png", "samples": "samples.png"}
+           "rgb_histograms": "rgb_histograms.png", "samples": "samples.png",
+           "near_duplicates": "near_duplicates.png"}
 
 
 def write_report(scan: DatasetScan, summary: EdaSummary, out_dir: Path,
-                 run_note: str = "") -> list[Path]:
+                 run_note: str = "", label_issues: str = "") -> list[Path]:
     """report.md plus PNG figures in `out_dir`, replacing an older report in one step.
 
     Files are written to a sibling temp folder that is then renamed into place, so an
@@ -308,8 +390,12 @@ def write_report(scan: DatasetScan, summary: EdaSummary, out_dir: Path,
         samples = _samples(scan)
         if samples:
             plots.plot_sample_grid(samples, tmp / FIGURES["samples"])
+        near = _near_thumbnails(summary.near_duplicates)
+        if near:
+            plots.plot_near_duplicates(near, tmp / FIGURES["near_duplicates"])
         (tmp / "report.md").write_text(_markdown(scan, summary, run_note,
-                                                 {p.name for p in tmp.iterdir()}))
+                                                 {p.name for p in tmp.iterdir()},
+                                                 label_issues))
         replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
@@ -326,19 +412,44 @@ def _samples(scan: DatasetScan) -> dict[str, list[np.ndarray]]:
         if not paths:
             continue
         step = max(1, len(paths) // SAMPLES_PER_CLASS)
-        images = []
-        for path in paths[::step][:SAMPLES_PER_CLASS]:
-            try:
-                with Image.open(path) as img:
-                    img.draft("RGB", (128, 128))
-                    img.load()
-                    thumb = to_rgb(img)
-                    thumb.thumbnail((96, 96))
-                    images.append(np.asarray(thumb))
-            except Exception:  # noqa: BLE001 - a sample that fails to load is just left out
-                continue
-        out[cls] = images
+        thumbs = (_thumbnail(path) for path in paths[::step][:SAMPLES_PER_CLASS])
+        out[cls] = [t for t in thumbs if t is not None]
     return out
+
+
+def _near_thumbnails(groups: pd.DataFrame) -> list[tuple[str, list[tuple[np.ndarray, str]]]]:
+    """The first groups (most urgent first): a title and (thumbnail, 'class / split') each."""
+    out = []
+    for g in groups.head(NEAR_DUP_FIGURE_GROUPS).itertuples():
+        kind = ("across classes" if g.conflict else "across splits" if g.cross_split
+                else "within a class")
+        seen: set[tuple[str, str]] = set()
+        first, rest = [], []  # one file per class and split first: the mix is the point
+        for member in g.members:
+            (rest if member[1:] in seen else first).append(member)
+            seen.add(member[1:])
+        thumbs = [(t, f"{label} / {split or '-'}")
+                  for path, label, split in (first + rest)[:NEAR_DUP_FIGURE_FILES]
+                  if (t := _thumbnail(path)) is not None]
+        more = len(g.members) - NEAR_DUP_FIGURE_FILES
+        title = (f"group {g.group}: {kind}, up to {g.max_distance} bits apart"
+                 + (f" ({more} more not shown)" if more > 0 else ""))
+        if thumbs:
+            out.append((title, thumbs))
+    return out
+
+
+def _thumbnail(path: str) -> np.ndarray | None:
+    """An upright RGB thumbnail of at most 96 px; None when the file does not load."""
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (128, 128))
+            img.load()
+            thumb = to_rgb(img)
+            thumb.thumbnail((96, 96))
+            return np.asarray(thumb)
+    except Exception:  # noqa: BLE001 - a thumbnail that fails to load is just left out
+        return None
 
 
 def _cell(value: object) -> str:
@@ -364,7 +475,38 @@ def _dup_table(groups: pd.DataFrame, with_split: bool) -> str:
     return _table(header, rows)
 
 
-def _markdown(scan: DatasetScan, s: EdaSummary, run_note: str, files: set[str]) -> str:
+def _near_table(groups: pd.DataFrame) -> str:
+    if groups.empty:
+        return "None."
+    rows = [[g.group, ", ".join(g.labels), ", ".join(g.splits), g.max_distance,
+             "<br>".join(f"`{f}`" for f in g.files)] for g in groups.itertuples()]
+    return _table(["group", "classes", "splits", "max distance (bits)", "files"], rows)
+
+
+def _near_section(scan: DatasetScan, s: EdaSummary, files: set[str]) -> list[str]:
+    out = ["## Near-duplicates (perceptual hash)", ""]
+    if scan.near_dup_distance <= 0:
+        return out + ["Not looked for (near_dup_distance=0).", ""]
+    near = s.near_duplicates
+    out += [f"Pictures whose 256-bit perceptual hashes (pHash) differ in at most "
+            f"{scan.near_dup_distance} bits: resized, recompressed or lightly edited versions "
+            "of one picture. A group holds at least two different files (copies of one file "
+            "are the exact duplicates above); its max distance is the largest between two "
+            "of its files. A group may appear in more than one table.", "",
+            "### Across classes (label conflicts)", "", _near_table(near[near["conflict"]]), "",
+            "### Across splits (leakage)", "", _near_table(near[near["cross_split"]]), "",
+            "### Within a class", "", _near_table(near[~near["conflict"]]), ""]
+    if FIGURES["near_duplicates"] in files:
+        shown = min(len(near), NEAR_DUP_FIGURE_GROUPS)
+        out += [f"The first {shown} of {len(near)} groups, most urgent first (class / split "
+                "under each picture):" if len(near) > shown else
+                "Every group (class / split under each picture):", "",
+                f"![near-duplicate groups]({FIGURES['near_duplicates']})", ""]
+    return out
+
+
+def _markdown(scan: DatasetScan, s: EdaSummary, run_note: str, files: set[str],
+              label_issues: str = "") -> str:
     m = s.metrics
     layout = ("pre-split (train/ val/ test/ folders)" if scan.presplit
               else "flat (one sub-folder per class)")
@@ -390,6 +532,13 @@ def _markdown(scan: DatasetScan, s: EdaSummary, run_note: str, files: set[str]) 
          int(m["n_label_conflicts"])],
         ["identical images in more than one split (leakage)",
          int(m["n_cross_split_duplicates"])],
+        *([["near-duplicate groups (two or more distinct files within "
+            f"{scan.near_dup_distance} bits of 256)", int(m["n_near_duplicate_groups"])],
+           ["... under more than one class (label conflicts)",
+            int(m["n_near_dup_label_conflicts"])],
+           ["... in more than one split (leakage)", int(m["n_near_dup_cross_split"])],
+           ["... within one class", int(m["n_near_dup_within_class"])]]
+          if "n_near_duplicate_groups" in m else []),
     ]), "", "## Classes and splits", "", f"Split: {scan.split_note}.", ""]
     splits = list(s.counts)
     rows = [[f"`{c}`", *[s.counts[sp][c] for sp in splits], s.class_totals[c]]
@@ -416,6 +565,11 @@ def _markdown(scan: DatasetScan, s: EdaSummary, run_note: str, files: set[str]) 
             "### Across classes (label conflicts)", "",
             _dup_table(s.label_conflicts, with_split=True), "",
             "### Across splits (leakage)", "", _dup_table(s.cross_split, with_split=True), ""]
+    out += _near_section(scan, s, files)
+    out += ["## Label issues", "", label_issues or (
+        "Not looked for yet: `cnnflow train --cv 5 --find-label-issues true` ranks the "
+        "images whose label disagrees with what models trained without them predict "
+        "(cleanlab), for a person to review."), ""]
     if FIGURES["rgb_histograms"] in files:
         out += ["## Colour", "",
                 "Mean per-class histogram of R, G and B values (each image counted equally; "
@@ -444,6 +598,23 @@ class EdaOutcome:
     findings: list[str]
 
 
+def latest_label_issues(client: MlflowClient, tracking_uri: str, exp_id: str,
+                        dataset: str) -> str:
+    """One line on the experiment's latest label-issues run of this dataset ("" if none)."""
+    found = client.search_runs(
+        [exp_id], f"tags.`{STEP_TAG}` = '{label_issues.STEP}' and tags.`{DATASET_TAG}` = "
+        f"'{dataset}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not found:
+        return ""
+    run = found[0]
+    count = int(run.data.metrics.get("n_label_issues", 0))
+    url = tracking.run_url(tracking_uri, exp_id, run.info.run_id)
+    return (f"The latest label-issues run, [{run.info.run_name}]({url}), flags {count} likely "
+            f"mislabelled image{'s' * (count != 1)} (its `label_issues/label_issues.csv`); "
+            "nothing was changed: review the list, then `cnnflow train --exclude-file` it.")
+
+
 def run_eda(params: EdaParams, tracking_uri: str, *, progress: bool | None = None,
             log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
             job_run_id: str | None = None) -> EdaOutcome:
@@ -453,7 +624,8 @@ def run_eda(params: EdaParams, tracking_uri: str, *, progress: bool | None = Non
     client = tracking.connect(tracking_uri)
     progress = sys.stderr.isatty() if progress is None else progress
     scan = scan_dataset(params.data, params.val_ratio, params.test_ratio, params.seed,
-                        workers=params.num_workers, progress=progress)
+                        workers=params.num_workers, progress=progress,
+                        near_dup_distance=params.near_dup_distance)
     summary = summarize(scan)
     out_dir = Path(params.reports_dir) / "eda" / scan.name
     tags = {DATASET_TAG: scan.name, DATA_ROOT_TAG: str(scan.root)}
@@ -465,7 +637,8 @@ def run_eda(params: EdaParams, tracking_uri: str, *, progress: bool | None = Non
     with tracking.ending_run(client, run_id):
         tracking.log_params_and_tags(client, run_id, params.logged(), {})
         tracking.log_metrics(client, run_id, summary.metrics)
-        files = write_report(scan, summary, out_dir, f" (MLflow run `{run_id}`)")
+        files = write_report(scan, summary, out_dir, f" (MLflow run `{run_id}`)",
+                             latest_label_issues(client, tracking_uri, exp_id, scan.name))
         client.log_artifacts(run_id, str(out_dir), artifact_path="report")
     log(f"eda: {int(summary.metrics['n_images'])} images, {len(scan.classes)} classes; "
         f"report {out_dir / 'report.md'} ({len(files)} files)")

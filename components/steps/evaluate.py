@@ -8,6 +8,11 @@ and logs into the evaluated run:
 - quality: loss, accuracy, Top-5 (>= 5 classes), macro/weighted precision, recall, F1,
   per-class accuracy and mean loss, expected calibration error (`<split>_` prefix);
 - figures and `classification_report.json` under `evaluation/<split>/`;
+- a Grad-CAM gallery under `evaluation/<split>/explain/` (`--explain-images N`): the N
+  highest-loss images and up to 2 of each confusion pair's worst (at most N more), each with
+  the map of the class the model predicted, true / predicted label and confidence, plus
+  `overview.png` with all of them; the run's `cnnflow.explain_overview` tag names that
+  overview (the test split's; a val gallery only when the run has none);
 - cost on the run's device: parameter count, size on disk, latency at batch 1 (p50/p95),
   throughput at `batch_size`, peak memory, and `cost_reliable` (0 with a note when the
   machine was too busy for the timings to compare; the load and spread are in the report).
@@ -26,7 +31,9 @@ empty split or missing image files leave the run and the registry untouched.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable
@@ -49,6 +56,7 @@ from components.names import (
     DEVICE_TAG,
     EPOCH_METRICS,
     EVALUATED_RUN_TAG,
+    EXPLAIN_OVERVIEW_TAG,
     MODEL_URI_TAG,
     REGISTERED_VERSION_TAG,
     SPLIT_TAG,
@@ -63,6 +71,7 @@ from components.tracking import registry
 
 MAX_MISCLASSIFIED = 16
 MANIFEST = "data/manifest.csv"
+PER_CONFUSION_PAIR = 2  # gallery images per (true, predicted) pair
 
 
 class EvaluationError(CnnflowError, RuntimeError):
@@ -209,6 +218,67 @@ def write_evaluation_files(folder: Path, predictions: Predictions, report: dict[
     ]
 
 
+def gallery_indices(probs: np.ndarray, labels: np.ndarray, n: int) -> list[tuple[int, str]]:
+    """Which images the Grad-CAM gallery shows, as (index, reason): the `n` highest-loss
+    ones (`loss`), then up to 2 per confusion pair not shown yet, worst first, the most
+    frequent pairs first, at most `n` of them (`confusion`)."""
+    if n <= 0 or not len(labels):
+        return []
+    loss = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
+    order = [int(i) for i in np.argsort(-loss, kind="stable")]
+    chosen = [(i, "loss") for i in order[:n]]
+    shown = {i for i, _ in chosen}
+    preds = probs.argmax(1)
+    pairs: dict[tuple[int, int], list[int]] = {}
+    for i in order:  # worst first within each pair
+        if preds[i] != labels[i]:
+            pairs.setdefault((int(labels[i]), int(preds[i])), []).append(i)
+    extra: list[tuple[int, str]] = []
+    for members in sorted(pairs.values(), key=len, reverse=True):
+        extra += [(i, "confusion") for i in members if i not in shown][:PER_CONFUSION_PAIR]
+    return chosen + extra[:n]
+
+
+def _file_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "x"
+
+
+def write_gallery(folder: Path, model: Any, predictions: Predictions, classes: list[str],
+                  n: int) -> Path | None:
+    """`folder/explain/`: one Grad-CAM figure per chosen image, `gallery.csv` and
+    `overview.png`; returns the overview (None: nothing chosen)."""
+    from components import plots
+    from components.serving.explain import explain_images
+
+    probs, labels = predictions.probs, predictions.labels
+    chosen = gallery_indices(probs, labels, n)
+    if not chosen:
+        return None
+    out = folder / "explain"
+    out.mkdir(parents=True)
+    images = [load_rgb(predictions.paths[i]) for i, _ in chosen]
+    preds = [int(probs[i].argmax()) for i, _ in chosen]
+    explained = explain_images(model, images, preds)
+    tiles, rows = [], []
+    for k, ((i, reason), image, pred, cam) in enumerate(
+            zip(chosen, images, preds, explained, strict=True), start=1):
+        true, conf = classes[labels[i]], float(probs[i, pred])
+        loss = -math.log(max(float(probs[i, labels[i]]), 1e-12))
+        tile = plots.cam_tile(image, cam.cam, f"true {true}\npred {classes[pred]} "
+                              f"({conf:.0%})\nloss {loss:.2f} ({reason})",
+                              correct=pred == labels[i])
+        name = f"{k:02d}_{reason}_{_file_part(true)}_as_{_file_part(classes[pred])}.png"
+        tile.save(out / name)
+        tiles.append(tile)
+        rows.append({"figure": name, "path": Path(predictions.paths[i]).name, "label": true,
+                     "predicted": classes[pred], "confidence": f"{conf:.6f}",
+                     "loss": f"{loss:.6f}", "reason": reason})
+    write_csv(out / "gallery.csv", rows)
+    return plots.save_cam_sheet(tiles, out / "overview.png",
+                                "Grad-CAM of the predicted class (red: most evidence): the "
+                                "highest-loss images, then confusion pairs")
+
+
 # --------------------------------------------------------------------------------------------
 # The `evaluate` step
 # --------------------------------------------------------------------------------------------
@@ -276,6 +346,7 @@ def _preload() -> None:
     import components.plots  # noqa: F401
     import components.serving.classifier  # noqa: F401
     import components.serving.ensemble  # noqa: F401
+    import components.serving.explain  # noqa: F401
 
 
 def evaluate(params: EvalParams, tracking_uri: str,
@@ -340,6 +411,19 @@ def evaluate(params: EvalParams, tracking_uri: str,
             (folder / "classification_report.json").write_text(json.dumps(report, indent=2))
             metrics.update(cost)
         metrics.update(val_metrics)
+        overview = None
+        if params.explain_images:
+            from components.serving.explain import torch_members
+
+            if torch_members(model):
+                log(f"Grad-CAM gallery of up to {2 * params.explain_images} {params.split} "
+                    "images")
+                overview = write_gallery(folder, model, predictions, splits.classes,
+                                         params.explain_images)
+            else:
+                notes.append(f"no Grad-CAM gallery: the {getattr(model, 'format', '')} model "
+                             "has no PyTorch network (evaluate the model it was exported "
+                             "from)")
         logged = dict(metrics)
         if run.data.tags.get(STEP_TAG) == "train":
             # val_loss/val_acc are curves there (step = epoch): no foreign point on them; the
@@ -352,6 +436,10 @@ def evaluate(params: EvalParams, tracking_uri: str,
         client.set_tag(run_id, f"cnnflow.evaluated_{params.split}_format",
                        getattr(model, "format", "pytorch"))
         client.log_artifacts(run_id, str(folder), artifact_path=f"evaluation/{params.split}")
+        if overview is not None and (params.split == "test"
+                                     or EXPLAIN_OVERVIEW_TAG not in run.data.tags):
+            client.set_tag(run_id, EXPLAIN_OVERVIEW_TAG,
+                           f"evaluation/{params.split}/explain/{overview.name}")
 
     outcome = EvalOutcome(run_id, run.info.run_name, params.split, metrics, report, notes=notes,
                           url=tracking.run_url(tracking_uri, run.info.experiment_id, run_id))

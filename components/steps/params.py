@@ -51,6 +51,9 @@ from components.settings import state_dir
 # a typo is the likelier story (a batch of a million).
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
 MAX_BATCH_SIZE = 4096
+# Unrelated photos differ in ~128 of 256 pHash bits and unrelated 32-px digits in > 16; past 32
+# bits near-duplicate groups would chain unrelated pictures together.
+MAX_NEAR_DUP_DISTANCE = 32
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,13 +90,18 @@ class ScanParams:
 
     num_workers: int = param(-1, "Processes reading files: -1 = one per CPU core, 0 = this "
                                  "process only.", ge=-1, le=MAX_WORKERS)
+    near_dup_distance: int = param(12, "Near-duplicates: pictures whose 256-bit perceptual "
+                                       "hashes differ in at most this many bits (eda reports "
+                                       "them, preprocess keeps each group in one split); "
+                                       "0 = off.", ge=0, le=MAX_NEAR_DUP_DISTANCE)
 
 
 @dataclass
 class ReportsParams:
     reports_dir: str = param("reports", "Folder for reports: eda's go to "
                                         "<reports_dir>/eda/<dataset>/, an experiment's to "
-                                        "<reports_dir>/<experiment>/.")
+                                        "<reports_dir>/<experiment>/, label-issues' to "
+                                        "<reports_dir>/label-issues/<experiment>/<cv run>/.")
 
 
 @dataclass
@@ -161,7 +169,7 @@ class EdaParams(DataParams, ReportsParams, ScanParams):
     def logged(self) -> dict[str, Any]:
         """What changes the report: not where it goes nor how many processes read the files."""
         return {"data": self.data, "val_ratio": self.val_ratio, "test_ratio": self.test_ratio,
-                "seed": self.seed}
+                "seed": self.seed, "near_dup_distance": self.near_dup_distance}
 
 
 @dataclass
@@ -194,7 +202,8 @@ class PreprocessParams(DataParams, ScanParams):
         `cache` is logged as true/false, the form `mlflow run -P cache=true` logs it in.
         """
         logged = {k: getattr(self, k) for k in ("data", "train_ratio", "val_ratio",
-                                                "test_ratio", "seed", "image_size")}
+                                                "test_ratio", "seed", "image_size",
+                                                "near_dup_distance")}
         return {**logged, "cache": bool_text(self.cache)}
 
 
@@ -217,6 +226,12 @@ class TrainParams(DataParams, TrainRecipe, RuntimeParams):
                                      "ensemble run.")
     extra_train: str = param("", "Folder of extra labelled images (class sub-folders, e.g. "
                                  "from `cnnflow pseudo-label`) added to the train split only.")
+    exclude_file: str = param("", "CSV with a `path` column (e.g. a reviewed label_issues.csv) "
+                                  "or text file, one path per line, relative to the dataset "
+                                  "root: images left out of train and val (never test).")
+    find_label_issues: bool = param(False, "With --cv: rank likely mislabelled images from the "
+                                           "out-of-fold predictions right after (as `cnnflow "
+                                           "label-issues`); nothing is changed.")
 
     # Parameters that describe the run, not the result; a resumed run may change them.
     RUNTIME = ("device", "amp", "num_workers", "resume", "experiment", "log_timeout")
@@ -237,6 +252,13 @@ class TrainParams(DataParams, TrainRecipe, RuntimeParams):
         check_ratios(self.val_ratio, self.test_ratio)
         if self.cv_ensemble and not self.cv:
             raise ParamError("cv_ensemble needs --cv K (K >= 2 folds to ensemble)")
+        if self.find_label_issues and not self.cv:
+            raise ParamError("find_label_issues needs --cv K: the ranking reads the folds' "
+                             "out-of-fold predictions")
+        if self.exclude_file and not Path(self.exclude_file).expanduser().is_file():
+            raise ParamError(f"exclude file {self.exclude_file} does not exist: pass a CSV "
+                             "with a `path` column (e.g. a reviewed label_issues.csv) or a "
+                             "text file of dataset-relative paths, one per line")
         if self.preprocess_run and (self.cv or self.extra_train):
             raise ParamError("cv and extra_train read the image folder: drop "
                              "--preprocess-run, or use it without --cv / --extra-train")
@@ -251,7 +273,7 @@ class TrainParams(DataParams, TrainRecipe, RuntimeParams):
         value itself (as "''"), and MLflow refuses a second, different value."""
         return {f.name: bool_text(getattr(self, f.name)) for f in fields(self)
                 if f.name not in ("resume", "experiment")
-                and not (f.name in ("preprocess_run", "extra_train")
+                and not (f.name in ("preprocess_run", "extra_train", "exclude_file")
                          and not getattr(self, f.name))}
 
     @classmethod
@@ -284,6 +306,9 @@ class EvalParams(PromotionParams, RegistryParams, PredictParams):
     register: bool = param(True, "Register the model (test split) as a new version with alias "
                                  "challenger.")
     promote: bool = param(True, "Apply the promotion rule after registering.")
+    explain_images: int = param(8, "Grad-CAM gallery of the split: the N highest-loss images "
+                                   "plus up to 2 per confusion pair (at most N more); 0 = "
+                                   "off.", ge=0, le=64)
 
     def validate(self) -> None:
         check_bounds(self)
@@ -487,6 +512,154 @@ class PseudoLabelParams(PredictParams):
             return Path(self.out).expanduser()
         images = Path(self.images).expanduser().resolve()
         return images.with_name(f"{images.name}-pseudo")
+
+
+# cleanlab's per-image label quality scores (`cleanlab.rank.get_label_quality_scores`).
+LABEL_QUALITY_METHODS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
+
+
+@dataclass
+class LabelIssuesParams(ReportsParams):
+    """`cnnflow label-issues` / `mlflow run . -e label_issues`: its run goes to the CV parent's
+    experiment, so it takes no `experiment`."""
+
+    cv_run: str = param("", "Run id of a `cnnflow train --cv K` parent run (cv-vN): its "
+                            "out-of-fold predictions are ranked.")
+    rank_by: str = param("self_confidence", "Label quality score (cleanlab): self_confidence "
+                                            "| normalized_margin | "
+                                            "confidence_weighted_entropy.")
+    top: int = param(24, "Most suspicious images drawn in label_issues.png.", ge=1, le=1000)
+
+    def validate(self) -> None:
+        check_bounds(self)
+        if not self.cv_run:
+            raise ParamError("pass --cv-run: the run id of a cross-validation parent run "
+                             "(make one with `cnnflow train --cv 5`)")
+        if self.rank_by not in LABEL_QUALITY_METHODS:
+            raise ParamError(f"rank_by '{self.rank_by}' is not a label quality score: choose "
+                             f"one of {', '.join(LABEL_QUALITY_METHODS)}")
+
+
+@dataclass
+class ExplainParams(ReportsParams, PredictParams):
+    """`cnnflow explain` / `mlflow run . -e explain`. `experiment` is its own, as
+    pseudo-label's: by default the run goes to the model's run's experiment."""
+
+    model: str = param("", "A train or ensemble run id, or a models:/ URI (an ONNX export: "
+                           "the model it was exported from is explained).")
+    images: str = param("", "An image file, or a folder of images (any depth).")
+    out: str = param("", "Output folder (default: <reports_dir>/explain/<images>_<model "
+                         "run>/); an earlier explain output there is replaced.")
+    experiment: str = param("", "MLflow experiment of the run (default: the model's run's "
+                                "experiment).")
+
+    def validate(self) -> None:
+        check_bounds(self)
+        if not self.model.strip():
+            raise ParamError("pass --model: a run id of a trained model or a models:/ URI")
+        if not self.images or not Path(self.images).expanduser().exists():
+            raise ParamError(f"images '{self.images}' does not exist: pass an image file or a "
+                             "folder of images")
+
+    def out_dir(self, run_name: str) -> Path:
+        """`--out`, or `<reports_dir>/explain/<images name>_<model run name>/`."""
+        if self.out:
+            return Path(self.out).expanduser()
+        images = Path(self.images).expanduser().resolve()
+        name = f"{images.stem if images.is_file() else images.name}_{run_name}"
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._")
+        return Path(self.reports_dir) / "explain" / (safe or "images")
+
+
+@dataclass
+class CascadeParams(ReportsParams, RegistryParams, PredictParams):
+    """`cnnflow cascade` / `mlflow run . -e cascade`: a detector (or boxes made elsewhere)
+    finds the objects, a cnnflow classifier re-labels the crops of the `refine` classes
+    (`batch_size` crops per forward pass). `registered_model` is re-declared (default
+    <experiment>-cascade), and `experiment` is its own, as pseudo-label's. The detector name
+    and the refine names are checked by the step against the registry and the detector's
+    classes."""
+
+    images: str = param("", "Folder of scene images (any depth).")
+    classifier: str = param("", "The classifier stage: a models:/ URI (models:/<name>@champion, "
+                                "models:/m-<id>) or a train or ensemble run id.")
+    detector: str = param("", "Detector stage: fasterrcnn_mobilenet_v3_large_fpn | "
+                              "fasterrcnn_mobilenet_v3_large_320_fpn | "
+                              "ssdlite320_mobilenet_v3_large | retinanet_resnet50_fpn_v2; or "
+                              "--boxes.")
+    detector_weights: str = param("coco", "coco (torchvision's COCO weights, from the torch "
+                                          "hub cache) | PATH to a detector file (cnnflow's "
+                                          "save_detector, or a torchvision state dict).")
+    download_weights: bool = param(False, "With --detector-weights coco: download them into "
+                                          "the torch hub cache when missing (needs network).")
+    boxes: str = param("", "Detections made elsewhere, instead of --detector: a folder of YOLO "
+                           "txt files (class cx cy w h [score], normalised; classes.txt names "
+                           "the classes) or a COCO JSON file.")
+    refine: str = param("", "Comma-separated detector classes the classifier re-labels, e.g. "
+                            "'cup,wine glass'; the other boxes keep the detector's label.")
+    score_threshold: float = param(0.5, "Drop boxes the detector scored below this.", ge=0,
+                                   le=1)
+    iou_threshold: float = param(0.5, "Non-maximum suppression across classes: of two boxes "
+                                      "overlapping more than this IoU the lower-scored goes "
+                                      "(1 = off).", ge=0, le=1)
+    margin: float = param(0.1, "Crop padding on each side, as a share of the box's width and "
+                               "height.", ge=0, le=1)
+    min_box: int = param(8, "Drop boxes narrower or shorter than this many pixels.", ge=0,
+                         le=100_000)
+    ground_truth: str = param("", "True boxes of the final classes (YOLO txt folder or COCO "
+                                  "JSON): precision and recall per class at IoU 0.5, mAP@0.5 "
+                                  "and the confusion of final labels, logged to the run.")
+    out: str = param("", "Output folder (default: <reports_dir>/cascade/<images folder>/): "
+                         "detections.csv and annotated/; an earlier cascade output there is "
+                         "replaced.")
+    annotated_artifacts: int = param(8, "Annotated images logged to the run (all of them are "
+                                        "written to --out).", ge=0, le=1000)
+    register: bool = param(True, "With --detector: register the logged cascade model (alias "
+                                 "challenger).")
+    registered_model: str = param("", "Registered model name of the cascade (default: "
+                                      "<experiment>-cascade).")
+    experiment: str = param("", "MLflow experiment of the run (default: the classifier's "
+                                "run's experiment).")
+
+    def validate(self) -> None:
+        """Cheap checks first: no model is loaded and no run exists before they pass."""
+        check_bounds(self)
+        if not self.classifier.strip():
+            raise ParamError("pass --classifier: a models:/ URI or the run id of a trained "
+                             "classifier")
+        images = Path(self.images).expanduser()
+        if not self.images or not images.is_dir():
+            raise ParamError(f"images folder '{self.images}' does not exist: pass a folder of "
+                             "scene images")
+        if bool(self.detector.strip()) == bool(self.boxes.strip()):
+            raise ParamError("pass exactly one of --detector (a torchvision detector) or "
+                             "--boxes (detections made elsewhere)")
+        if not self.refine_list():
+            raise ParamError("pass --refine: the detector classes the classifier re-labels, "
+                             "e.g. --refine 'cup,wine glass'")
+        for name in ("boxes", "ground_truth"):
+            value = getattr(self, name)
+            if value and not Path(value).expanduser().exists():
+                raise ParamError(f"{name} '{value}' does not exist: pass a folder of YOLO txt "
+                                 "files or a COCO JSON file")
+        out = self.out_dir()
+        if out.resolve().is_relative_to(images.resolve()):
+            raise ParamError(f"output folder {out} is inside the images folder: pass an --out "
+                             "elsewhere")
+        if out.exists() and (not out.is_dir() or (any(out.iterdir())
+                                                  and not (out / "detections.csv").is_file())):
+            raise ParamError(f"output folder {out} exists and holds no earlier cascade "
+                             "output: pass a new --out")
+
+    def refine_list(self) -> list[str]:
+        return split_list(self.refine, whitespace=False)  # "wine glass" is one class
+
+    def out_dir(self) -> Path:
+        """`--out`, or `<reports_dir>/cascade/<images folder name>/`."""
+        if self.out:
+            return Path(self.out).expanduser()
+        name = Path(self.images).expanduser().resolve().name or "images"
+        return Path(self.reports_dir) / "cascade" / name
 
 
 @dataclass

@@ -6,7 +6,11 @@ seed, or the folder's own train/val/test), then a leakage guard runs over conten
 
 - identical bytes under different classes (label conflicts) are excluded everywhere and listed;
 - identical bytes in more than one split are moved so they live in one split only, the
-  first of test, val, train that holds a copy (train loses it); each move is listed.
+  first of test, val, train that holds a copy (train loses it); each move is listed;
+- near-duplicates (perceptual hashes within near_dup_distance bits: a resized or recompressed
+  copy, `components.data.near_duplicates`) follow the same rule as a group: each group lives
+  in one split. Near-duplicates under different classes are kept (eda reports them: the
+  labels need a look, the files may well be two valid pictures), only in one split.
 
 The manifest (CSV: path relative to the dataset root with '/', label, class_index, split,
 sha1, width, height) and, with cache=true, one memory-mappable uint8 NxHxWx3 `.npy` per split
@@ -36,6 +40,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from components import tracking
+from components.data import near_duplicates
 from components.data.datasets import (
     BUNDLED_DATASETS,
     SPLITS,
@@ -61,6 +66,8 @@ from components.steps.params import PreprocessParams
 
 MANIFEST_COLUMNS = ("path", "label", "class_index", "split", "sha1", "width", "height")
 KEEP_LEAKED_IN = ("test", "val", "train")  # a leaked image stays in the first split listed
+MOVED_COLUMNS = ("path", "label", "sha1", "from_split", "to_split", "reason", "distance")
+EXACT_COPY, NEAR_DUPLICATE = "exact copy", "near-duplicate"  # leakage_moved.csv's reasons
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,6 +83,7 @@ class SplitPlan:
     facts: dict[str, tuple[str, int, int]]  # absolute path -> (sha1, width, height)
     moved: list[dict[str, Any]] = field(default_factory=list)
     excluded: list[dict[str, Any]] = field(default_factory=list)
+    near_dup_distance: int = 0  # 0 = near-duplicates not looked for
     image_size: int = 0  # > 0 when `pixels` holds the cache rows
     pixels: Path | None = None  # scratch .npy, one row per scanned file (see row_of)
     row_of: dict[str, int] = field(default_factory=dict)
@@ -94,7 +102,10 @@ class SplitPlan:
                 "n_classes": float(len(s.classes)), "n_train": float(len(s.train)),
                 "n_val": float(len(s.val)), "n_test": float(len(s.test)),
                 "n_skipped": float(len(s.skipped)), "n_leakage_moved": float(len(self.moved)),
-                "n_label_conflicts_excluded": float(len(self.excluded))}
+                "n_label_conflicts_excluded": float(len(self.excluded)),
+                **({"n_near_dup_moved": float(sum(m["reason"] == NEAR_DUPLICATE
+                                                  for m in self.moved))}
+                   if self.near_dup_distance > 0 else {})}
 
 
 def plan_split(params: PreprocessParams, scratch: Path, *, progress: bool = False,
@@ -119,15 +130,18 @@ def plan_split(params: PreprocessParams, scratch: Path, *, progress: bool = Fals
         pixels = np.lib.format.open_memmap(pixels_path, mode="w+", dtype=np.uint8,
                                            shape=(len(paths), cache_size, cache_size, 3))
     facts: dict[str, tuple[str, int, int]] = {}
+    phash_of: dict[str, str] = {}
     bad: dict[str, str] = {}
     row_of: dict[str, int] = {}
     desc = f"preprocess {name}" + (" (decode + resize)" if cache_size else "")
-    for row, f in enumerate(read_files(paths, cache_size=cache_size, workers=params.num_workers,
-                                       progress=progress, desc=desc)):
+    scanned = read_files(paths, cache_size=cache_size, phash=params.near_dup_distance > 0,
+                         workers=params.num_workers, progress=progress, desc=desc)
+    for row, f in enumerate(scanned):
         if f.error:
             bad[f.path] = f.error
             continue
         facts[f.path] = (f.sha1, f.width, f.height)
+        phash_of[f.path] = f.phash
         row_of[f.path] = row
         if pixels is not None:
             pixels[row] = f.pixels
@@ -142,31 +156,55 @@ def plan_split(params: PreprocessParams, scratch: Path, *, progress: bool = Fals
     if missing:
         raise DataError(f"{missing[0]} appeared while preprocess was reading the folder: "
                         "run preprocess again once the folder stops changing")
-    guarded, moved, excluded = guard_leakage(splits, {p: v[0] for p, v in facts.items()})
+    guarded, moved, excluded = guard_leakage(splits, {p: v[0] for p, v in facts.items()},
+                                             phash_of, params.near_dup_distance)
     _check_every_class_present(splits, guarded, params)
-    if moved:
-        log(f"leakage guard: {len(moved)} image(s) whose content was in more than one split "
-            "were moved so each lives in one split only")
+    n_near = sum(m["reason"] == NEAR_DUPLICATE for m in moved)
+    if moved and len(moved) > n_near:
+        log(f"leakage guard: {len(moved) - n_near} image(s) whose content was in more than one "
+            "split were moved so each lives in one split only")
+    if n_near:
+        log(f"leakage guard: {n_near} near-duplicate image{'s' if n_near > 1 else ''} (within "
+            f"{params.near_dup_distance} bits of a picture in another split) "
+            f"{'were' if n_near > 1 else 'was'} moved so each group lives in one split")
     if excluded:
         log(f"leakage guard: {len(excluded)} image(s) with identical content under different "
             "classes were excluded")
     return SplitPlan(splits=guarded, facts=facts, moved=moved, excluded=excluded,
-                     image_size=cache_size, pixels=pixels_path, row_of=row_of)
+                     near_dup_distance=params.near_dup_distance, image_size=cache_size,
+                     pixels=pixels_path, row_of=row_of)
 
 
-def guard_leakage(splits: DatasetSplits, sha1_of: dict[str, str]
+def guard_leakage(splits: DatasetSplits, sha1_of: dict[str, str],
+                  phash_of: dict[str, str] | None = None, near_dup_distance: int = 0
                   ) -> tuple[DatasetSplits, list[dict[str, Any]], list[dict[str, Any]]]:
-    """Keep each content hash in one split and drop hashes that carry two labels.
+    """Keep each content hash, and each near-duplicate group, in one split; drop content
+    hashes that carry two labels.
 
     Returns the new splits (order otherwise unchanged, so a clean folder gives exactly the
-    split `load_splits` made), the moves and the exclusions (dicts ready for CSV).
+    split `load_splits` made), the moves (reason: exact copy, or near-duplicate with its
+    distance to the nearest member of the group in the split it moved to) and the exclusions
+    (dicts ready for CSV). near_dup_distance=0 (or no hashes): exact copies only.
     """
-    where: dict[str, set[str]] = defaultdict(set)
     labels: dict[str, set[int]] = defaultdict(set)
     for split in SPLITS:
         for path, label in splits.split(split):
-            where[sha1_of[path]].add(split)
             labels[sha1_of[path]].add(label)
+    # Each kept file's group: its sha1, merged with its near-duplicates' sha1s.
+    kept = [(split, path) for split in SPLITS for path, _ in splits.split(split)
+            if len(labels[sha1_of[path]]) == 1]
+    group_of = {sha1_of[path]: sha1_of[path] for _, path in kept}
+    hashes = [(phash_of or {}).get(path, "") for _, path in kept]
+    for g in near_duplicates.groups(hashes, [sha1_of[p] for _, p in kept], near_dup_distance):
+        first = sha1_of[kept[g.members[0]][1]]
+        group_of.update((sha1_of[kept[k][1]], first) for k in g.members)
+    where: dict[str, set[str]] = defaultdict(set)
+    members: dict[str, list[int]] = defaultdict(list)  # group -> positions in `kept`
+    position: dict[str, int] = {}
+    for k, (split, path) in enumerate(kept):
+        where[group_of[sha1_of[path]]].add(split)
+        members[group_of[sha1_of[path]]].append(k)
+        position[path] = k
     out: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
     moved: list[dict[str, Any]] = []
     excluded: list[dict[str, Any]] = []
@@ -180,10 +218,18 @@ def guard_leakage(splits: DatasetSplits, sha1_of: dict[str, str]
                                  "sha1": sha1, "reason": f"identical image under classes "
                                                          f"{names} (label conflict)"})
                 continue
-            keep = next(s for s in KEEP_LEAKED_IN if s in where[sha1])
+            group = group_of[sha1]
+            keep = next(s for s in KEEP_LEAKED_IN if s in where[group])
             if keep != split:
+                there = [k for k in members[group] if kept[k][0] == keep]
+                if any(sha1_of[kept[k][1]] == sha1 for k in there):
+                    reason, distance = EXACT_COPY, 0
+                else:
+                    reason = NEAR_DUPLICATE
+                    distance = near_duplicates.nearest(hashes, position[path], there)
                 moved.append({"path": rel, "label": splits.classes[label], "sha1": sha1,
-                              "from_split": split, "to_split": keep})
+                              "from_split": split, "to_split": keep, "reason": reason,
+                              "distance": distance})
             out[keep].append((path, label))
     skipped = splits.skipped + [(str(splits.root / e["path"]), e["reason"]) for e in excluded]
     guarded = replace(splits, train=out["train"], val=out["val"], test=out["test"],
@@ -222,8 +268,7 @@ def write_outputs(plan: SplitPlan, out_dir: Path) -> Path:
     write_csv(data_dir / "manifest.csv", plan.manifest_rows(), list(MANIFEST_COLUMNS))
     write_csv(data_dir / "skipped_files.csv",
               [{"path": s.relpath(p), "reason": r} for p, r in s.skipped], ["path", "reason"])
-    write_csv(data_dir / "leakage_moved.csv", plan.moved,
-              ["path", "label", "sha1", "from_split", "to_split"])
+    write_csv(data_dir / "leakage_moved.csv", plan.moved, list(MOVED_COLUMNS))
     if plan.pixels is not None:
         write_cache(plan, Path(out_dir) / "cache")
     return Path(out_dir)

@@ -31,16 +31,19 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from components import plots, tracking
 from components.errors import CnnflowError
-from components.files import replace_dir
+from components.files import read_csv, replace_dir, slug
 from components.names import (
     BEST_TRIAL_TAG,
+    CV_PARENT_TAG,
     DATASET_TAG,
+    EXPLAIN_OVERVIEW_TAG,
     FOLD_TAG,
     MODEL_TAG,
     RETRAINED_RUN_TAG,
     STEP_TAG,
     TRIAL_TAG,
 )
+from components.steps import label_issues
 from components.tracking import comparison, registry
 
 PDF_CHOICES = ("auto", "true", "false")
@@ -49,8 +52,10 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 CHROMIUM_PATHS = ("/usr/bin/chromium",)
 PDF_TIMEOUT_S = 60
 EDA_METRICS = ("n_images", "n_classes", "imbalance_ratio", "n_corrupt", "n_duplicates",
-               "n_cross_split_duplicates", "n_distinct_sizes")
+               "n_cross_split_duplicates", "n_near_duplicate_groups", "n_near_dup_cross_split",
+               "n_near_dup_label_conflicts", "n_distinct_sizes")
 EDA_FIGURES = {"class_counts.png": "images per class and split",
+               "near_duplicates.png": "the worst near-duplicate groups",
                "samples.png": "sample images per class"}
 # Report column -> comparison.compare_runs column.
 TABLE_COLUMNS = {"run": "run", "model": "model", "best_val_acc": "val_acc",
@@ -64,6 +69,7 @@ FORMAT_COLUMNS = ("model", "format", "run", "test_acc", "test_acc_delta", "model
                   "latency_ms_p50", "latency_ms_p95", "throughput_images_per_sec",
                   "latency_speedup", "max_abs_prob_diff", "top1_agreement", "gate", "registry")
 CONFUSION = "evaluation/test/confusion_matrix.png"
+LABEL_ISSUE_ROWS = 10  # the first rows of label_issues.csv the report lists
 PIPELINE_STEPS = "pipeline/steps.json"
 
 
@@ -353,11 +359,6 @@ def _inline(text: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def slug(text: str) -> str:
-    """A file or folder name safe on every OS."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "unnamed"
-
-
 def _fetch(client: MlflowClient, run_id: str, artifact: str, target: Path) -> Path | None:
     """Download one artifact to `target`, or None when the run does not have it."""
     parent = artifact.rsplit("/", 1)[0] if "/" in artifact else None
@@ -450,6 +451,36 @@ def _eda_section(doc: Document, figs: _Figures, sel: Selection) -> None:
     for artifact, alt in EDA_FIGURES.items():
         if name := figs.fetch(run.info.run_id, f"report/{artifact}", f"eda-{artifact[:-4]}"):
             doc.figure(name, alt)
+
+
+def _label_issues_section(doc: Document, figs: _Figures, tracking_uri: str,
+                          exp_id: str) -> None:
+    """The latest `label-issues` run of the experiment: how many, the first few, its grid."""
+    doc.heading(3, "Label issues")
+    found = _search(figs.client, exp_id, label_issues.STEP)
+    if not found:
+        doc.para("No label-issues run in this experiment: `cnnflow train --cv 5 "
+                 "--find-label-issues true` ranks likely mislabelled images for review.")
+        return
+    run = found[0]
+    count = int(run.data.metrics.get("n_label_issues", 0))
+    doc.para(f"Run [{_name(run)}]({tracking.run_url(tracking_uri, exp_id, run.info.run_id)}) "
+             f"flags {count} likely mislabelled image{'s' * (count != 1)} out of "
+             f"{int(run.data.metrics.get('n_images', 0))} (cross-validation run "
+             f"`{run.data.tags.get(CV_PARENT_TAG, '?')}`); nothing was changed. Review "
+             "`label_issues.csv`, then leave the confirmed ones out with "
+             "`cnnflow train --exclude-file`.")
+    with tempfile.TemporaryDirectory(prefix="cnnflow-report-") as tmp:
+        local = _fetch(figs.client, run.info.run_id,
+                       f"{label_issues.ARTIFACT_DIR}/{label_issues.FILES['issues']}",
+                       Path(tmp) / "issues.csv")
+        rows = read_csv(local)[:LABEL_ISSUE_ROWS] if local else []
+    if rows:
+        doc.table(rows, ["path", "given_label", "suggested_label", "quality_score"])
+    if name := figs.fetch(run.info.run_id,
+                          f"{label_issues.ARTIFACT_DIR}/{label_issues.FILES['grid']}",
+                          "label-issues"):
+        doc.figure(name, "likely mislabelled images: given -> suggested label")
 
 
 def _number(value: float) -> str:
@@ -596,6 +627,7 @@ def _confusion_section(doc: Document, figs: _Figures, client: MlflowClient,
             doc.figure(name, f"confusion matrix of the champion {label}")
         else:
             doc.para(f"Run `{label}` has no `{CONFUSION}`: evaluate it on the test split.")
+        _explain_figure(doc, figs, run, label, "explain-champion")
     if sel.ensemble is None:
         doc.para("No ensemble run: `cnnflow ensemble` combines the trained models.")
         return
@@ -605,6 +637,18 @@ def _confusion_section(doc: Document, figs: _Figures, client: MlflowClient,
         doc.figure(name, f"confusion matrix of {label}")
     else:
         doc.para(f"Run `{label}` has no `{CONFUSION}`.")
+    _explain_figure(doc, figs, sel.ensemble, label, "explain-ensemble")
+
+
+def _explain_figure(doc: Document, figs: _Figures, run: Run | None, label: str,
+                    stem: str) -> None:
+    """evaluate's Grad-CAM overview of the run (its `cnnflow.explain_overview` tag), right
+    after its confusion matrix; nothing when evaluate drew none (--explain-images 0)."""
+    artifact = run.data.tags.get(EXPLAIN_OVERVIEW_TAG) if run is not None else None
+    if artifact and (name := figs.fetch(run.info.run_id, artifact, stem)):
+        split = artifact.split("/")[1] if artifact.count("/") > 1 else "evaluated"
+        doc.figure(name, f"Grad-CAM of {label}'s highest-loss and confused {split} images "
+                         "(where the evidence for the predicted class sits)")
 
 
 def _tuning_section(doc: Document, figs: _Figures, sel: Selection) -> None:
@@ -720,6 +764,7 @@ def _write(client: MlflowClient, tracking_uri: str, experiment: str, sel: Select
         doc, figs = Document(tmp), _Figures(tmp, client)
         _header(doc, experiment, tracking_uri, sel, run_id, run_name)
         _eda_section(doc, figs, sel)
+        _label_issues_section(doc, figs, tracking_uri, sel.experiment_id)
         _models_section(doc, figs, *_comparison_rows(client, experiment, sel), sel)
         _confusion_section(doc, figs, client, experiment, sel)
         _tuning_section(doc, figs, sel)

@@ -7,6 +7,7 @@ MLproject entry point and resumed runs all go through it.
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import os
 import shutil
@@ -30,6 +31,7 @@ from components.names import (
     DATASET_DIGEST_TAG,
     DATASET_TAG,
     DEVICE_TAG,
+    EXCLUDE_FILE_TAG,
     FOLD_TAG,
     MODEL_URI_TAG,
     PREPROCESS_RUN_TAG,
@@ -165,7 +167,8 @@ def _train(client, params: TrainParams, tracking_uri: str, progress: bool,
     """`train` after validation, in one process or as one rank of a process group."""
 
     # Everything that can fail on bad input happens before a run exists.
-    params, splits, arrays, source = _load_data(client, params, log, job_run_id)
+    params, read, arrays, source = _load_data(client, params, log, job_run_id)
+    splits, excluded = exclude_listed(read, params.exclude_file)
     if not splits.val:
         raise TrainingError(f"dataset '{splits.name}' has no validation images: use "
                             "--val-ratio > 0 or add a val/ folder")
@@ -189,7 +192,7 @@ def _train(client, params: TrainParams, tracking_uri: str, progress: bool,
                            augmentation=params.augmentation, mean=mean, std=std,
                            num_workers=params.num_workers, seed=params.seed,
                            device_type=device.type, arrays=arrays,
-                           array_rows=_cache_rows(splits, fit_splits) if arrays else None,
+                           array_rows=_cache_rows(read, fit_splits) if arrays else None,
                            rank=distributed.world()[0], world_size=distributed.world()[1])
     log(f"data: {splits.name} ({len(splits.classes)} classes; train {len(splits.train)}, "
         f"val {len(splits.val)}, test {len(splits.test)}; skipped {len(splits.skipped)} files; "
@@ -228,6 +231,8 @@ def _train(client, params: TrainParams, tracking_uri: str, progress: bool,
                                client.get_run(run_id).data.params if resumed else None)
                 if extra is not None:
                     _log_extra_train(client, run_id, extra, work)
+                if params.exclude_file:
+                    log_excluded(client, run_id, params.exclude_file, excluded, work)
             result = fit(model, loaders["train"], loaders["val"], config,
                          work / "ckpt", **run_on, class_weights=weights,
                          callbacks=[ConsoleCallback(f"{run_name} "), callback, *callbacks],
@@ -244,11 +249,9 @@ def _train(client, params: TrainParams, tracking_uri: str, progress: bool,
             _forget_kept_checkpoints(run_id)
             tracking.log_metrics(client, run_id, result.final_metrics())
             tracking.log_history(client, run_id, result.history, work / "history")
-            model_uri = log_pyfunc_model(run_id, result.best_path, {
-                "model": params.model, "class_names": splits.classes,
-                "image_size": params.image_size, "mean": list(mean), "std": list(std),
-                "dropout": params.dropout, "head_hidden": params.head_hidden or None},
-                splits.train[0][0] if splits.train else None)
+            model_uri = log_pyfunc_model(run_id, result.best_path,
+                                         model_config(params, splits.classes),
+                                         splits.train[0][0] if splits.train else None)
             client.set_tag(run_id, MODEL_URI_TAG, model_uri)
             tracking.finish_run(client, run_id, "FINISHED")
         except LoggingTimeout:
@@ -311,12 +314,108 @@ def _load_data(client, params: TrainParams, log: Callable[[str], None],
     return params, prepared.splits, prepared.arrays, prepared.source
 
 
-def _cache_rows(splits: DatasetSplits, fit_splits: DatasetSplits) -> dict[str, list[int]]:
-    """Cache rows of a resampled train list (bagging), so cached pixels follow the sample."""
-    if fit_splits.train is splits.train:
-        return {}
-    row = {path: i for i, (path, _) in enumerate(splits.train)}
-    return {"train": [row[path] for path, _ in fit_splits.train]}
+def _cache_rows(cached: DatasetSplits, fit_splits: DatasetSplits) -> dict[str, list[int]]:
+    """Cache rows of a resampled train list (bagging) or of train/val lists with images left
+    out (--exclude-file), so cached pixels follow the samples. `cached`: the split as the
+    cache holds it."""
+    rows = {}
+    for split in ("train", "val"):
+        if fit_splits.split(split) is cached.split(split):
+            continue
+        row = {path: i for i, (path, _) in enumerate(cached.split(split))}
+        rows[split] = [row[path] for path, _ in fit_splits.split(split)]
+    return rows
+
+
+def model_config(params: TrainParams, classes: list[str]) -> dict[str, Any]:
+    """What a logged model (and a fold's in-memory model in components.steps.crossval) is
+    rebuilt from: the architecture, the classes and the preprocessing."""
+    mean, std = model_normalization(params.model)
+    return {"model": params.model, "class_names": list(classes),
+            "image_size": params.image_size, "mean": list(mean), "std": list(std),
+            "dropout": params.dropout, "head_hidden": params.head_hidden or None}
+
+
+# --------------------------------------------------------------------------------------------
+# --exclude-file: images left out of train and val (e.g. after reviewing label_issues.csv)
+# --------------------------------------------------------------------------------------------
+
+
+def read_exclude_file(path: str | Path) -> list[str]:
+    """The dataset-relative paths an exclude file lists: a CSV with a `path` column (what
+    `cnnflow label-issues` writes) or plain text, one path per line (blank lines and lines
+    starting with # ignored). Each path is normalised to '/' separators without a leading ./"""
+    file = Path(path).expanduser()
+    try:
+        lines = file.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:  # a missing file: TrainParams.validate says so
+        raise TrainingError(f"cannot read exclude file {path} ({type(exc).__name__}): pass a "
+                            "CSV with a `path` column or a text file, one path per line") from None
+    header = [h.strip() for h in next(csv.reader(lines[:1]), [])]
+    if "path" in header:
+        column = header.index("path")
+        raw = [row[column] if len(row) > column else "" for row in csv.reader(lines[1:])]
+    elif file.suffix.lower() == ".csv":
+        raise TrainingError(f"exclude file {path} has no `path` column: name the column of "
+                            "dataset-relative paths `path`, as label_issues.csv does")
+    else:
+        raw = [line for line in lines if not line.lstrip().startswith("#")]
+    paths = []
+    for item in raw:
+        item = item.strip().replace("\\", "/")
+        while item.startswith("./"):
+            item = item[2:]
+        if item:
+            paths.append(item)
+    return list(dict.fromkeys(paths))
+
+
+def exclude_listed(splits: DatasetSplits, exclude_file: str
+                   ) -> tuple[DatasetSplits, list[dict[str, str]]]:
+    """`splits` without the train/val images `exclude_file` lists, and those images (path,
+    label, split). Every listed path must be an image of the dataset (or one the scan skipped
+    as unreadable), and none may be in the test split: the test split is the yardstick every
+    model is judged on, so it stays as it is. The split is cut before the images are left
+    out, so the test split is the same with or without the file."""
+    if not exclude_file:
+        return splits, []
+    listed = read_exclude_file(exclude_file)
+    where = {splits.relpath(path): (split, label)
+             for split in ("train", "val", "test") for path, label in splits.split(split)}
+    skipped = {splits.relpath(path) for path, _ in splits.skipped}
+    unknown = [p for p in listed if p not in where and p not in skipped]
+    if unknown:
+        raise TrainingError(
+            f"{len(unknown)} of the {len(listed)} paths in {exclude_file} are not images of "
+            f"dataset '{splits.name}' (first: '{unknown[0]}'): list paths relative to "
+            f"{splits.root}, as label_issues.csv does")
+    in_test = [p for p in listed if where.get(p, ("",))[0] == "test"]
+    if in_test:
+        raise TrainingError(
+            f"{len(in_test)} of the {len(listed)} paths in {exclude_file} are in the test split "
+            f"(first: '{in_test[0]}'): the test split is the yardstick every model is judged on "
+            "and is never edited by a run; remove them from the file (or fix the images in the "
+            "folder itself)")
+    drop = {p for p in listed if p in where}
+    rows = [{"path": p, "label": splits.classes[where[p][1]], "split": where[p][0]}
+            for p in sorted(drop)]
+    kept = dataclasses.replace(
+        splits, **{split: [item for item in splits.split(split)
+                           if splits.relpath(item[0]) not in drop]
+                   for split in ("train", "val")})
+    return kept, rows
+
+
+def log_excluded(client, run_id: str, exclude_file: str, rows: list[dict[str, str]],
+                 work: Path) -> None:
+    """Tag the run with the file, count the images left out and log them as
+    data/excluded.csv."""
+    client.set_tag(run_id, EXCLUDE_FILE_TAG, str(Path(exclude_file).expanduser().resolve()))
+    tracking.log_metrics(client, run_id, {"n_excluded": len(rows)})
+    folder = work / "excluded"
+    folder.mkdir(exist_ok=True)
+    write_csv(folder / "excluded.csv", rows, ["path", "label", "split"])
+    client.log_artifact(run_id, str(folder / "excluded.csv"), artifact_path="data")
 
 
 def _load_resume(client, params: TrainParams) -> TrainParams:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.models import ModelSignature
 
 
 def log_pyfunc_model(run_id: str, weights_path: Path, model_config: dict[str, Any],
@@ -34,11 +35,14 @@ def log_pyfunc_model(run_id: str, weights_path: Path, model_config: dict[str, An
 def log_python_model(run_id: str, python_model: mlflow.pyfunc.PythonModel,
                      artifacts: dict[str, str], class_names: Sequence[str],
                      example_image: str | Path | None, *, name: str,
-                     extra_requirements: Sequence[str] = ()) -> str:
-    """Log any cnnflow pyfunc model (a classifier, an ensemble) into a run; returns its URI.
+                     extra_requirements: Sequence[str] = (),
+                     signature: ModelSignature | None = None) -> str:
+    """Log any cnnflow pyfunc model (a classifier, an ensemble, a cascade) into a run; returns
+    its URI.
 
     Every model carries the served contract (`model_signature`: base64 `image` in, label,
-    confidence and prob_<class> out) and one real training image as its input example,
+    confidence and prob_<class> out; a cascade passes its own `signature`, boxes out) and one
+    real image as its input example,
     which MLflow runs through the model at log time. The `components` package travels with
     the model (code_paths), so it loads in a fresh environment that has only torch,
     torchvision, pillow and pandas (plus `extra_requirements`: onnxruntime for an export).
@@ -61,7 +65,7 @@ def log_python_model(run_id: str, python_model: mlflow.pyfunc.PythonModel,
     with _quiet_model_logging(), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=name, python_model=python_model, artifacts=artifacts,
-            signature=model_signature(class_names), input_example=example,
+            signature=signature or model_signature(class_names), input_example=example,
             code_paths=[str(Path(__file__).resolve().parents[1])], pip_requirements=requirements)
     return info.model_uri
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 import tempfile
 from collections.abc import Callable
@@ -50,7 +49,7 @@ from mlflow.exceptions import MlflowException
 from components import tracking
 from components.data.datasets import SPLITS, DatasetSplits, load_rgb, resolve_data
 from components.errors import CnnflowError
-from components.files import read_csv, write_csv
+from components.files import read_csv, slug, write_csv
 from components.names import (
     DATA_TAG,
     DEVICE_TAG,
@@ -239,10 +238,6 @@ def gallery_indices(probs: np.ndarray, labels: np.ndarray, n: int) -> list[tuple
     return chosen + extra[:n]
 
 
-def _file_part(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "x"
-
-
 def write_gallery(folder: Path, model: Any, predictions: Predictions, classes: list[str],
                   n: int) -> Path | None:
     """`folder/explain/`: one Grad-CAM figure per chosen image, `gallery.csv` and
@@ -267,7 +262,7 @@ def write_gallery(folder: Path, model: Any, predictions: Predictions, classes: l
         tile = plots.cam_tile(image, cam.cam, f"true {true}\npred {classes[pred]} "
                               f"({conf:.0%})\nloss {loss:.2f} ({reason})",
                               correct=pred == labels[i])
-        name = f"{k:02d}_{reason}_{_file_part(true)}_as_{_file_part(classes[pred])}.png"
+        name = f"{k:02d}_{reason}_{slug(true)}_as_{slug(classes[pred])}.png"
         tile.save(out / name)
         tiles.append(tile)
         rows.append({"figure": name, "path": Path(predictions.paths[i]).name, "label": true,

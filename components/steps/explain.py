@@ -26,7 +26,6 @@ an image, a folder without images, a run without a model, an unknown `models:/` 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -45,7 +44,7 @@ from components.data.datasets import (
     verify_images,
 )
 from components.errors import CnnflowError
-from components.files import replace_dir, write_csv
+from components.files import replace_dir, slug, write_csv
 from components.names import MODEL_URI_TAG, SOURCE_MODEL_URI_TAG, SOURCE_RUN_TAG
 from components.nn.engine import resolve_device
 from components.serving.predict import auto_batch_size, load_model, predict_samples
@@ -157,10 +156,6 @@ def check_out(out: Path, images: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "image"
-
-
 def render_index(values: dict[str, Any]) -> str:
     """index.html from the Jinja2 template (autoescaped)."""
     import jinja2
@@ -191,7 +186,7 @@ def _write(work: Path, model: Any, paths: list[Path], root: Path, probs: Any,
             p = probs[k]
             top = [(classes[j], float(p[j])) for j in p.argsort()[::-1][:TOP_K]]
             name = path.relative_to(root).as_posix() if root != path else path.name
-            figure = f"{k + 1:03d}_{_safe(path.stem)}.png"
+            figure = f"{k + 1:03d}_{slug(path.stem)}.png"
             panels = [("model" if not cam.members else "ensemble (mean)", cam.cam)]
             panels += list(zip(cam.member_names, cam.members, strict=True))
             plots.plot_cam_panels(image, panels, work / figure,

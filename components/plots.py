@@ -105,57 +105,56 @@ def plot_per_class_accuracy(per_class: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_misclassified(items: list[tuple[str, str, str, float]], path: Path,
-                       columns: int = 4) -> Path:
-    """The most confidently wrong images: (path, true label, predicted label, confidence)."""
+def _image_grid(tiles: list[tuple[str | Path, str]], path: Path, *, columns: int,
+                cell: tuple[float, float], title: str, empty: str, fontsize: int) -> Path:
+    """Images with a caption each, `columns` wide; `empty` says why there are none. An image
+    not on this machine is drawn as a note (a logged path from another computer)."""
     from components.data.datasets import load_rgb
 
-    if not items:
+    if not tiles:
         fig, ax = plt.subplots(figsize=(4, 1.5))
         ax.axis("off")
-        ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+        ax.text(0.5, 0.5, empty, ha="center", va="center")
         return _save(fig, path)
-    cols = min(columns, len(items))
-    rows = -(-len(items) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
+    cols = min(columns, len(tiles))
+    rows = -(-len(tiles) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cell[0] * cols, cell[1] * rows),
+                             squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, (image, true, pred, conf) in zip(axes.ravel(), items, strict=False):
-        ax.imshow(load_rgb(image))
-        ax.set_title(f"true: {true}\npred: {pred} ({conf:.0%})", fontsize=9, color="firebrick")
-    fig.suptitle("most confident mistakes")
-    return _save(fig, path)
-
-
-def plot_label_issues(items: list[tuple[Path, str, str, float]], path: Path,
-                      columns: int = 6) -> Path:
-    """Likely mislabelled images, most suspicious first: (image file, given label, suggested
-    label, label quality score). An image not on this machine is drawn as a note."""
-    from components.data.datasets import load_rgb
-
-    if not items:
-        fig, ax = plt.subplots(figsize=(4, 1.5))
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no likely label issues", ha="center", va="center")
-        return _save(fig, path)
-    cols = min(columns, len(items))
-    rows = -(-len(items) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.8 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for rank, (ax, (image, given, suggested, score)) in enumerate(
-            zip(axes.ravel(), items, strict=False), start=1):
+    for ax, (image, caption) in zip(axes.ravel(), tiles, strict=False):
         if Path(image).is_file():
             ax.imshow(load_rgb(image))
         else:
             ax.text(0.5, 0.5, "image not\non this machine", ha="center", va="center",
                     fontsize=8, transform=ax.transAxes)
+        ax.set_title(caption, fontsize=fontsize, color="firebrick")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_misclassified(items: list[tuple[str, str, str, float]], path: Path,
+                       columns: int = 4) -> Path:
+    """The most confidently wrong images: (path, true label, predicted label, confidence)."""
+    tiles = [(image, f"true: {true}\npred: {pred} ({conf:.0%})")
+             for image, true, pred, conf in items]
+    return _image_grid(tiles, path, columns=columns, cell=(3, 3.3),
+                       title="most confident mistakes", empty="no misclassified images",
+                       fontsize=9)
+
+
+def plot_label_issues(items: list[tuple[Path, str, str, float]], path: Path,
+                      columns: int = 6) -> Path:
+    """Likely mislabelled images, most suspicious first: (image file, given label, suggested
+    label, label quality score)."""
+    tiles = []
+    for rank, (image, given, suggested, score) in enumerate(items, start=1):
         name = Path(image).name
         name = name if len(name) <= 24 else f"...{name[-21:]}"
-        ax.set_title(f"#{rank} {name}\n{given} -> {suggested}, quality {score:.3f}",
-                     fontsize=8, color="firebrick")
-    fig.suptitle("likely label issues (given -> suggested; low quality = suspicious)")
-    return _save(fig, path)
+        tiles.append((image, f"#{rank} {name}\n{given} -> {suggested}, quality {score:.3f}"))
+    return _image_grid(tiles, path, columns=columns, cell=(2.4, 2.8),
+                       title="likely label issues (given -> suggested; low quality = "
+                             "suspicious)", empty="no likely label issues", fontsize=8)
 
 
 def plot_reliability(bins: list[dict], ece: float, path: Path) -> Path:

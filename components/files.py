@@ -6,6 +6,7 @@ A torch-free, MLflow-free leaf: any layer may import it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
@@ -13,7 +14,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,30 @@ def replace_dir(new: Path, target: Path) -> None:
     os.replace(new, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def building(target: Path) -> Iterator[Path]:
+    """A temp folder beside `target` to build an output in: swapped into place when the block
+    ends cleanly (`replace_dir`); otherwise removed, with any parent folders this call made,
+    so a failure leaves nothing behind."""
+    target = Path(target)
+    made = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}-tmp-", dir=target.parent))
+    done = False
+    try:
+        yield work
+        replace_dir(work, target)
+        done = True
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if not done:
+            for path in made:  # innermost first; one holding anything else stays
+                try:
+                    path.rmdir()
+                except OSError:
+                    break
 
 
 TEMP_PREFIX = "cnnflow-"

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ from components import tracking
 from components.data.boxes import BoxSet, image_key, read_boxes
 from components.data.datasets import IMAGE_EXTENSIONS, load_rgb, remove_stale_tmp, scan_images
 from components.errors import CnnflowError
-from components.files import replace_dir, write_csv
+from components.files import building, write_csv
 from components.names import (
     CASCADE_MODEL_URI_TAG,
     CLASSIFIER_URI_TAG,
@@ -224,15 +223,10 @@ def run_cascade(params: CascadeParams, tracking_uri: str,
         tags={CLASSIFIER_URI_TAG: inputs.target.model_uri, DETECTOR_TAG: detector_tag,
               SOURCE_RUN_TAG: inputs.target.run_id,
               **({DETECTOR_WEIGHTS_TAG: inputs.detector.source} if inputs.detector else {})})
-    out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(out.parent, f".{out.name}-tmp-*")
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}-tmp-", dir=out.parent))
-    try:
-        with tracking.ending_run(client, run_id):
-            outcome = _run(params, client, run_id, run_name, inputs, cascade, device, work, log)
-            replace_dir(work, out)  # an earlier cascade output there (checked) goes
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    # an earlier cascade output at --out (checked) is replaced when this one is complete
+    with tracking.ending_run(client, run_id), building(out) as work:
+        outcome = _run(params, client, run_id, run_name, inputs, cascade, device, work, log)
     outcome.out = out
     outcome.url = tracking.run_url(tracking_uri, exp_id, run_id)
     return outcome

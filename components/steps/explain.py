@@ -26,9 +26,7 @@ an image, a folder without images, a run without a model, an unknown `models:/` 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +42,7 @@ from components.data.datasets import (
     verify_images,
 )
 from components.errors import CnnflowError
-from components.files import replace_dir, slug, write_csv
+from components.files import building, slug, write_csv
 from components.names import MODEL_URI_TAG, SOURCE_MODEL_URI_TAG, SOURCE_RUN_TAG
 from components.nn.engine import resolve_device
 from components.serving.predict import auto_batch_size, load_model, predict_samples
@@ -242,41 +240,26 @@ def run_explain(params: ExplainParams, tracking_uri: str,
         adopt=job_run_id, tags={SOURCE_RUN_TAG: target.run_id,
                                 SOURCE_MODEL_URI_TAG: target.model_uri})
     # Built beside --out and swapped in when complete: a failure leaves nothing behind.
-    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(out.parent, f".{out.name}-tmp-*")
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}-tmp-", dir=out.parent))
-    done = False
-    try:
-        with tracking.ending_run(client, run_id):
-            log(f"explaining {len(paths)} images with {target.model_uri} ({device.type})")
-            batch_size = params.batch_size or auto_batch_size(device)
-            predictions = predict_samples(model, [(str(p), 0) for p in paths], batch_size,
-                                          params.num_workers)
-            rows = _write(work, model, paths, images_path, predictions.probs, batch_size, log)
-            layers = sorted({f"{m.config['model']}.{m.model.cam_layer}" for m, _ in members})
-            (work / "index.html").write_text(render_index({
-                "title": f"{images_path.name} with {target.run.info.run_name}",
-                "model_uri": target.model_uri, "source_run": target.run_id,
-                "run_name": run_name, "images": str(images_path), "rows": rows,
-                "notes": notes, "layers": ", ".join(layers),
-                "ensemble": len(getattr(model, "members", [])) > 1}))
-            present = client.get_run(run_id).data.params
-            logged = {"model": params.model, "images": str(images_path), "out": str(out)}
-            tracking.log_params_and_tags(
-                client, run_id, {k: v for k, v in logged.items() if k not in present}, {})
-            tracking.log_metrics(client, run_id, {"n_images": len(paths),
-                                                  "n_skipped": len(skipped)})
-            client.log_artifacts(run_id, str(work), artifact_path="explain")
-            replace_dir(work, out)
-            done = True
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        if not done:
-            for path in made:  # folders this call created: nothing is left behind
-                try:
-                    path.rmdir()
-                except OSError:
-                    break
+    with tracking.ending_run(client, run_id), building(out) as work:
+        log(f"explaining {len(paths)} images with {target.model_uri} ({device.type})")
+        batch_size = params.batch_size or auto_batch_size(device)
+        predictions = predict_samples(model, [(str(p), 0) for p in paths], batch_size,
+                                      params.num_workers)
+        rows = _write(work, model, paths, images_path, predictions.probs, batch_size, log)
+        layers = sorted({f"{m.config['model']}.{m.model.cam_layer}" for m, _ in members})
+        (work / "index.html").write_text(render_index({
+            "title": f"{images_path.name} with {target.run.info.run_name}",
+            "model_uri": target.model_uri, "source_run": target.run_id,
+            "run_name": run_name, "images": str(images_path), "rows": rows,
+            "notes": notes, "layers": ", ".join(layers),
+            "ensemble": len(getattr(model, "members", [])) > 1}))
+        present = client.get_run(run_id).data.params
+        logged = {"model": params.model, "images": str(images_path), "out": str(out)}
+        tracking.log_params_and_tags(
+            client, run_id, {k: v for k, v in logged.items() if k not in present}, {})
+        tracking.log_metrics(client, run_id, {"n_images": len(paths),
+                                              "n_skipped": len(skipped)})
+        client.log_artifacts(run_id, str(work), artifact_path="explain")
     return ExplainOutcome(run_id, run_name, out, out / "index.html", len(paths),
                           target.model_uri, notes, skipped)

@@ -15,7 +15,6 @@ reviewed list goes back into training with `cnnflow train --exclude-file label_i
 
 from __future__ import annotations
 
-import shutil
 import sys
 import tempfile
 import warnings
@@ -30,7 +29,7 @@ from mlflow.exceptions import MlflowException
 from components import tracking
 from components.data.datasets import resolve_data
 from components.errors import CnnflowError
-from components.files import read_csv, replace_dir, slug, temp_prefix, write_csv
+from components.files import building, read_csv, slug, temp_prefix, write_csv
 from components.names import (
     CLASS_NAMES_TAG,
     CV_PARENT_TAG,
@@ -227,16 +226,10 @@ def _write_folder(out_dir: Path, issues: list[dict[str, Any]], every: list[dict[
     """The CSVs and the grid, built beside `out_dir` and swapped into place when complete."""
     from components import plots
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-tmp-", dir=out_dir.parent))
-    try:
+    with building(out_dir) as tmp:
         write_csv(tmp / FILES["issues"], issues, ISSUE_COLUMNS)
         write_csv(tmp / FILES["all"], every, [*ISSUE_COLUMNS, "is_issue"])
         plots.plot_label_issues(
             [(root / r["path"] if root else Path(r["path"]), r["given_label"],
               r["suggested_label"], r["quality_score"]) for r in issues[:top]],
             tmp / FILES["grid"])
-        replace_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

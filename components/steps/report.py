@@ -31,7 +31,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from components import plots, tracking
 from components.errors import CnnflowError
-from components.files import read_csv, replace_dir, slug
+from components.files import building, read_csv, slug
 from components.names import (
     BEST_TRIAL_TAG,
     CV_PARENT_TAG,
@@ -756,11 +756,7 @@ def _write(client: MlflowClient, tracking_uri: str, experiment: str, sel: Select
            folder: Path, converter: str | None, pdf: str, log: Callable[[str], None],
            run_id: str, run_name: str) -> ReportOutcome:
     """Build in a sibling temp folder, log it, then swap it into place: all or nothing."""
-    made = [p for p in (folder.parent, *folder.parent.parents) if not p.exists()]
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-tmp-", dir=folder.parent))
-    replaced = False
-    try:
+    with building(folder) as tmp:
         doc, figs = Document(tmp), _Figures(tmp, client)
         _header(doc, experiment, tracking_uri, sel, run_id, run_name)
         _eda_section(doc, figs, sel)
@@ -783,17 +779,6 @@ def _write(client: MlflowClient, tracking_uri: str, experiment: str, sel: Select
                 log(f"report: no PDF: {note}")
                 (tmp / "report.pdf").unlink(missing_ok=True)
         client.log_artifacts(run_id, str(tmp), artifact_path="report")
-        replace_dir(tmp, folder)
-        replaced = True
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if not replaced:
-            for path in made:  # folders this call created: nothing is left behind
-                try:
-                    path.rmdir()
-                except OSError:
-                    break
     figures = sorted((folder / "figures").glob("*.png"))
     return ReportOutcome(folder, folder / "report.md", folder / "report.html", pdf_path,
                          run_id, figures, note)

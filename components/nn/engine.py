@@ -85,6 +85,10 @@ class Callback:
 
     def on_train_start(self, config: TrainConfig, start_epoch: int) -> None: ...
 
+    def on_batch_end(self, epoch: int, batch: int, batches: int, images: int) -> None:
+        """After each optimiser batch: `batch` of `batches` done, `images` seen this epoch
+        (this rank's count). Called on the hot path: keep it to a few attribute writes."""
+
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None: ...
 
     def on_checkpoint(self, epoch: int, last_path: Path, best_path: Path | None) -> None: ...
@@ -181,12 +185,14 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device:
 
 
 def _train_one_epoch(model, loader, criterion, optimizer, scaler, scheduler_per_batch, device,
-                     amp, channels_last, progress, desc) -> tuple[float, float, int]:
+                     amp, channels_last, progress, desc, epoch=0, callbacks=()
+                     ) -> tuple[float, float, int]:
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
+    batches = len(loader)
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, file=sys.stderr,
                mininterval=1.0)
-    for images, labels in bar:
+    for batch, (images, labels) in enumerate(bar, 1):
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -208,6 +214,8 @@ def _train_one_epoch(model, loader, criterion, optimizer, scaler, scheduler_per_
         correct += (logits.argmax(1) == labels).sum().item()
         seen += labels.size(0)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
+        for cb in callbacks:
+            cb.on_batch_end(epoch, batch, batches, seen)
     # Means over every rank's samples (seen is the global count, for images/sec).
     total_loss, correct, seen = sum_across_ranks([total_loss, correct, seen], device)
     return total_loss / max(seen, 1), correct / max(seen, 1), int(seen)
@@ -303,7 +311,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         started = time.perf_counter()
         train_loss, train_acc, seen = _train_one_epoch(
             net, train_loader, criterion, optimizer, scaler, per_batch, device, amp,
-            channels_last, progress and main, f"epoch {epoch}/{config.epochs}")
+            channels_last, progress and main, f"epoch {epoch}/{config.epochs}", epoch, callbacks)
         train_time = time.perf_counter() - started
         sync_buffers(model)
         val_loss, val_acc = evaluate(model, val_loader, eval_criterion, device, amp, channels_last)

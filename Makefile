@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 # The main job: servers + mirror follower, then the whole pipeline on the bundled digits.
 # Run it again and every step is reused; `cnnflow run --force true` re-runs them.
 demo: $(STAMP)
-	$(RUN_ENV) $(BIN)/cnnflow up --with-sync
+	$(RUN_ENV) $(BIN)/cnnflow up --with-sync true
 	$(RUN_ENV) $(BIN)/cnnflow run --models $(DEMO_MODELS) $(DEMO_ARGS) > $(DEMO_SUMMARY)
 	@cat $(DEMO_SUMMARY)
 	@echo
@@ -33,12 +33,16 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# The dashboard's browser test needs /usr/bin/chromium: install it when we can (root + apt),
-# never fail because we cannot (the test then skips and says why).
+# The browser tests need /usr/bin/chromium, the report's PDF test pdftotext (poppler-utils):
+# install them when we can (root + apt), never fail because we cannot (the tests then skip
+# and say why).
 chromium:
 	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && apt-get install -y chromium >/dev/null 2>&1; } \
 	  || echo "chromium not installed: the dashboard browser test will skip"
+	@command -v pdftotext >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get install -y poppler-utils >/dev/null 2>&1; } \
+	  || echo "poppler-utils not installed: the report PDF test will skip"
 
 test: $(STAMP) chromium
 	$(BIN)/ruff check .

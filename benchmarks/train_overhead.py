@@ -19,10 +19,18 @@ cnnflow's extra time goes (setup, run start, the epoch loop, the end of the run)
 epochs a run needs before its fixed cost fits in the target. The `others` column is CPU time
 other processes used meanwhile: on a shared machine, repeat the measurement when it is not ~0.
 
+A third run per round, cnnflow with its live signals off (`heartbeat=0`, `system_metrics=0`),
+prices those signals alone: the progress heartbeat (a thread logging `progress/*` every
+`--heartbeat` s) and MLflow's system metrics monitor (`system/*` every `--system-metrics` s).
+Their defaults here are 1 s, ten times as often as a training run's defaults, so a short
+benchmark sees many beats; the section prints the per-epoch ratios signals-on / bare and
+signals-on / signals-off (target <= 1.05) and how many beats and samples each run logged.
+
 Run from the repository root (CPU, defaults: about 40 s on 2 idle cores):
 
     .venv/bin/python benchmarks/train_overhead.py
     .venv/bin/python benchmarks/train_overhead.py --model lenet5 --epochs 5 --repeats 5
+    .venv/bin/python benchmarks/train_overhead.py --heartbeat 10 --system-metrics 10
 """
 
 from __future__ import annotations
@@ -63,6 +71,8 @@ class Timing:
     loop: float = 0.0  # first epoch's start to last epoch's end, checkpoints included
     finish: float = 0.0  # after the last epoch (cnnflow: flush, history, curves, model)
     epochs: list[float] = field(default_factory=list)  # train + val pass per epoch
+    beats: int = 0  # cnnflow only: `progress/*` heartbeats the run logged
+    samples: int = 0  # cnnflow only: system metrics samples the run logged
 
 
 class StampedStream(io.StringIO):
@@ -132,6 +142,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=DataParams.seed)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (both loops)")
+    parser.add_argument("--heartbeat", type=float, default=1.0,
+                        help="seconds between progress beats of the signals-on run (default 1)")
+    parser.add_argument("--system-metrics", type=float, default=1.0,
+                        help="seconds between system metrics samples of the signals-on run "
+                             "(default 1)")
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.repeats < 1:
         parser.error("--epochs and --repeats must be >= 1")
@@ -198,8 +213,13 @@ def run_bare(args: argparse.Namespace, ckpt_dir: Path) -> Timing:
 # --------------------------------------------------------------------------- cnnflow's train
 
 
-def run_cnnflow(args: argparse.Namespace, tracking_uri: str) -> Timing:
-    """`components.steps.train.train` end to end, its console output captured and time-stamped."""
+def run_cnnflow(args: argparse.Namespace, tracking_uri: str, signals: bool = True) -> Timing:
+    """`components.steps.train.train` end to end, its console output captured and time-stamped;
+    `signals`: with the heartbeat and system metrics at `--heartbeat` / `--system-metrics`,
+    else both off."""
+    from mlflow import MlflowClient
+
+    from components.names import PROGRESS_EPOCH
     from components.steps.params import TrainParams
     from components.steps.train import train
 
@@ -207,7 +227,9 @@ def run_cnnflow(args: argparse.Namespace, tracking_uri: str) -> Timing:
         data=args.data, experiment=EXPERIMENT, model=args.model, weights="none",
         image_size=args.image_size, batch_size=args.batch_size, epochs=args.epochs,
         lr=1e-3, weight_decay=1e-4, patience=0, augmentation="none", seed=args.seed,
-        device=args.device, amp="off", num_workers=args.num_workers)
+        device=args.device, amp="off", num_workers=args.num_workers,
+        heartbeat=args.heartbeat if signals else 0.0,
+        system_metrics=args.system_metrics if signals else 0.0)
     stream = StampedStream()
     t0 = time.perf_counter()
     with redirect_stderr(stream), redirect_stdout(io.StringIO()):  # MLflow prints run URLs
@@ -223,6 +245,10 @@ def run_cnnflow(args: argparse.Namespace, tracking_uri: str) -> Timing:
         timing.start = loop_start - data_line
         timing.loop = ends[-1] - loop_start
         timing.finish = t3 - ends[-1]
+    client = MlflowClient(tracking_uri)  # after the clock stopped
+    timing.beats = len(client.get_metric_history(outcome.run_id, PROGRESS_EPOCH))
+    timing.samples = len(client.get_metric_history(outcome.run_id,
+                                                   "system/cpu_utilization_percentage"))
     return timing
 
 
@@ -327,6 +353,34 @@ def report(bare: list[Timing], flow: list[Timing], info: str) -> None:
         print(f"per-epoch ratio {r:.3f} >= {TARGET}: no run length meets the target")
 
 
+def report_signals(bare: list[Timing], on: list[Timing], off: list[Timing],
+                   args: argparse.Namespace) -> None:
+    """What the heartbeat and system metrics cost: the same cnnflow run with them on and off."""
+    def epochs(t: Timing) -> float:
+        return sum(t.epochs)
+
+    print()
+    print(f"live signals: heartbeat every {args.heartbeat:g} s + system metrics every "
+          f"{args.system_metrics:g} s (on) vs both off")
+    print(f"{'repeat':>6} {'bare':>8} {'off':>8} {'on':>8} {'on/off':>7} {'beats':>6} "
+          f"{'samples':>7}  (sum(epoch_time_sec), s)")
+    for i, (b, f, n) in enumerate(zip(bare, off, on, strict=True)):
+        mark = "*" if disturbed(b) or disturbed(f) or disturbed(n) else ""
+        print(f"{i + 1:>5}{mark or ' '} {epochs(b):>8.2f} {epochs(f):>8.2f} {epochs(n):>8.2f} "
+              f"{epochs(n) / epochs(f):>7.3f} {n.beats:>6} {n.samples:>7}")
+    mb, mf, mn = (statistics.median(epochs(t) for t in runs) for runs in (bare, off, on))
+    ratio = mn / mf
+    print(f"median {mb:>8.2f} {mf:>8.2f} {mn:>8.2f} {ratio:>7.3f}")
+    print(f"per-epoch ratio, signals on / bare: {mn / mb:.3f}; signals off / bare: "
+          f"{mf / mb:.3f}; on / off: {ratio:.3f}  (target <= {TARGET}: "
+          f"{'OK' if ratio <= TARGET else 'ABOVE TARGET'})")
+    print(f"wall-time ratio on / off (medians): "
+          f"{statistics.median(t.total for t in on) / statistics.median(t.total for t in off):.3f}")
+    cpu_on, cpu_off = (statistics.median(t.cpu + t.server_cpu for t in runs) for runs in (on, off))
+    print(f"CPU-time ratio on / off (this process + MLflow server, medians; steadier than wall "
+          f"time on a busy machine): {cpu_on / cpu_off:.3f} ({cpu_on - cpu_off:+.2f} s per run)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
@@ -362,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"MLflow server: {server.url} (sqlite + local artifacts, temp folder)")
             bare: list[Timing] = []
             flow: list[Timing] = []
+            quiet: list[Timing] = []  # cnnflow with the heartbeat and system metrics off
             for i in range(args.repeats + 1):  # round 0 is the untimed warm-up
                 label = "warm-up" if i == 0 else f"repeat {i}/{args.repeats}"
                 print(f"{label}: bare ...", file=sys.stderr, flush=True)
@@ -370,12 +425,19 @@ def main(argv: list[str] | None = None) -> int:
                 b = measured(partial(run_bare, args, ckpt), server.pid)
                 print(f"{label}: cnnflow ...", file=sys.stderr, flush=True)
                 f = measured(partial(run_cnnflow, args, server.url), server.pid)
+                print(f"{label}: cnnflow, heartbeat + system metrics off ...", file=sys.stderr,
+                      flush=True)
+                q = measured(partial(run_cnnflow, args, server.url, False), server.pid)
                 if i:
                     bare.append(b)
                     flow.append(f)
+                    quiet.append(q)
             info += (f"\nCPUs busy with other work just before the start: {busy:.2f} of "
                      f"{os.cpu_count()}")
+            info += (f"\ncnnflow runs: heartbeat every {args.heartbeat:g} s, system metrics "
+                     f"every {args.system_metrics:g} s")
             report(bare, flow, info)
+            report_signals(bare, flow, quiet, args)
         finally:
             services.down(["mlflow"], home=home)
     return 0

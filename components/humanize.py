@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import UTC, datetime
 from typing import Any
 
 # Human labels for the names cnnflow logs; other names fall back to `_fallback_label`.
@@ -21,6 +22,7 @@ LABELS: dict[str, str] = {
     "test_acc": "test accuracy", "test_loss": "test loss", "train_loss": "train loss",
     "val_loss": "val loss", "best_val_loss": "best val loss",
     "test_top5_acc": "test top-5 accuracy", "test_f1_macro": "test F1 (macro)",
+    "val_f1_macro": "val F1 (macro)", "val_top5_acc": "val top-5 accuracy",
     "test_ece": "test calibration error (ECE)",
     "params_count": "parameters", "model_size_mb": "model size",
     "latency_ms_p50": "latency p50", "latency_ms_p95": "latency p95",
@@ -32,7 +34,8 @@ LABELS: dict[str, str] = {
     "epochs": "epochs", "image_size": "image size", "dropout": "dropout",
     "optimizer": "optimizer", "weights": "weights", "freeze": "freeze",
     "augmentation": "augmentation", "vote": "vote", "duration_sec": "duration",
-    "start_time": "start time", "epoch_time_sec": "epoch time",
+    "start_time": "start time", "end_time": "end time", "epoch_time_sec": "epoch time",
+    "num_classes": "classes", "max_epochs": "max epochs", "model_name": "model",
     "train_images_per_sec": "train throughput",
     "n_images": "images", "n_classes": "classes", "n_corrupt": "unreadable files",
     "n_exact_duplicates": "exact duplicates", "n_cross_split_duplicates":
@@ -87,12 +90,15 @@ def significant(value: float, digits: int = 3) -> str:
 def number(value: Any, name: str = "") -> str:
     """A value for people: empty for missing/NaN, else formatted by what `name` measures.
 
-    Text passes through; booleans read `yes`/`no`; floats that are whole counts lose `.0`.
+    Text passes through; booleans read `yes`/`no`; datetimes `2025-01-31 14:05 UTC`; floats
+    that are whole counts lose `.0`.
     """
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, datetime):  # pandas' NaT is a datetime unequal to itself: missing
+        return moment(value) if value == value else ""
     if isinstance(value, str):
         try:
             value = float(value) if re.fullmatch(r"-?[\d.]+(e-?\d+)?", value) else value
@@ -125,6 +131,12 @@ def number(value: Any, name: str = "") -> str:
     if k == "count" or value.is_integer():
         return f"{value:,.0f}"
     return f"{value:.4g}"
+
+
+def moment(value: datetime) -> str:
+    """`2025-01-31 14:05 UTC`: a point in time, naive ones read as UTC (the mirror stores UTC)."""
+    utc = value.astimezone(UTC) if value.tzinfo else value
+    return f"{utc:%Y-%m-%d %H:%M} UTC"
 
 
 def duration(seconds: float) -> str:

@@ -44,6 +44,11 @@ DECISION_REASON_TAG = "cnnflow.decision_reason"
 # a CV parent the label-issues run that ranked its out-of-fold predictions (its count is the
 # parent's `n_label_issues` metric).
 EXPLAIN_OVERVIEW_TAG = "cnnflow.explain_overview"
+# evaluate --tta: on each registered version and logged model, the test-time augmentation it
+# serves with (`none` when plain); on the evaluated run, `cnnflow.evaluated_<split>_tta`.
+TTA_TAG = "cnnflow.tta"
+# train --lr auto: the learning rate the range test chose (a param of the training run).
+LR_CHOSEN_PARAM = "lr_chosen"
 LABEL_ISSUES_RUN_TAG = "cnnflow.label_issues_run"
 EXCLUDE_FILE_TAG = "cnnflow.exclude_file"  # train --exclude-file: the list it left out
 
@@ -66,3 +71,11 @@ CASCADE_MODEL_URI_TAG = "cnnflow.cascade_model_uri"
 # Per-epoch metrics the engine reports (step = epoch >= 1) and the mirror turns into `epochs`.
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_sec",
                  "train_images_per_sec")
+
+# Heartbeats inside an epoch (components/tracking/heartbeat.py; step = the beat's number): the
+# mirror's `status.progress` and its died detection read them. MLflow's UI groups `a/b` keys.
+PROGRESS_EPOCH = "progress/epoch"  # 0 until the first batch of the run ends
+PROGRESS_BATCH = "progress/batch"  # optimiser batches done in the epoch
+PROGRESS_BATCHES = "progress/batches"  # batches per epoch
+PROGRESS_IMAGES_PER_SEC = "progress/images_per_sec"  # training images/s since the epoch began
+PROGRESS_METRICS = (PROGRESS_EPOCH, PROGRESS_BATCH, PROGRESS_BATCHES, PROGRESS_IMAGES_PER_SEC)

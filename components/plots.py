@@ -178,6 +178,28 @@ def plot_reliability(bins: list[dict], ece: float, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_lr_find(lrs: list[float], losses: list[float], smoothed: list[float],
+                 suggestion: float, path: Path) -> Path:
+    """The LR range test: loss per batch against the LR (log axis), the smoothed curve, and
+    the suggested LR (steepest descent) marked."""
+    sns.set_theme(style="whitegrid")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(lrs, losses, color="lightgray", linewidth=1, label="loss per batch")
+    ax.plot(lrs, smoothed, color="C0", linewidth=2, label="smoothed loss")
+    at = min(range(len(lrs)), key=lambda i: abs(lrs[i] - suggestion))
+    ax.axvline(suggestion, color="C3", linestyle="--", linewidth=1)
+    ax.plot([suggestion], [smoothed[at]], "o", color="C3", markersize=8,
+            label=f"suggested lr {suggestion:.2e}")
+    ax.set_xscale("log")
+    top = max(smoothed[0], min(smoothed) * 4) if smoothed else 1
+    ax.set_ylim(min(min(losses), min(smoothed)) * 0.9, top * 1.1)
+    ax.set_xlabel("learning rate (log)")
+    ax.set_ylabel("training loss")
+    ax.set_title("learning-rate range test")
+    ax.legend()
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------------------------
 # EDA figures: readable on GitHub next to report.md
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ COMMANDS = {
     "tune": "pipelines.tune:tune_command",
     "pseudo-label": "pipelines.pseudo_label:pseudo_label_command",
     "label-issues": "pipelines.label_issues:label_issues_command",
+    "lr-find": "pipelines.lr_find:lr_find_command",
     "explain": "pipelines.explain:explain_command",
     "cascade": "pipelines.cascade:cascade_command",
     "report": "pipelines.report:report_command",
@@ -32,6 +33,7 @@ COMMANDS = {
     "down": "pipelines.services:down",
     "status": "pipelines.services:status",
     "env": "pipelines.services:env_command",
+    "notify": "pipelines.notify:notify_command",
 }
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import click
 
 from components.steps.params import EnsembleParams
-from pipelines.options import dataclass_options, job_run_id, reachable_tracking_uri, user_errors
+from pipelines.options import (
+    dataclass_options,
+    job_run_id,
+    next_step,
+    reachable_tracking_uri,
+    user_errors,
+)
 
 
 @click.command()
@@ -26,8 +32,9 @@ def ensemble_command(**kwargs) -> None:
     click.echo(text_table(outcome.table, columns), err=True)
     m = outcome.metrics
     click.echo(f"{outcome.run_name}  run {outcome.run_id}  {len(outcome.members)} members  "
-               f"test_acc {m.get('test_acc', float('nan')):.4f}  "
-               f"(register it: cnnflow evaluate --run-id {outcome.run_id})")
+               f"test_acc {m.get('test_acc', float('nan')):.4f}")
+    next_step(f"cnnflow evaluate --run-id {outcome.run_id}",
+              "cost, and a registry version of the ensemble")
 
 
 ensemble_command.name = "ensemble"

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import shlex
+
 import click
 
 from components.steps.params import EvalParams
-from pipelines.options import dataclass_options, job_run_id, reachable_tracking_uri, user_errors
+from pipelines.options import (
+    dataclass_options,
+    job_run_id,
+    next_step,
+    reachable_tracking_uri,
+    user_errors,
+)
 
 
 @click.command()
@@ -37,6 +45,21 @@ def evaluate_command(**kwargs) -> None:
         click.echo(f"registered {v.name} v{v.version} (@challenger)")
     if outcome.decision is not None:
         click.echo(outcome.decision.line())
+    _next(outcome)
+
+
+def _next(outcome) -> None:
+    """Serve a new champion; apply the rule to a fresh challenger; else compare the models."""
+    v, decision = outcome.version, outcome.decision
+    if v is not None and decision is not None and decision.promoted:
+        next_step(f"mlflow models serve -m models:/{v.name}@champion --env-manager local",
+                  "serve the champion")
+    elif v is not None and decision is None:
+        next_step(f"cnnflow promote --registered-model {v.name}",
+                  "apply the promotion rule to the challenger")
+    else:
+        next_step(f"cnnflow compare --experiment {shlex.quote(outcome.experiment)}",
+                  "the experiment's models side by side")
 
 
 evaluate_command.name = "evaluate"

@@ -20,14 +20,14 @@ import click
 
 from components.params import bool_text, fields_of, help_of
 from pipelines.cli import COMMANDS, cli
-from pipelines.options import option_name, params_class
+from pipelines.options import bool_option, option_name, params_class
 
 # MLproject entry point -> the `cnnflow` command that runs the same code.
 ENTRY_POINTS = {"eda": "eda", "preprocess": "preprocess", "train": "train",
                 "evaluate": "evaluate", "ensemble": "ensemble", "export": "export",
                 "sync": "sync", "tune": "tune", "pseudo_label": "pseudo-label",
                 "explain": "explain", "label_issues": "label-issues", "cascade": "cascade",
-                "main": "run"}
+                "lr_find": "lr-find", "main": "run"}
 MLPROJECT_COMMAND = "python -m pipelines.mlproject > MLproject"
 DOCS_COMMAND = "python -m pipelines.mlproject --docs > docs/parameters.md"
 # MLflow's parameter types: integers are `float` (MLflow has no integer type) and booleans
@@ -186,7 +186,7 @@ def parameters_md() -> str:
 
 
 @click.command()
-@click.option("--docs", is_flag=True, help="Print docs/parameters.md instead of MLproject.")
+@bool_option("--docs", False, "Print docs/parameters.md instead of MLproject.")
 def main(docs: bool) -> None:
     """Print the MLproject file (or, with --docs, the parameter reference)."""
     click.echo(parameters_md() if docs else mlproject(), nl=False)

@@ -13,7 +13,7 @@ def dataclass_options(params_cls: type) -> Callable:
     """Decorator adding `--field-name` for every parameter of `params_cls` (a dataclass of
     `components.params.param` fields): its default, its type (the default's) and its help.
 
-    Booleans take a value (`--cache true`, click.BOOL), so the MLproject command line
+    Booleans take a value (`--cache true`, `bool_option`), so the MLproject command line
     `--cache {cache}` and the CLI read the same way; a bare `--cache` means true. The command
     keeps the class (`params_class(command)`), so MLproject and the parameter reference are
     generated from it.
@@ -29,17 +29,35 @@ def dataclass_options(params_cls: type) -> Callable:
 
 
 def click_option(field: dataclasses.Field) -> Callable:
-    """The click option of one parameter field."""
+    """The click option of one parameter field: a boolean through `bool_option`, an empty
+    default not shown (the help says what empty means), any other default shown."""
     import click
 
-    from components.params import bool_text, help_of
+    from components.params import help_of
 
-    default, typed = bool_text(field.default), {"type": type(field.default)}
-    if isinstance(field.default, bool):  # "false", as MLproject spells it; click.BOOL reads it
-        typed = {"type": click.BOOL, "metavar": "true|false", "is_flag": False,
-                 "flag_value": True}
-    return click.option(option_name(field.name), field.name, default=default,
-                        show_default=True, help=help_of(field), **typed)
+    if isinstance(field.default, bool):
+        return bool_option(option_name(field.name), field.default, help_of(field),
+                           dest=field.name)
+    return click.option(option_name(field.name), field.name, default=field.default,
+                        type=type(field.default), show_default=field.default != "",
+                        help=help_of(field))
+
+
+BOOL_METAVAR = "true|false"
+
+
+def bool_option(name: str, default: bool, help: str, *, dest: str | None = None) -> Callable:
+    """Every boolean option of every command, one style: `--name true|false`, as MLproject's
+    `--name {value}` command lines pass it; a bare `--name` means true; the default shows as
+    `[default: false]` (MLproject's spelling). Generated and hand-written options use it."""
+    import click
+
+    from components.params import bool_text
+
+    decls = (name, dest) if dest else (name,)
+    return click.option(*decls, type=click.BOOL, metavar=BOOL_METAVAR, is_flag=False,
+                        flag_value=True, default=bool_text(default), show_default=True,
+                        help=help)
 
 
 def option_name(name: str) -> str:
@@ -129,3 +147,21 @@ def _check_job_experiment(run_id: str, experiment: str, tracking_uri: str) -> No
               "(and drop -P experiment)")
     tracking.finish_run(client, run_id, "FAILED", reason)
     raise click.ClickException(reason)
+
+
+def next_step(command: str, why: str = "") -> None:
+    """The `next: <command>` line a command ends with (stderr): what a user would run next,
+    spelled with the real options, so a first-time user never has to guess the next step."""
+    import click
+
+    click.echo(f"next: {command}" + (f"  ({why})" if why else ""), err=True)
+
+
+def shell_args(values: dict[str, object]) -> str:
+    """`--name value` for each item, quoted for a shell, booleans as `true` / `false`."""
+    import shlex
+
+    from components.params import bool_text
+
+    return " ".join(f"{option_name(k)} {shlex.quote(str(bool_text(v)))}"
+                    for k, v in values.items())

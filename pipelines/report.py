@@ -13,7 +13,7 @@ from pipelines.options import dataclass_options, job_run_id, reachable_tracking_
 @click.option("--experiment", default=DataParams.data, show_default=True,
               help="MLflow experiment (the dataset's name unless train got --experiment).")
 @dataclass_options(ReportsParams)
-@click.option("--pipeline-run", default="", show_default=True,
+@click.option("--pipeline-run", default="",
               help="Report the runs of this pipeline run (default: the latest finished runs).")
 @click.option("--pdf", default="auto", show_default=True, metavar="auto|true|false",
               help="auto: a PDF when chromium or wkhtmltopdf is installed; true: required.")

@@ -9,6 +9,7 @@ import click
 
 from components import services
 from components.settings import DEFAULT_HOST, DEFAULT_MLFLOW_PORT, DEFAULT_MONGO_PORT
+from pipelines.options import bool_option
 
 _NAMES = click.argument("names", nargs=-1, metavar="[SERVICE]...",
                         type=click.Choice(sorted(services.SERVICES)))
@@ -32,8 +33,8 @@ def _report(call: Callable[[], list[services.ServiceStatus]]) -> list[services.S
 @click.option("--mongo-port", default=DEFAULT_MONGO_PORT, show_default=True, type=int)
 @click.option("--timeout", default=90.0, show_default=True, type=float,
               help="Seconds to wait for each server to answer.")
-@click.option("--with-sync", is_flag=True,
-              help="Also start the Mongo mirror follower (`cnnflow sync --follow`).")
+@bool_option("--with-sync", False,
+             "Also start the Mongo mirror follower (`cnnflow sync --follow true`).")
 def up(names: tuple[str, ...], host: str, mlflow_port: int, mongo_port: int,
        timeout: float, with_sync: bool) -> None:
     """Start the local servers not configured by MLFLOW_TRACKING_URI / MONGO_URI."""

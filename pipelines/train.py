@@ -13,8 +13,10 @@ from components.steps.params import TrainParams
 from pipelines.options import (
     dataclass_options,
     job_run_id,
+    next_step,
     option_name,
     reachable_tracking_uri,
+    shell_args,
     user_errors,
 )
 
@@ -42,6 +44,8 @@ def train(**kwargs) -> None:
     early = ", stopped early" if r.stopped_early else ""
     click.echo(f"{outcome.run_name}  run {outcome.run_id}  best_val_acc {r.best_val_acc:.4f} "
                f"(epoch {r.best_epoch}/{r.epochs_run}{early})  {outcome.url}")
+    next_step(f"cnnflow evaluate --run-id {outcome.run_id}",
+              "test metrics, cost, and a registry version")
 
 
 def _launch(params: TrainParams) -> None:
@@ -76,13 +80,19 @@ def _train_cv(params: TrainParams) -> None:
                f"val_loss {m['cv_val_loss_mean']:.4f} ± {m['cv_val_loss_std']:.4f}  "
                f"{outcome.url}")
     if outcome.ensemble_run_id:
-        click.echo(f"fold ensemble run {outcome.ensemble_run_id} "
-                   f"(register it: cnnflow evaluate --run-id {outcome.ensemble_run_id})")
+        click.echo(f"fold ensemble run {outcome.ensemble_run_id}")
     if outcome.label_issues is not None:
         from components.steps.label_issues import summary
 
         for line in summary(outcome.label_issues):
             click.echo(line)
+    if outcome.ensemble_run_id:
+        next_step(f"cnnflow evaluate --run-id {outcome.ensemble_run_id}",
+                  "test metrics and a registry version of the fold ensemble")
+    else:
+        same = {"data": params.data, "model": params.model,
+                **({"experiment": params.experiment} if params.experiment else {})}
+        next_step(f"cnnflow train {shell_args(same)}", "one model on the whole train split")
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def test_images_stored_rotated_are_counted_and_measured_upright(tmp_path):
     assert summary.metrics["n_rotated"] == 1
     row = scan.table.set_index("path").loc["cat/phone.jpg"]
     assert (row["width"], row["height"], row["orientation"]) == (12, 24, 6)
-    assert any("1 image(s) are stored rotated" in f for f in summary.findings)
+    assert any("1 image is stored rotated" in f for f in summary.findings)
 
 
 @pytest.mark.parametrize("path, root", [

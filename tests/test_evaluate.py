@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from sklearn.metrics import precision_recall_fscore_support
 
+from components.humanize import number
 from components.nn.models import count_parameters
 from pipelines.cli import cli
 
@@ -58,6 +59,8 @@ def test_evaluate_logs_correct_metrics_figures_cost_and_registers(client, traine
                     "--latency-runs", "5")
     assert result.exit_code == 0, result.output
     assert "test_acc" in result.output and "eval-main v1" in result.output
+    # The first version became champion: the next step serves it.
+    assert "next: mlflow models serve -m models:/eval-main@champion" in result.output
     run = client.get_run(run_id)
     m = run.data.metrics
 
@@ -143,6 +146,7 @@ def test_evaluate_logs_correct_metrics_figures_cost_and_registers(client, traine
     result = invoke("evaluate", "--model-uri", "models:/eval-main@champion", "--register",
                     "false", "--cost", "false")
     assert result.exit_code == 0, result.output
+    assert "next: cnnflow compare --experiment pair" in result.output  # nothing registered
     assert client.get_run(run_id).data.metrics["test_acc"] == pytest.approx(m["test_acc"])
     assert len(versions(client, "eval-main")) == 1
 
@@ -225,9 +229,29 @@ def test_compare_prints_sorts_and_writes_tables(client, trained_pair, tmp_path):
     md = (tmp_path / "compare-pair.md").read_text()
     assert md.startswith("| run | model | version |") and "custom_cnn-v1" in md
 
+    # The terminal: a readable default set of columns, humanized, within 120 characters.
+    lines = [li for li in result.output.splitlines() if not li.startswith("wrote ")]
+    assert lines[0].startswith("run ") and "val accuracy" in lines[0]
+    assert "learning rate" not in lines[0] and max(map(len, lines)) <= 120
+    best = next(r for r in rows if r["val_acc"])
+    assert any(li.startswith(best["run"]) and number(float(best["val_acc"]), "val_acc") in li
+               for li in lines)
+
     result = invoke("compare", "--experiment", "pair", "--sort", "test_loss", "--reverse",
-                    "--out", str(tmp_path))
+                    "true", "--columns", "run,lr,dropout", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
+    header, *body = result.output.splitlines()
+    assert header.split() == ["run", "learning", "rate", "dropout"]
+    first = next(r for r in rows if r["run"] == "custom_cnn-v1")
+    assert any(li.split() == ["custom_cnn-v1", number(float(first["lr"]), "lr"),
+                              number(float(first["dropout"]), "dropout")] for li in body)
+    losses = [float(r["test_loss"]) for r in rows if r["test_loss"]]
+    with (tmp_path / "compare-pair.csv").open() as fh:  # reversed: the worst loss first
+        reversed_losses = [float(r["test_loss"]) for r in csv.DictReader(fh) if r["test_loss"]]
+    assert reversed_losses == sorted(losses, reverse=True)
+    result = CliRunner().invoke(cli, ["compare", "--experiment", "pair", "--columns",
+                                      "run,nope", "--out", str(tmp_path)])
+    assert "unknown column 'nope' for --columns: use one of run, model" in error_line(result)
     result = CliRunner().invoke(cli, ["compare", "--experiment", "pair", "--sort", "nope",
                                       "--out", str(tmp_path)])
     assert "unknown column 'nope'" in error_line(result)

@@ -255,7 +255,8 @@ def test_compare_shows_each_format_beside_the_pytorch_row(exported, trained_pair
                                                           tmp_path):
     import csv
 
-    from components.tracking.comparison import compare_runs, format_cell
+    from components.humanize import number
+    from components.tracking.comparison import compare_runs
 
     _, run, versions, _ = exported
     m, source = run.data.metrics, trained_pair.runs["custom_cnn"]
@@ -279,8 +280,8 @@ def test_compare_shows_each_format_beside_the_pytorch_row(exported, trained_pair
             m["pytorch.latency_ms_p50"] / m[f"{fmt}.latency_ms_p50"])
         line = next(li for li in result.output.splitlines()
                     if run.info.run_name in li and f" {fmt} " in li)
-        assert format_cell(m[f"{fmt}.test_acc"]) in line
-        assert format_cell(m[f"{fmt}.latency_ms_p50"]) in line
+        assert number(m[f"{fmt}.test_acc"], "test_acc") in line  # as the report writes it
+        assert number(m[f"{fmt}.latency_ms_p50"], "latency_ms_p50") in line
         if fmt == "pytorch":
             assert row["gate"] == row["max_abs_prob_diff"] == row["registry"] == ""
             continue
@@ -307,8 +308,8 @@ def test_compare_shows_each_format_beside_the_pytorch_row(exported, trained_pair
 
 def test_the_report_cost_section_has_a_row_per_format(exported, trained_pair, pair_client,
                                                      tmp_path):
+    from components.humanize import number
     from components.steps.report import build_report
-    from components.tracking.comparison import format_cell
 
     _, run, versions, _ = exported
     m = run.data.metrics
@@ -327,8 +328,13 @@ def test_the_report_cost_section_has_a_row_per_format(exported, trained_pair, pa
         assert line.startswith(f"| custom_cnn | {fmt} | {run.info.run_name} |")
         for column in ("test_acc", "model_size_mb", "latency_ms_p50",
                        "throughput_images_per_sec"):
-            assert f"| {format_cell(m[f'{fmt}.{column}'])} |" in line, (fmt, column)
-        if fmt != "pytorch" and m[f"{fmt}.passed"] == 1.0:
-            assert f"| {format_cell(m[f'{fmt}.top1_agreement'])} |" in line
+            assert f"| {number(m[f'{fmt}.{column}'], column)} |" in line, (fmt, column)
+    # Parity, gate and registry version of each exported format: the second table.
+    parity = cost.split("**Exported formats against PyTorch**")[1].splitlines()
+    for fmt in FORMATS:
+        line = next(li for li in parity
+                    if li.startswith(f"| custom_cnn | {fmt} | {run.info.run_name} |"))
+        if m[f"{fmt}.passed"] == 1.0:
+            assert f"| {number(m[f'{fmt}.top1_agreement'], 'top1_agreement')} |" in line
             assert "| passed |" in line and f"{NAME} v{versions[fmt].version}" in line
     assert run.info.run_name in out.html.read_text()

@@ -36,6 +36,9 @@ def test_two_epoch_run_logs_everything_and_is_reproducible(tracking, image_folde
         assert result.exit_code == 0, result.output
     first, second = runs_of(tracking, "two-epochs")
     assert [first.info.run_name, second.info.run_name] == ["custom_cnn-v1", "custom_cnn-v2"]
+    # It ends with what to run next, naming this run.
+    assert result.output.rstrip().splitlines()[-1].startswith(
+        f"next: cnnflow evaluate --run-id {second.info.run_id}")
     assert first.info.status == "FINISHED"
     for name in EPOCH_METRICS:
         assert [s for s, _ in history(tracking, first.info.run_id, name)] == [1, 2], name

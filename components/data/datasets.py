@@ -33,7 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    Sampler,
+    WeightedRandomSampler,
+)
 from torchvision import transforms as T
 
 # These live in images.py: torch-free for worker processes.
@@ -766,13 +772,47 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+# How the train split is drawn each epoch: `fn(labels, generator) -> Sampler | None` (None:
+# a plain shuffle). The sampler draws with the loader's generator, so the engine's per-epoch
+# re-seeding of that generator makes a resumed run draw the same batches.
+SAMPLINGS: dict[str, Callable[[Sequence[int], torch.Generator], Sampler[int] | None]] = {}
+register_sampling = registrar(SAMPLINGS, "sampling")
+
+
+def check_sampling(name: str, world_size: int = 1) -> None:
+    """A known sampling, and none but `none` under DistributedDataParallel (each rank draws
+    its own shard there)."""
+    if name not in SAMPLINGS:
+        raise DataError(f"unknown sampling {name!r}: use one of {', '.join(sorted(SAMPLINGS))}")
+    if name != "none" and world_size > 1:
+        raise DataError(f"sampling {name} draws from the whole train split and does not "
+                        "combine with --nproc > 1: use --sampling none or --nproc 1")
+
+
+@register_sampling("none")
+def _plain_shuffle(labels: Sequence[int], generator: torch.Generator) -> None:
+    """Each image once per epoch, in a new order."""
+    return None
+
+
+@register_sampling("balanced")
+def _balanced(labels: Sequence[int], generator: torch.Generator) -> Sampler[int]:
+    """With replacement, each image weighted 1 / its class's count: every class is drawn about
+    equally often, so a 9:1 folder trains as if it were 1:1 (the rare images repeat)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64))
+    weights = 1.0 / counts[np.asarray(labels, dtype=np.int64)]
+    return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(labels),
+                                 replacement=True, generator=generator)
+
+
 def make_loaders(splits: DatasetSplits, image_size: int, batch_size: int,
                  augmentation: str = "none", mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD,
                  num_workers: int = RuntimeParams.num_workers, seed: int = DataParams.seed,
                  device_type: str = "cpu", arrays: Mapping[str, Path] | None = None,
                  array_rows: Mapping[str, Sequence[int]] | None = None,
-                 rank: int = 0, world_size: int = 1) -> dict[str, DataLoader | None]:
+                 rank: int = 0, world_size: int = 1,
+                 sampling: str = "none") -> dict[str, DataLoader | None]:
     """DataLoaders for train/val/test; a split with no images maps to None (key always present).
 
     Train order depends only on `seed`; drop_last avoids a 1-sample batch breaking BatchNorm.
@@ -783,7 +823,9 @@ def make_loaders(splits: DatasetSplits, image_size: int, batch_size: int,
     With `world_size` > 1 (DistributedDataParallel) each rank reads its own shard: train
     through a DistributedSampler (reshuffled per epoch by the engine's `set_epoch`), val/test
     through an unpadded ShardSampler so reduced metrics count every sample exactly once.
+    `sampling` (a `SAMPLINGS` name) draws the train split, e.g. `balanced` classes.
     """
+    check_sampling(sampling, world_size)
     if batch_size < 1:
         raise DataError(f"batch_size={batch_size} must be at least 1")
     if num_workers < 0:
@@ -801,7 +843,9 @@ def make_loaders(splits: DatasetSplits, image_size: int, batch_size: int,
                                                  transform, (array_rows or {}).get(split))
         else:
             dataset = ImageDataset(samples, transform)
-        sampler: Sampler[int] | None = None
+        generator = torch.Generator().manual_seed(seed + SPLITS.index(split))
+        sampler: Sampler[int] | None = (
+            SAMPLINGS[sampling]([lb for _, lb in samples], generator) if train else None)
         per_rank = len(samples)
         if world_size > 1:
             sampler = (DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed)
@@ -813,7 +857,7 @@ def make_loaders(splits: DatasetSplits, image_size: int, batch_size: int,
             batch_size=batch_size,
             shuffle=train and sampler is None,
             sampler=sampler,
-            generator=torch.Generator().manual_seed(seed + SPLITS.index(split)),
+            generator=generator,
             drop_last=train and per_rank > batch_size,
             num_workers=workers,
             worker_init_fn=seed_worker if workers > 0 else None,

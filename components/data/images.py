@@ -33,7 +33,6 @@ import hashlib
 import io
 import os
 import re
-import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -43,9 +42,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
-from tqdm import tqdm
 
 from components.errors import one_line
+from components.progress import Progress
 
 _IN_MEMORY = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 HIST_SIDE = 64  # histograms are computed on images shrunk to about this size
@@ -258,15 +257,16 @@ def _dct_basis(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
 def read_files(paths: Sequence[str | Path], *, histogram: bool = False, cache_size: int = 0,
                phash: bool = False, workers: int = -1, progress: bool = False,
                desc: str = "reading images") -> Iterator[FileFacts]:
-    """`read_file` over many files, in order, in worker processes, with a progress bar.
+    """`read_file` over many files, in order, in worker processes, with a progress bar
+    (`progress`) or, without one, a plain progress line every few seconds.
 
     workers: -1 = one process per CPU core (in-process for fewer than 64 files, where
     starting processes costs more than it saves); 0 = in this process; N = N processes.
     """
     fn = partial(read_file, histogram=histogram, cache_size=cache_size, phash=phash)
     n_workers = resolve_workers(workers, len(paths))
-    bar = tqdm(total=len(paths), desc=desc, unit="img", file=sys.stderr, disable=not progress,
-               mininterval=0.5, leave=False)
+    # progress: a bar; else a plain line every few seconds (components.progress).
+    bar = Progress(len(paths), desc, "image", bar=progress)
     try:
         if n_workers == 0:
             for path in paths:

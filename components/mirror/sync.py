@@ -40,7 +40,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from components import tracking
+from components import notify, tracking
 from components.errors import CnnflowError, one_line
 from components.names import (
     CLASS_NAMES_TAG,
@@ -49,11 +49,18 @@ from components.names import (
     ERROR_TAG,
     EXPLAIN_OVERVIEW_TAG,
     LABEL_ISSUES_RUN_TAG,
+    LR_CHOSEN_PARAM,
     MODEL_TAG,
     MODEL_URI_TAG,
+    PROGRESS_BATCH,
+    PROGRESS_BATCHES,
+    PROGRESS_EPOCH,
+    PROGRESS_IMAGES_PER_SEC,
+    PROGRESS_METRICS,
     STEP_TAG,
     VERSION_TAG,
 )
+from components.progress import Progress
 from components.settings import mask_text
 from components.tracking.registry import AliasLookup
 
@@ -83,7 +90,7 @@ class SyncOptions:
     """What one pass mirrors and how it judges liveness and staleness."""
 
     experiments: Sequence[str] = ()  # names; empty = every active experiment
-    dead_after: float = 120.0  # seconds of silence after which a RUNNING run counts as died
+    dead_after: float = 60.0  # seconds of silence after which a RUNNING run counts as died
     overlap: float = 300.0  # seconds the end_time watermark is re-read (client clock skew)
     reconcile_every: float = 60.0  # seconds between full listings; 0 = every pass
     rebuild: bool = False  # drop the mirror first and rebuild it from MLflow
@@ -225,7 +232,9 @@ def _registry(client: MlflowClient) -> dict[str, list[dict[str, Any]]]:
 
 
 def _heartbeat_ms(run: Run) -> int:
-    """The newest sign of life: the latest metric timestamp, else the start time."""
+    """The newest sign of life: the latest timestamp of any metric (the `progress/*`
+    heartbeats and `system/*` samples a training run logs every few seconds, its epochs),
+    else the start time."""
     stamps = [m.timestamp for m in run.data._metric_objs if m.timestamp]
     return max([*stamps, run.info.start_time or 0])
 
@@ -233,6 +242,26 @@ def _heartbeat_ms(run: Run) -> int:
 def _current_epoch(run: Run) -> int | None:
     steps = [m.step for m in run.data._metric_objs if m.key in EPOCH_METRICS and m.step]
     return max(steps) if steps else None
+
+
+def progress_doc(run: Run) -> dict[str, Any] | None:
+    """Where a run is inside its epoch, from its latest heartbeat (`progress/*`); None
+    without one. `fraction`: of the current epoch's batches; `at`: when the beat was logged."""
+    beats = {m.key: m for m in run.data._metric_objs if m.key in PROGRESS_METRICS}
+    if PROGRESS_EPOCH not in beats:
+        return None
+    batch = beats.get(PROGRESS_BATCH)
+    batches = beats.get(PROGRESS_BATCHES)
+    rate = beats.get(PROGRESS_IMAGES_PER_SEC)
+    doc = {"epoch": int(beats[PROGRESS_EPOCH].value),
+           "epochs": _num(run.data.params.get("epochs"), int),
+           "batch": int(batch.value) if batch else None,
+           "batches": int(batches.value) if batches else None,
+           "fraction": (min(batch.value / batches.value, 1.0)
+                        if batch and batches and batches.value > 0 else None),
+           "images_per_sec": rate.value if rate else None,
+           "at": _ms_to_dt(max(m.timestamp for m in beats.values()))}
+    return {k: v for k, v in doc.items() if v is not None}
 
 
 def mirror_status(run: Run, now_ms: int, dead_after: float) -> str:
@@ -266,14 +295,18 @@ class HistoryReader:
         self.uri = tracking_uri
         self.bulk = tracking.has_ui(tracking_uri)  # the bulk history endpoint is the server's
 
-    def read(self, runs: Sequence[Run]) -> dict[str, dict[int, dict[str, Any]]]:
-        """run id -> epoch -> {metric: value, "timestamp": ms} (steps >= 1 only)."""
+    def read(self, runs: Sequence[Run], progress: str = ""
+             ) -> dict[str, dict[int, dict[str, Any]]]:
+        """run id -> epoch -> {metric: value, "timestamp": ms} (steps >= 1 only); `progress`
+        labels a bar (or periodic lines) of the metric histories read."""
         out: dict[str, dict[int, dict[str, Any]]] = {r.info.run_id: {} for r in runs}
         by_key: dict[str, list[Run]] = {}
         for run in runs:
             for key in EPOCH_METRICS:
                 if key in run.data.metrics:
                     by_key.setdefault(key, []).append(run)
+        shown = Progress(sum(map(len, by_key.values())), progress, "metric history",
+                         many="metric histories") if progress else None
         for key, key_runs in by_key.items():
             for chunk in self._chunks(key_runs):
                 points = self._bulk(chunk, key) if self.bulk else None
@@ -285,6 +318,10 @@ class HistoryReader:
                         row = out[run_id].setdefault(int(step), {})
                         row[key] = value
                         row["timestamp"] = max(row.get("timestamp", 0), stamp)
+                if shown:
+                    shown.update(len(chunk))
+        if shown:
+            shown.close()
         return out
 
     @staticmethod
@@ -360,7 +397,8 @@ def training_doc(run: Run, experiment: str, status: str, registry: list[dict[str
         "feature_extraction": None if freeze is None else freeze != "none",
         "dropout": _num(params.get("dropout"), float),
         "batch_size": _num(params.get("batch_size"), int),
-        "learning_rate": _num(params.get("lr"), float),
+        # train --lr auto: the LR the range test chose (the `lr` param says "auto").
+        "learning_rate": _num(params.get(LR_CHOSEN_PARAM, params.get("lr")), float),
         "optimizer": params.get("optimizer"),
         "weight_decay": _num(params.get("weight_decay"), float),
         "early_stopping": None if patience is None else patience > 0,
@@ -407,7 +445,7 @@ def status_doc(run: Run, status: str, now: datetime) -> dict[str, Any]:
            "start_time": _ms_to_dt(info.start_time), "end_time": _ms_to_dt(info.end_time),
            "current_epoch": _current_epoch(run), "max_epochs": _num(params.get("epochs"), int),
            "last_heartbeat": _ms_to_dt(_heartbeat_ms(run)), "error": run.data.tags.get(ERROR_TAG),
-           "updated_at": now}
+           "progress": progress_doc(run), "updated_at": now}
     return {k: v for k, v in doc.items() if v is not None}
 
 
@@ -526,7 +564,8 @@ def sync_pass(client: MlflowClient, db, tracking_uri: str, options: SyncOptions,
         if known.get(run.info.run_id, {}).get("fp") != fp:
             changed.append((run, status, fp))
 
-    histories = HistoryReader(client, tracking_uri).read([r for r, _, _ in changed])
+    histories = HistoryReader(client, tracking_uri).read(
+        [r for r, _, _ in changed], progress="sync --rebuild" if options.rebuild else "")
     report.read_seconds = time.perf_counter() - started
     epoch_ops, fresh, training_ops, status_ops, sync_ops = [], [], [], [], []
     for run, status, fp in changed:
@@ -560,6 +599,8 @@ def sync_pass(client: MlflowClient, db, tracking_uri: str, options: SyncOptions,
     _bulk(db[EPOCHS], epoch_ops, fresh)
     _bulk(db[TRAININGS], training_ops)
     _bulk(db[STATUS], status_ops)
+    notify.announce_died(db[STATUS], [{**status_doc(r, s, stamp), "mlflow_url": tracking.run_url(
+        tracking_uri, r.info.experiment_id, r.info.run_id)} for r, s, _ in changed if s == "died"])
     _bulk(db[SYNC], sync_ops)
 
     report.deleted = _remove_deleted(client, db, exp_ids, runs, options, report.reconciled)
@@ -604,7 +645,7 @@ TRAINING_FIELDS = (
     "model_uri", "params", "metrics", "tags", "registry", "mlflow_url", "explain_overview_url",
     "label_issues", "label_issues_url")
 STATUS_FIELDS = ("run_name", "model_name", "start_time", "end_time", "current_epoch",
-                 "max_epochs", "last_heartbeat", "error")
+                 "max_epochs", "last_heartbeat", "error", "progress")
 
 
 # --------------------------------------------------------------------------------------------

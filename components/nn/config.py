@@ -36,3 +36,17 @@ class TrainConfig:
     label_smoothing: float = param(0.0, "Label smoothing for the training loss.",
                                     ge=0, lt=1)
     amp: str = param("auto", "Mixed precision: auto (on for CUDA) | on | off.")
+    mixup: float = param(0.0, "MixUp alpha (Beta(alpha, alpha) mixing of image pairs, per "
+                              "batch); 0 = off.", ge=0, le=10)
+    cutmix: float = param(0.0, "CutMix alpha (pasted patches, per batch; with mixup: one of "
+                               "the two, at random, per batch); 0 = off.", ge=0, le=10)
+    ema: float = param(0.0, "Exponential moving average of the weights with this decay (e.g. "
+                            "0.999): validated, checkpointed and logged instead of the raw "
+                            "weights; 0 = off.", ge=0, lt=1)
+    grad_accum: int = param(1, "Batches whose gradients are summed before each optimiser "
+                               "step (a batch_size x grad_accum batch on a small GPU).",
+                            ge=1, le=1024)
+    clip_grad_norm: float = param(0.0, "Clip the gradients' total L2 norm to this before each "
+                                       "optimiser step; 0 = off.", ge=0)
+    compile: bool = param(False, "torch.compile the model (opt-in: needs a working compiler "
+                                 "toolchain; the first epoch pays the compile time).")

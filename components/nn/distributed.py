@@ -116,3 +116,11 @@ def sync_buffers(model: torch.nn.Module) -> None:
         return
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's `obj` on every rank (e.g. the run id, which only rank 0 knows); every rank of
+    the group must call it."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -215,6 +215,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.model.eval()
         self.to("cpu")
         self.transform = config_transform(config)
+        # Test-time augmentation (components.serving.tta) the model serves with: `cnnflow
+        # evaluate --tta` sets it, and registers a model whose config carries it.
+        self.tta = config.get("tta", "none")
         return self
 
     @property
@@ -241,8 +244,14 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def score_batch(self, inputs: Sequence[torch.Tensor]
                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Batched inputs (one tensor per `input_transforms()` entry) -> (log-probabilities on
-        the CPU, per-member log-probabilities: none for a single model)."""
-        return torch.log_softmax(self.logits_batch(inputs), dim=1), []
+        the CPU, per-member log-probabilities: none for a single model). With `tta`, the
+        probabilities are averaged over its views."""
+        from components.serving.tta import averaged_log_proba
+
+        def plain(views: list[torch.Tensor]) -> torch.Tensor:
+            return torch.log_softmax(self.logits_batch(views), dim=1)
+
+        return averaged_log_proba(plain, inputs, getattr(self, "tta", "none")), []
 
     def logits_batch(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """Raw logits for a batch (the `logits` vote of an ensemble averages these)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from components.data.datasets import load_rgb
 from components.errors import CnnflowError, one_line
 from components.files import remove_stale_temp, temp_prefix
+from components.progress import track
 
 
 class ModelLoadError(CnnflowError, RuntimeError):
@@ -99,9 +100,11 @@ def auto_batch_size(device: torch.device) -> int:
 
 
 def predict_samples(model: Any, samples: Sequence[tuple[str, int]], batch_size: int = 4,
-                    num_workers: int = 0) -> Predictions:
+                    num_workers: int = 0, progress: str = "") -> Predictions:
     """Batched prediction: DataLoader decoding (optionally in workers), one forward per batch.
 
+    `progress`: a label (`evaluate custom_cnn-v3`) shows the images scored, as a bar on a
+    terminal or a line every few seconds (components.progress); empty shows nothing.
     `benchmarks/inference.py` measures this against a per-image loop.
     """
     dataset = TransformedImages(samples, model.input_transforms())
@@ -110,7 +113,10 @@ def predict_samples(model: Any, samples: Sequence[tuple[str, int]], batch_size: 
                         pin_memory=getattr(model, "device", torch.device("cpu")).type == "cuda")
     outs: list[torch.Tensor] = []
     members: list[list[torch.Tensor]] = []
-    for inputs, _ in loader:
+    batches: Iterable[tuple[list[torch.Tensor], torch.Tensor]] = loader
+    if progress:
+        batches = track(loader, len(samples), progress, "image", weight=lambda b: len(b[1]))
+    for inputs, _ in batches:
         combined, per_member = model.score_batch(inputs)
         outs.append(combined)
         members.append(per_member)

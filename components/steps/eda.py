@@ -41,6 +41,7 @@ from components.data.datasets import (
 )
 from components.data.images import HIST_BINS, read_files, to_rgb
 from components.files import replace_dir
+from components.humanize import plural
 from components.names import DATA_ROOT_TAG, DATASET_DIGEST_TAG, DATASET_TAG, STEP_TAG
 from components.steps import label_issues
 from components.steps.params import EdaParams
@@ -274,14 +275,18 @@ def summarize(scan: DatasetScan) -> EdaSummary:
     return summary
 
 
+NO_FINDINGS = "no problems found"  # the one finding of a clean dataset
+
+
 def _findings(scan: DatasetScan, s: EdaSummary) -> list[str]:
     """What a careful reader of the tables would say, one sentence each, most urgent first."""
     m, out = s.metrics, []
     if scan.split_error:
         out.append(f"train would refuse this folder: {scan.split_error}")
     if m["n_label_conflicts"]:
-        out.append(f"{m['n_label_conflicts']:.0f} image(s) appear under more than one class "
-                   "(label conflicts): fix the labels; preprocess excludes them")
+        n = m["n_label_conflicts"]
+        out.append(f"{plural(n, 'image')} {_verb(n, 'appears', 'appear')} under more than one "
+                   "class (label conflicts): fix the labels; preprocess excludes them")
     n = m.get("n_near_dup_label_conflicts", 0)
     if n:
         out.append(f"{_count(n, 'group')} of near-identical pictures "
@@ -289,7 +294,8 @@ def _findings(scan: DatasetScan, s: EdaSummary) -> list[str]:
                    f"{_example(s.near_duplicates, 'conflict')}): check their labels; "
                    "preprocess keeps each group in one split and does not delete them")
     if m["n_cross_split_duplicates"]:
-        out.append(f"{m['n_cross_split_duplicates']:.0f} image(s) appear in more than one split "
+        n = m["n_cross_split_duplicates"]
+        out.append(f"{plural(n, 'image')} {_verb(n, 'appears', 'appear')} in more than one split "
                    "(leakage: val/test scores would be inflated): train from a `preprocess` "
                    "run, which keeps each image in one split only")
     n = m.get("n_near_dup_cross_split", 0)
@@ -300,14 +306,17 @@ def _findings(scan: DatasetScan, s: EdaSummary) -> list[str]:
                    "scores would be inflated): train from a `preprocess` run, which keeps "
                    "each group in one split")
     if m["n_corrupt"]:
-        out.append(f"{m['n_corrupt']:.0f} file(s) with an image extension cannot be decoded: "
+        out.append(f"{plural(m['n_corrupt'], 'file')} with an image extension cannot be decoded: "
                    "they are skipped (listed under Unreadable files); re-export or delete them")
     if m["n_other_files"]:
-        out.append(f"{m['n_other_files']:.0f} other file(s) are not images or not in a class "
-                   "folder: they are ignored")
+        n = m["n_other_files"]
+        out.append(f"{plural(n, 'other file')} {_verb(n, 'is', 'are')} not an image or not in "
+                   "a class folder: ignored")
     empty = [c for c, n in s.class_totals.items() if n == 0]
     if empty:
-        out.append(f"class(es) {', '.join(f'`{c}`' for c in empty)} have no readable images")
+        out.append(f"{'class' if len(empty) == 1 else 'classes'} "
+                   f"{', '.join(f'`{c}`' for c in empty)} {_verb(len(empty), 'has', 'have')} "
+                   "no readable images")
     nonzero = {c: n for c, n in s.class_totals.items() if n > 0}
     if len(nonzero) >= 2 and m["imbalance_ratio"] >= IMBALANCE_WORTH_NOTING:
         small = min(nonzero, key=lambda c: (nonzero[c], c))
@@ -315,8 +324,10 @@ def _findings(scan: DatasetScan, s: EdaSummary) -> list[str]:
         out.append(f"class `{small}` has {m['imbalance_ratio']:.1f}x fewer images than `{big}` "
                    f"({nonzero[small]} vs {nonzero[big]}): consider class_weights=balanced")
     if m["n_within_class_duplicates"]:
-        out.append(f"{m['n_within_class_duplicates']:.0f} extra exact cop(ies) of images within "
-                   "their class: they over-weight those images; delete them if unintended")
+        n = m["n_within_class_duplicates"]
+        out.append(f"{plural(n, 'extra exact copy', 'extra exact copies')} of images within "
+                   f"their class: {_verb(n, 'it over-weights', 'they over-weight')} those "
+                   "images; delete them if unintended")
     n = m.get("n_near_dup_within_class", 0)
     if n:
         out.append(f"{_count(n, 'group')} of near-identical pictures within one class "
@@ -333,19 +344,26 @@ def _findings(scan: DatasetScan, s: EdaSummary) -> list[str]:
             out.append(f"the smallest image is {smallest[0]}x{smallest[1]}: upscaling it to a "
                        "large image_size adds no detail")
     if m["n_rotated"]:
-        out.append(f"{m['n_rotated']:.0f} image(s) are stored rotated or flipped (EXIF "
+        out.append(f"{plural(m['n_rotated'], 'image')} {_verb(m['n_rotated'], 'is', 'are')} "
+                   "stored rotated or flipped (EXIF "
                    "Orientation): they are turned upright when decoded, as a viewer shows them")
     not_rgb = {mode: n for mode, n in s.modes.items() if mode != "RGB"}
     if not_rgb:
         parts = ", ".join(f"{mode}: {n}" for mode, n in not_rgb.items())
-        out.append(f"{sum(not_rgb.values())} image(s) are not RGB ({parts}): they are converted "
+        n = sum(not_rgb.values())
+        out.append(f"{plural(n, 'image')} {_verb(n, 'is', 'are')} not RGB ({parts}): converted "
                    "to RGB (transparency composited on white)")
-    return out or ["no problems found"]
+    return out or [NO_FINDINGS]
 
 
 def _count(n: float, noun: str) -> str:
     """'1 group', '3 groups': counts in new findings read as plain English."""
-    return f"{n:.0f} {noun}" if n == 1 else f"{n:.0f} {noun}s"
+    return plural(n, noun)
+
+
+def _verb(n: float, one: str, many: str) -> str:
+    """The verb that agrees with a count: 'appears' / 'appear'."""
+    return one if n == 1 else many
 
 
 def _example(groups: pd.DataFrame, kind: str) -> str:
@@ -637,9 +655,11 @@ def run_eda(params: EdaParams, tracking_uri: str, *, progress: bool | None = Non
     with tracking.ending_run(client, run_id):
         tracking.log_params_and_tags(client, run_id, params.logged(), {})
         tracking.log_metrics(client, run_id, summary.metrics)
+        log(f"eda: writing the report and its figures to {out_dir}")
         files = write_report(scan, summary, out_dir, f" (MLflow run `{run_id}`)",
                              latest_label_issues(client, tracking_uri, exp_id, scan.name))
         client.log_artifacts(run_id, str(out_dir), artifact_path="report")
-    log(f"eda: {int(summary.metrics['n_images'])} images, {len(scan.classes)} classes; "
-        f"report {out_dir / 'report.md'} ({len(files)} files)")
+    log(f"eda: {plural(summary.metrics['n_images'], 'image')}, "
+        f"{plural(len(scan.classes), 'class', 'classes')}; report {out_dir / 'report.md'} "
+        f"({plural(len(files), 'file')})")
     return EdaOutcome(run_id, run_name, exp_id, out_dir, summary.metrics, summary.findings)

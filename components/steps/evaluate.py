@@ -60,6 +60,7 @@ from components.names import (
     REGISTERED_VERSION_TAG,
     SPLIT_TAG,
     STEP_TAG,
+    TTA_TAG,
 )
 from components.nn.engine import resolve_device
 from components.serving.cost import PeakMemory, measure_cost
@@ -290,6 +291,7 @@ class EvalOutcome:
     decision: registry.Decision | None = None
     notes: list[str] = field(default_factory=list)
     url: str = ""  # the evaluated run's page in the MLflow UI
+    experiment: str = ""  # the evaluated run's experiment (the CLI's next-step line names it)
 
 
 def eval_device(name: str, run: Run) -> tuple[torch.device, str]:
@@ -332,6 +334,25 @@ def evaluate_model(model: Any, splits: DatasetSplits, split: str, run_id: str, *
     return predictions, metrics, report
 
 
+def log_tta_model(client: MlflowClient, run_id: str, model: Any, tta: str,
+                  example_image: str) -> str:
+    """Log the evaluated weights again, their config naming `tta`, as `<model>-tta` in the
+    run (tagged TTA_TAG), so the registered version serves the probabilities evaluate
+    measured; returns its URI. The run's own model (`cnnflow.model_uri`) stays plain."""
+    from components.tracking.models import log_pyfunc_model
+
+    with tempfile.TemporaryDirectory(prefix="cnnflow-tta-") as tmp:
+        weights = Path(tmp) / "best.pt"
+        torch.save({k: v.detach().to("cpu").contiguous()
+                    for k, v in model.model.state_dict().items()}, weights)
+        uri = log_pyfunc_model(run_id, weights, {**model.config, "tta": tta}, example_image,
+                               name=f"{model.config['model']}-tta")
+    logged_id = registry.logged_model_id(client, uri)
+    if logged_id:
+        client.set_logged_model_tags(logged_id, {TTA_TAG: tta})
+    return uri
+
+
 def _preload() -> None:
     """Import what loading, scoring and plotting need before the memory baseline is taken,
     so `peak_memory_mb` measures the model, not a first import of sklearn or matplotlib."""
@@ -361,11 +382,16 @@ def evaluate(params: EvalParams, tracking_uri: str,
     # candidates on those numbers, so the test split judges without ever selecting.
     val_samples = (split_samples(splits, "val", run_id)
                    if params.split == "test" and splits.split("val") else [])
+    if params.tta != "none" and run.data.tags.get(STEP_TAG) != "train":
+        raise EvaluationError(f"--tta {params.tta} applies to a single trained model, not to "
+                              f"the {run.data.tags.get(STEP_TAG) or 'non-cnnflow'} run "
+                              f"'{run_id}': evaluate it with --tta none")
     model_id = registry.logged_model_id(client, target.model_uri)
     name = params.registered_model or registry.default_name(target.experiment)
     register = params.register and params.split == "test"
     if register:
         registry.check_name(name)
+    registered_uri = target.model_uri  # evaluate --tta: a model that serves with it
     device, note = eval_device(params.device, run)
     notes = [note] if note else []
     if params.register and not register:
@@ -378,11 +404,18 @@ def evaluate(params: EvalParams, tracking_uri: str,
     memory = PeakMemory(device).start()
     model = load_model(target.model_uri).to(device)
     check_classes(model, splits, run_id)
+    if params.tta != "none" and not hasattr(model, "tta"):
+        raise EvaluationError(f"--tta {params.tta} needs the PyTorch model, not the "
+                              f"{getattr(model, 'format', '')} model {target.model_uri}: "
+                              "evaluate the model it was exported from")
+    if hasattr(model, "tta"):
+        model.tta = params.tta  # prediction, cost and the registered model all use it
     also = f", val {len(val_samples)}" if val_samples else ""
     log(f"evaluating {run.info.run_name} ({run_id}) on {params.split} "
         f"({len(samples)} images{also}, {device.type})")
     batch_size = params.batch_size or auto_batch_size(device)
-    predictions = predict_samples(model, samples, batch_size, params.num_workers)
+    predictions = predict_samples(model, samples, batch_size, params.num_workers,
+                                  progress=f"evaluate {run.info.run_name} ({params.split})")
     cost: dict[str, float] = {}
     cost_context: dict[str, Any] = {}
     if params.cost:
@@ -394,7 +427,8 @@ def evaluate(params: EvalParams, tracking_uri: str,
             notes.append(measured.note)
     val_metrics: dict[str, float] = {}
     if val_samples:
-        val_predictions = predict_samples(model, val_samples, batch_size, params.num_workers)
+        val_predictions = predict_samples(model, val_samples, batch_size, params.num_workers,
+                                          progress=f"evaluate {run.info.run_name} (val)")
         val_metrics, _ = score_predictions(val_predictions, splits, "val")
     with tempfile.TemporaryDirectory(prefix="cnnflow-eval-") as tmp:
         folder = Path(tmp) / params.split
@@ -425,11 +459,20 @@ def evaluate(params: EvalParams, tracking_uri: str,
             # checkpoint's values are best_val_loss/acc (the version tags keep these).
             for key in EPOCH_METRICS:
                 logged.pop(key, None)
+        report["tta"] = params.tta
+        (folder / "classification_report.json").write_text(json.dumps(report, indent=2))
+        if register and params.tta != "none":  # the version must serve what was measured
+            registered_uri = log_tta_model(client, run_id, model, params.tta, samples[0][0])
+            model_id = registry.logged_model_id(client, registered_uri)
         # Linked to the logged model too, so its page in the MLflow UI shows them.
         tracking.log_metrics(client, run_id, logged, model_id=model_id)
         client.set_tag(run_id, f"cnnflow.evaluated_{params.split}", device.type)
         client.set_tag(run_id, f"cnnflow.evaluated_{params.split}_format",
                        getattr(model, "format", "pytorch"))
+        client.set_tag(run_id, f"cnnflow.evaluated_{params.split}_tta", params.tta)
+        if job_run_id and job_run_id != run_id and "tta" not in client.get_run(
+                job_run_id).data.params:  # `mlflow run` logged its -P values already
+            client.log_param(job_run_id, "tta", params.tta)
         client.log_artifacts(run_id, str(folder), artifact_path=f"evaluation/{params.split}")
         if overview is not None and (params.split == "test"
                                      or EXPLAIN_OVERVIEW_TAG not in run.data.tags):
@@ -437,10 +480,13 @@ def evaluate(params: EvalParams, tracking_uri: str,
                            f"evaluation/{params.split}/explain/{overview.name}")
 
     outcome = EvalOutcome(run_id, run.info.run_name, params.split, metrics, report, notes=notes,
-                          url=tracking.run_url(tracking_uri, run.info.experiment_id, run_id))
+                          url=tracking.run_url(tracking_uri, run.info.experiment_id, run_id),
+                          experiment=target.experiment)
     if register:
-        version = registry.register_version(client, target.model_uri, run, name, metrics,
+        version = registry.register_version(client, registered_uri, run, name, metrics,
                                             splits.digest(), splits.name)
+        client.set_model_version_tag(name, version.version, TTA_TAG, params.tta)
+        version = client.get_model_version(name, version.version)
         outcome.version = version
         if params.promote:
             outcome.decision = registry.promote(client, name, version=None,

@@ -43,6 +43,7 @@ from components.data.datasets import (
 )
 from components.errors import CnnflowError
 from components.files import building, slug, write_csv
+from components.humanize import plural
 from components.names import MODEL_URI_TAG, SOURCE_MODEL_URI_TAG, SOURCE_RUN_TAG
 from components.nn.engine import resolve_device
 from components.serving.predict import auto_batch_size, load_model, predict_samples
@@ -156,12 +157,9 @@ def check_out(out: Path, images: Path) -> None:
 
 def render_index(values: dict[str, Any]) -> str:
     """index.html from the Jinja2 template (autoescaped)."""
-    import jinja2
+    from components.steps.templating import render
 
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
-        autoescape=True, keep_trailing_newline=True)
-    return env.get_template(TEMPLATE).render(**values)
+    return render(TEMPLATE, **values)
 
 
 def _write(work: Path, model: Any, paths: list[Path], root: Path, probs: Any,
@@ -242,10 +240,10 @@ def run_explain(params: ExplainParams, tracking_uri: str,
     # Built beside --out and swapped in when complete: a failure leaves nothing behind.
     remove_stale_tmp(out.parent, f".{out.name}-tmp-*")
     with tracking.ending_run(client, run_id), building(out) as work:
-        log(f"explaining {len(paths)} images with {target.model_uri} ({device.type})")
+        log(f"explaining {plural(len(paths), 'image')} with {target.model_uri} ({device.type})")
         batch_size = params.batch_size or auto_batch_size(device)
         predictions = predict_samples(model, [(str(p), 0) for p in paths], batch_size,
-                                      params.num_workers)
+                                      params.num_workers, progress=f"explain {run_name}")
         rows = _write(work, model, paths, images_path, predictions.probs, batch_size, log)
         layers = sorted({f"{m.config['model']}.{m.model.cam_layer}" for m, _ in members})
         (work / "index.html").write_text(render_index({

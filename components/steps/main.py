@@ -35,6 +35,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from components import tracking
 from components.errors import CnnflowError
+from components.humanize import plural
 from components.names import (
     CODE_VERSION_TAG,
     DECISION_REASON_TAG,
@@ -286,15 +287,18 @@ def run_pipeline(params: PipelineParams, tracking_uri: str, mongo_uri: str = "",
                 outcome.report = build_report(tracking_uri, experiment,
                                               reports_dir=params.reports_dir,
                                               pipeline_run_id=p.parent, log=log)
-    except BaseException:
+    except BaseException as exc:
         _write_steps(p)  # what ran and what was reused before the failure
+        tracking.announce_end(client, tracking_uri, p.parent, exc=exc)
         raise
+    tracking.announce_end(client, tracking_uri, p.parent, metrics=outcome.champion_metrics,
+                          detail=outcome.champion_uri)
     return outcome
 
 
 def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
            ensemble: bool) -> PipelineOutcome:
-    from components.steps.eda import run_eda
+    from components.steps.eda import NO_FINDINGS, run_eda
     from components.steps.evaluate import evaluate
     from components.steps.preprocess import run_preprocess
     from components.steps.train import train
@@ -307,7 +311,9 @@ def _steps(p: Pipeline, experiment: str, data_digest: str, models: list[str],
 
     def eda(child: str) -> tuple[str, str]:
         out = run_eda(eda_params, p.uri, progress=p.progress, log=p.log, job_run_id=child)
-        return f"{int(out.metrics['n_images'])} images, {len(out.findings)} findings", child
+        found = [f for f in out.findings if f != NO_FINDINGS]
+        return (f"{plural(out.metrics['n_images'], 'image')}, "
+                f"{plural(len(found), 'finding')}", child)
 
     p.step("eda", "eda", {**eda_params.logged(), "data_digest": data_digest}, eda)
 

@@ -34,12 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from components.nn.config import TrainConfig
+from components.nn.recipes import check_recipe, describe_recipes, recipe_values
 from components.params import (
     MAX_WORKERS,
     DataParams,
     ParamError,
     RuntimeParams,
     bool_text,
+    bounds_of,
     check_bounds,
     inherited,
     param,
@@ -61,10 +63,19 @@ MAX_NEAR_DUP_DISTANCE = 32
 # --------------------------------------------------------------------------------------------
 
 
+# `--lr auto`: run the learning-rate range test first and train with its suggestion.
+AUTO_LR = "auto"
+
+
 @dataclass
 class TrainRecipe(TrainConfig):
-    """How a model is trained: the loop's knobs (`TrainConfig`) plus the model and data ones."""
+    """How a model is trained: the loop's knobs (`TrainConfig`) plus the model and data ones.
+    `lr` is re-declared as text: besides a number it takes `auto` (the range test of
+    `cnnflow lr-find` picks it); `engine_config()` hands the engine a number."""
 
+    lr: str = param(str(TrainConfig.lr), "Learning rate (> 0), or auto: run the LR range test "
+                                         "(`cnnflow lr-find`) on this model and data first and "
+                                         "train with its suggestion (logged as lr_chosen).")
     weights: str = param("auto", "none | imagenet | auto (ImageNet if cached, else random) | "
                                  "PATH to a state dict.")
     freeze: str = param("none", "none | backbone (feature extraction) | partial:N (last N "
@@ -73,6 +84,11 @@ class TrainRecipe(TrainConfig):
                             le=MAX_IMAGE_SIZE)
     batch_size: int = param(32, "Images per batch.", ge=1, le=MAX_BATCH_SIZE)
     augmentation: str = param("light", "Augmentation preset: none | light | strong.")
+    sampling: str = param("none", "How the train split is drawn each epoch: none (each image "
+                                  "once, shuffled) | balanced (classes about equally often, "
+                                  "with replacement; not with --nproc > 1).")
+    recipe: str = param("none", "Named preset of training parameters; it fills the ones left "
+                                f"at their defaults: {describe_recipes()}.")
     dropout: float = param(0.5, "Dropout in the classifier head.", ge=0, lt=1)
     head_hidden: int = param(0, "Hidden units of the head; 0 = the model's default.", ge=0,
                              le=65536)
@@ -81,6 +97,60 @@ class TrainRecipe(TrainConfig):
                                      "MLflow server to take the epochs it missed; then exit 1 "
                                      "with the --resume command that completes the run.",
                                ge=0)
+    heartbeat: float = param(10.0, "Seconds between progress heartbeats inside an epoch (epoch, "
+                                   "batch i of n, images/s as `progress/*` metrics; the "
+                                   "mirror's live status and died detection read them); "
+                                   "0 = off.", ge=0, le=3600)
+    system_metrics: float = param(10.0, "Seconds between MLflow system metrics samples (CPU, "
+                                        "memory, disk, network, GPU via pynvml: `system/*`); "
+                                        "0 = off.", ge=0, le=3600)
+
+    def __post_init__(self) -> None:
+        """Apply `recipe` (`_apply_recipe`); then a number given for `lr` in code (tune's
+        sampled lr, a preset, a test) becomes the text the command line and MLflow hold, so
+        a run rebuilt from its params compares equal."""
+        self._apply_recipe()
+        if isinstance(self.lr, int | float) and not isinstance(self.lr, bool):
+            self.lr = str(self.lr)
+
+    def _apply_recipe(self) -> None:
+        """Apply `recipe`: its values go into the training fields still at their declared
+        default (a value passed explicitly wins; one equal to the default cannot be told
+        apart and takes the preset's). Idempotent, so rebuilt or resumed parameters keep
+        their values; an unknown name is left to `validate`'s one line."""
+        try:
+            preset = recipe_values(self.recipe)
+        except ParamError:
+            return
+        own = set(inherited(type(self), TrainRecipe))  # re-declared fields mean other things
+        for f in fields(self):
+            if f.name in preset and f.name in own and getattr(self, f.name) == f.default:
+                setattr(self, f.name, preset[f.name])
+
+    def lr_value(self) -> float | None:
+        """The numeric learning rate, None for `auto`; else one line in check_bounds' words,
+        the range being the one `TrainConfig.lr` declares."""
+        text = str(self.lr).strip()
+        if text.lower() == AUTO_LR:
+            return None
+        bounds = bounds_of(next(f for f in fields(TrainConfig) if f.name == "lr"))
+        try:
+            value = float(text)
+        except ValueError:
+            raise ParamError(f"lr={text!r} is not a number: lr must be {bounds.text()} or "
+                             "auto") from None
+        if not bounds.holds(value):
+            raise ParamError(f"lr={text} {bounds.broken(value)}: lr must be {bounds.text()} or "
+                             "auto")
+        return value
+
+    def engine_config(self, lr: float | None = None) -> TrainConfig:
+        """The engine's knobs, which carry the same names as the run's parameters; `lr` is
+        the learning rate `auto` resolved to (without it, `auto` stands in as the engine's
+        default, for checks only)."""
+        values = {f.name: getattr(self, f.name) for f in fields(TrainConfig)}
+        values["lr"] = lr if lr is not None else (self.lr_value() or TrainConfig.lr)
+        return TrainConfig(**values)
 
 
 @dataclass
@@ -234,15 +304,12 @@ class TrainParams(DataParams, TrainRecipe, RuntimeParams):
                                            "label-issues`); nothing is changed.")
 
     # Parameters that describe the run, not the result; a resumed run may change them.
-    RUNTIME = ("device", "amp", "num_workers", "resume", "experiment", "log_timeout")
-
-    def engine_config(self) -> TrainConfig:
-        """The engine's knobs carry the same names as the run's parameters."""
-        return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
+    RUNTIME = ("device", "amp", "num_workers", "resume", "experiment", "log_timeout",
+               "heartbeat", "system_metrics", "compile")
 
     def validate(self) -> None:
         """Cheap checks first, so a typo never creates an empty MLflow run."""
-        from components.data.datasets import check_ratios
+        from components.data.datasets import check_ratios, check_sampling
         from components.nn.distributed import check_nproc
         from components.nn.engine import check_config
 
@@ -266,6 +333,11 @@ class TrainParams(DataParams, TrainRecipe, RuntimeParams):
         if self.nproc > 1 and (self.resume or self.cv or self.preprocess_run):
             raise ParamError("nproc > 1 trains a new run from the image folder: drop "
                              "--resume / --cv / --preprocess-run, or use --nproc 1")
+        if self.nproc > 1 and self.lr_value() is None:
+            raise ParamError("lr=auto runs the range test in one process: find the LR with "
+                             "`cnnflow lr-find`, then pass it with --lr to --nproc N")
+        check_recipe(self.recipe)
+        check_sampling(self.sampling, self.nproc)
         check_config(self.engine_config())
 
     def logged(self) -> dict[str, Any]:
@@ -290,6 +362,51 @@ class TrainParams(DataParams, TrainRecipe, RuntimeParams):
 
 
 @dataclass
+class LrFindParams(DataParams, TrainRecipe, RuntimeParams):
+    """`cnnflow lr-find` / `mlflow run . -e lr_find`: the LR range test on the model, data and
+    optimiser `train` would use with the same options. The sweep sets the LR itself, so the
+    recipe's schedule knobs (lr, epochs, scheduler, patience, ...) do not apply; `model` and
+    `preprocess_run` are train's."""
+
+    model: str = param(TrainParams.model, "Registered model name, e.g. custom_cnn, lenet5, "
+                                          "resnet50.")
+    preprocess_run: str = param("", "Run id of a `cnnflow preprocess` run: sweep on its "
+                                    "manifest (and tensor cache) instead of scanning `data`.")
+    start_lr: float = param(1e-7, "Smallest LR of the sweep.", gt=0, le=1)
+    end_lr: float = param(10.0, "Largest LR of the sweep.", gt=0, le=1000)
+    num_batches: int = param(100, "Training batches of the sweep (the train split is cycled "
+                                  "when it has fewer); it stops early when the loss diverges.",
+                             ge=10, le=10_000)
+
+    # What the sweep depends on: the model, the data, the optimiser and the sweep itself.
+    SWEPT = ("data", "val_ratio", "test_ratio", "seed", "model", "preprocess_run", "weights",
+             "freeze", "image_size", "batch_size", "augmentation", "dropout", "head_hidden",
+             "class_weights", "optimizer", "weight_decay", "momentum", "label_smoothing",
+             "start_lr", "end_lr", "num_batches")
+
+    def validate(self) -> None:
+        from components.data.datasets import check_ratios
+        from components.nn.engine import check_config
+
+        check_bounds(self)
+        check_ratios(self.val_ratio, self.test_ratio)
+        if self.start_lr >= self.end_lr:
+            raise ParamError(f"start_lr={self.start_lr:g} must be below end_lr="
+                             f"{self.end_lr:g}: the sweep goes up, e.g. --start-lr 1e-7 "
+                             "--end-lr 10")
+        check_config(self.engine_config(self.start_lr))
+
+    def train_params(self) -> TrainParams:
+        """The `train` parameters whose data, model and loaders the sweep uses."""
+        values = {name: getattr(self, name) for name in inherited(LrFindParams, TrainParams)}
+        return TrainParams(**values, model=self.model, preprocess_run=self.preprocess_run)
+
+    def logged(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.SWEPT
+                if not (k == "preprocess_run" and not self.preprocess_run)}
+
+
+@dataclass
 class EvalParams(PromotionParams, RegistryParams, PredictParams):
     """`cnnflow evaluate` / `mlflow run . -e evaluate`. `device` is re-declared: its default
     `run` (the device the run trained on) is a value only evaluate understands."""
@@ -309,11 +426,17 @@ class EvalParams(PromotionParams, RegistryParams, PredictParams):
     explain_images: int = param(8, "Grad-CAM gallery of the split: the N highest-loss images "
                                    "plus up to 2 per confusion pair (at most N more); 0 = "
                                    "off.", ge=0, le=64)
+    tta: str = param("none", "Test-time augmentation: none | hflip (image + mirror) | "
+                             "hflip+crops (also 5 zoomed crops); probabilities averaged over "
+                             "the views, the registered model serves the same.")
 
     def validate(self) -> None:
+        from components.serving.tta import check_tta
+
         check_bounds(self)
         if self.split not in ("val", "test"):
             raise ParamError(f"split must be val or test (got '{self.split}')")
+        check_tta(self.tta)
 
 
 @dataclass
@@ -356,8 +479,8 @@ class PromoteParams(RegistryParams, PromotionParams):
     registered model's challenger, or a rollback to a given version. `experiment` is its own:
     it names the registered model, <experiment>-classifier."""
 
-    experiment: str = param("", "Or the experiment: the name is then "
-                                "<experiment>-classifier.")
+    experiment: str = param("", "Instead of --registered-model: the experiment whose model "
+                                "to promote (<experiment>-classifier).")
     version: str = param("", "Make this version champion directly (rollback); skips the rule.")
     force: bool = param(False, "Promote the challenger whatever the rule says.")
 
@@ -386,6 +509,8 @@ class EnsembleParams(VoteParams, DataParams, TrainRecipe, PredictRuntimeParams):
         check_ratios(self.val_ratio, self.test_ratio)
         get_vote(self.vote)
         explicit_vote_weights(self.weights)
+        self.lr_value()
+        check_recipe(self.recipe)
         if self.top_k < 2:
             raise ParamError(f"top_k must be >= 2 (got {self.top_k})")
         if self.bagging == 1:
@@ -457,6 +582,10 @@ class TuneParams(DataParams, TrainRecipe, RuntimeParams):
 
         check_bounds(self)
         check_ratios(self.val_ratio, self.test_ratio)
+        check_recipe(self.recipe)
+        if self.lr_value() is None:
+            raise ParamError("tune samples lr from --space itself: drop --lr auto (put lr in "
+                             "the space, or pass a number)")
 
     def base(self, model: str, fixed: dict[str, Any]) -> TrainParams:
         """A trial's TrainParams before its sampled values."""
@@ -670,8 +799,8 @@ class SyncParams:
     follow: bool = param(False, "Keep polling until stopped (Ctrl-C / SIGTERM) instead of one "
                                 "pass.")
     interval: float = param(2.0, "Seconds between passes with --follow.", gt=0)
-    dead_after: float = param(120.0, "A RUNNING run silent this many seconds shows as `died`.",
-                              gt=0)
+    dead_after: float = param(60.0, "A RUNNING run silent this many seconds (no heartbeat, "
+                                    "metric or system metric) shows as `died`.", gt=0)
     reconcile_every: float = param(60.0, "Seconds between full listings that catch edits to "
                                          "long-finished runs (0 = every pass).", ge=0)
     rebuild: bool = param(False, "Drop the mirror and rebuild it from MLflow.")
@@ -704,7 +833,7 @@ class PipelineParams(DataParams, VoteParams, PromotionParams, ReportsParams, Tra
 
     # How the pipeline runs, not what it computes: left out of the pipeline's key.
     RUNTIME = ("experiment", "sync", "report", "reports_dir", "device", "amp", "num_workers",
-               "log_timeout", "force")
+               "log_timeout", "heartbeat", "system_metrics", "compile", "force")
 
     def model_list(self) -> list[str]:
         return split_list(self.models)

@@ -54,6 +54,7 @@ from components.data.datasets import (
 from components.data.images import read_files
 from components.errors import one_line
 from components.files import read_csv, write_csv
+from components.humanize import plural
 from components.names import (
     DATA_ROOT_TAG,
     DATASET_DIGEST_TAG,
@@ -161,15 +162,16 @@ def plan_split(params: PreprocessParams, scratch: Path, *, progress: bool = Fals
     _check_every_class_present(splits, guarded, params)
     n_near = sum(m["reason"] == NEAR_DUPLICATE for m in moved)
     if moved and len(moved) > n_near:
-        log(f"leakage guard: {len(moved) - n_near} image(s) whose content was in more than one "
-            "split were moved so each lives in one split only")
+        n = len(moved) - n_near
+        log(f"leakage guard: {plural(n, 'image')} whose content was in more than one split "
+            f"{'was' if n == 1 else 'were'} moved so each lives in one split only")
     if n_near:
         log(f"leakage guard: {n_near} near-duplicate image{'s' if n_near > 1 else ''} (within "
             f"{params.near_dup_distance} bits of a picture in another split) "
             f"{'were' if n_near > 1 else 'was'} moved so each group lives in one split")
     if excluded:
-        log(f"leakage guard: {len(excluded)} image(s) with identical content under different "
-            "classes were excluded")
+        log(f"leakage guard: {plural(len(excluded), 'image')} with identical content under "
+            f"different classes {'was' if len(excluded) == 1 else 'were'} excluded")
     return SplitPlan(splits=guarded, facts=facts, moved=moved, excluded=excluded,
                      near_dup_distance=params.near_dup_distance, image_size=cache_size,
                      pixels=pixels_path, row_of=row_of)
@@ -356,7 +358,7 @@ def run_preprocess(params: PreprocessParams, tracking_uri: str, *, progress: boo
         shutil.rmtree(work, ignore_errors=True)
     m = plan.metrics()
     log(f"preprocess: {s.name}: train {len(s.train)}, val {len(s.val)}, test {len(s.test)}; "
-        f"skipped {len(s.skipped)}; moved {len(plan.moved)} leaked image(s)"
+        f"skipped {len(s.skipped)}; moved {plural(len(plan.moved), 'leaked image')}"
         + (f"; cache {plan.image_size} px" if plan.image_size else ""))
     return PreprocessOutcome(run_id, run_name, exp_id, s.digest(), m)
 

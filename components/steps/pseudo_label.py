@@ -35,6 +35,7 @@ from components.data.datasets import (
 )
 from components.errors import CnnflowError
 from components.files import replace_dir, write_csv
+from components.humanize import plural
 from components.nn.engine import resolve_device
 from components.serving.metrics import metric_key
 from components.serving.predict import auto_batch_size, load_model, predict_samples
@@ -128,10 +129,12 @@ def run_pseudo_label(params: PseudoLabelParams, tracking_uri: str,
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}-tmp-", dir=out.parent))
     try:
         with tracking.ending_run(client, run_id):
-            log(f"pseudo-labelling {len(paths)} images with {target.model_uri} ({device.type})")
+            log(f"pseudo-labelling {plural(len(paths), 'image')} with {target.model_uri} "
+                f"({device.type})")
             predictions = predict_samples(
                 model, [(str(p), 0) for p in paths],
-                params.batch_size or auto_batch_size(device), params.num_workers)
+                params.batch_size or auto_batch_size(device), params.num_workers,
+                progress=f"pseudo-label {run_name}")
             confident, below = [], []
             for path, row in zip(paths, predictions.probs, strict=True):
                 best = int(row.argmax())

@@ -2,15 +2,16 @@
 
 Everything comes from MLflow (the runs a pipeline run lists in `pipeline/steps.json`, or the
 experiment's latest finished runs), so the report can be rebuilt at any time from the server
-alone. It is written as Markdown with PNG figures (reads on GitHub and as run artifacts), as one
-self-contained HTML file (figures embedded as data URIs, to mail or attach) and, when a headless
-browser or wkhtmltopdf is installed, as PDF.
+alone. The runs become one data model (`Report`: sections holding text, tables, figures),
+every number and label formatted by `components.humanize`; two Jinja2 templates render it,
+`templates/report.md.j2` as Markdown with PNG figures (reads on GitHub and as run artifacts)
+and `templates/report.html.j2` as one self-contained HTML file (figures as data URIs, print
+CSS), which headless Chromium (or wkhtmltopdf) prints to PDF without browser header/footer.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import json
 import os
 import re
@@ -29,7 +30,7 @@ from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from components import plots, tracking
+from components import humanize, plots, tracking
 from components.errors import CnnflowError
 from components.files import building, read_csv, slug
 from components.names import (
@@ -44,6 +45,7 @@ from components.names import (
     TRIAL_TAG,
 )
 from components.steps import label_issues
+from components.steps.templating import render
 from components.tracking import comparison, registry
 
 PDF_CHOICES = ("auto", "true", "false")
@@ -51,23 +53,34 @@ PDF_ENV = "CNNFLOW_PDF_CONVERTER"  # a converter command to use instead of the s
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 CHROMIUM_PATHS = ("/usr/bin/chromium",)
 PDF_TIMEOUT_S = 60
+HTML_TEMPLATE, MARKDOWN_TEMPLATE = "report.html.j2", "report.md.j2"
 EDA_METRICS = ("n_images", "n_classes", "imbalance_ratio", "n_corrupt", "n_duplicates",
                "n_cross_split_duplicates", "n_near_duplicate_groups", "n_near_dup_cross_split",
                "n_near_dup_label_conflicts", "n_distinct_sizes")
 EDA_FIGURES = {"class_counts.png": "images per class and split",
                "near_duplicates.png": "the worst near-duplicate groups",
                "samples.png": "sample images per class"}
-# Report column -> comparison.compare_runs column.
-TABLE_COLUMNS = {"run": "run", "model": "model", "best_val_acc": "val_acc",
-                 "test_acc": "test_acc", "test_f1_macro": "test_f1_macro",
-                 "latency_ms_p50": "latency_ms_p50", "model_size_mb": "model_size_mb",
-                 "params_count": "params_count",
-                 "throughput_images_per_sec": "throughput_images_per_sec",
-                 "epochs_run": "epochs_run", "registry": "registry"}
-# The cost section's table: each model's row, then its newest export's (PyTorch, each format).
-FORMAT_COLUMNS = ("model", "format", "run", "test_acc", "test_acc_delta", "model_size_mb",
-                  "latency_ms_p50", "latency_ms_p95", "throughput_images_per_sec",
-                  "latency_speedup", "max_abs_prob_diff", "top1_agreement", "gate", "registry")
+# The comparison, report column -> comparison.compare_runs column: the main table (what
+# decides between models, fits a portrait page), then the details table (empty columns left
+# out), then the hyperparameters that differ between the models.
+MAIN_COLUMNS = {"run": "run", "registry": "registry", "best_val_acc": "val_acc",
+                "test_acc": "test_acc", "test_f1_macro": "test_f1_macro",
+                "latency_ms_p50": "latency_ms_p50", "model_size_mb": "model_size_mb",
+                "params_count": "params_count", "epochs_run": "epochs_run"}
+DETAIL_COLUMNS = ("run", "run_id", "test_loss", "test_top5_acc", "test_ece", "latency_ms_p95",
+                  "throughput_images_per_sec", "peak_memory_mb")
+HYPERPARAMETERS = ("lr", "batch_size", "epochs", "image_size", "dropout", "optimizer",
+                   "weights", "freeze", "augmentation", "vote")
+# The cost section's tables: each model's row, then its newest export's (PyTorch, each
+# format); the parity table holds the exported formats only.
+COST_COLUMNS = ("model", "format", "run", "test_acc", "test_acc_delta", "model_size_mb",
+                "latency_ms_p50", "latency_ms_p95", "throughput_images_per_sec",
+                "latency_speedup")
+PARITY_COLUMNS = ("model", "format", "run", "max_abs_prob_diff", "top1_agreement", "gate",
+                  "registry")
+WIDE_TABLE = 9  # tables with more columns print on a landscape page
+SMALL_TABLE = 15  # tables with at most this many rows are never split across pages
+SHORT_ID = 8
 CONFUSION = "evaluation/test/confusion_matrix.png"
 LABEL_ISSUE_ROWS = 10  # the first rows of label_issues.csv the report lists
 PIPELINE_STEPS = "pipeline/steps.json"
@@ -242,15 +255,25 @@ def _no_converter_reason() -> str:
             "wkhtmltopdf): install chromium or wkhtmltopdf, or pass --pdf false")
 
 
+def pdf_command(converter: str, source: Path, target: Path, profile: str) -> list[str]:
+    """The converter's command line. Chromium prints with the page size and margins of the
+    HTML's `@page` rules and without its own header/footer (date, title, the file's URL:
+    the report is built in a temporary folder, whose path must not end up on every page);
+    both spellings of that flag, as Chromium renamed it (unknown flags are ignored)."""
+    if "wkhtmltopdf" in Path(converter).name:  # prints no header/footer unless asked to
+        return [converter, "--quiet", "--enable-local-file-access", "--print-media-type",
+                str(source), str(target)]
+    return [converter, "--headless", "--no-sandbox", "--disable-gpu",
+            "--disable-background-networking", "--disable-component-update",
+            "--no-pdf-header-footer", "--print-to-pdf-no-header",
+            "--generate-pdf-document-outline", f"--user-data-dir={profile}",
+            f"--print-to-pdf={target}", source.resolve().as_uri()]
+
+
 def html_to_pdf(converter: str, source: Path, target: Path) -> None:
     """Print `source` to `target` with headless chromium or wkhtmltopdf (60 s at most)."""
     with tempfile.TemporaryDirectory(prefix="cnnflow-pdf-") as profile:
-        if "wkhtmltopdf" in Path(converter).name:
-            cmd = [converter, "--quiet", "--enable-local-file-access", str(source), str(target)]
-        else:
-            cmd = [converter, "--headless", "--no-sandbox", "--disable-gpu",
-                   f"--user-data-dir={profile}", f"--print-to-pdf={target}",
-                   source.resolve().as_uri()]
+        cmd = pdf_command(converter, source, target, profile)
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=PDF_TIMEOUT_S,
                                   stdin=subprocess.DEVNULL)
@@ -265,93 +288,140 @@ def html_to_pdf(converter: str, source: Path, target: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The document: blocks rendered twice, as Markdown and as self-contained HTML
+# The data model: what the report says, rendered by both templates
 # --------------------------------------------------------------------------------------------
 
 
-class Document:
-    """Headings, paragraphs, lists, tables and figures, kept as blocks so the Markdown and the
-    HTML say exactly the same thing."""
+@dataclass(frozen=True)
+class Span:
+    """A piece of running text: plain, `code`, or a link (`href`)."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.blocks: list[tuple[Any, ...]] = []
-
-    def heading(self, level: int, text: str) -> None:
-        self.blocks.append(("h", level, text))
-
-    def para(self, text: str) -> None:
-        self.blocks.append(("p", text))
-
-    def bullets(self, items: list[str]) -> None:
-        if items:
-            self.blocks.append(("ul", items))
-
-    def table(self, rows: list[dict[str, Any]], columns: list[str]) -> None:
-        self.blocks.append(("table", rows, columns))
-
-    def figure(self, name: str, alt: str) -> None:
-        """`figures/<name>`, which must already exist."""
-        assert (self.folder / "figures" / name).is_file(), name
-        self.blocks.append(("img", name, alt))
-
-    def markdown(self) -> str:
-        out: list[str] = []
-        for kind, *args in self.blocks:
-            if kind == "h":
-                out += ["#" * args[0] + " " + args[1], ""]
-            elif kind == "p":
-                out += [args[0], ""]
-            elif kind == "ul":
-                out += [f"- {item}" for item in args[0]] + [""]
-            elif kind == "table":
-                out += [comparison.markdown_table(args[0], args[1])]
-            else:
-                out += [f"![{args[1]}](figures/{args[0]})", ""]
-        return "\n".join(out)
-
-    def html(self, title: str) -> str:
-        out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-               f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style>",
-               "</head><body>"]
-        for kind, *args in self.blocks:
-            if kind == "h":
-                out.append(f"<h{args[0]}>{_inline(args[1])}</h{args[0]}>")
-            elif kind == "p":
-                out.append(f"<p>{_inline(args[0])}</p>")
-            elif kind == "ul":
-                out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in args[0])
-                           + "</ul>")
-            elif kind == "table":
-                rows, columns = args
-                head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-                body = "".join("<tr>" + "".join(
-                    f"<td>{html.escape(comparison.format_cell(r.get(c), c))}</td>"
-                    for c in columns) + "</tr>" for r in rows)
-                out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-            else:
-                data = base64.b64encode((self.folder / "figures" / args[0]).read_bytes())
-                out.append(f'<figure><img alt="{html.escape(args[1])}" '
-                           f'src="data:image/png;base64,{data.decode("ascii")}">'
-                           f"<figcaption>{html.escape(args[1])}</figcaption></figure>")
-        out.append("</body></html>")
-        return "\n".join(out) + "\n"
+    text: str
+    code: bool = False
+    href: str = ""
 
 
-_CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
-        "color:#222}table{border-collapse:collapse;margin:1em 0;font-size:.9em}"
-        "th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left}"
-        "th{background:#f0f3f7}tr:nth-child(even) td{background:#fafafa}"
-        "img{max-width:100%;height:auto}figure{margin:1em 0}"
-        "figcaption{color:#666;font-size:.85em}code{background:#f3f3f3;padding:0 .2em}"
-        "h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}")
+Text = list[Span]
 
 
-def _inline(text: str) -> str:
-    """Escaped text with Markdown's `code` and [links](url) turned into their HTML."""
-    escaped = html.escape(text)
-    escaped = re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
-    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', escaped)
+def text(*parts: str | Span) -> Text:
+    """A sentence from plain strings and `code()` / `link()` spans."""
+    return [p if isinstance(p, Span) else Span(p) for p in parts if p != ""]
+
+
+def code(value: Any) -> Span:
+    return Span(str(value), code=True)
+
+
+def link(label: str, href: str) -> Span:
+    return Span(label, href=href)
+
+
+@dataclass
+class Table:
+    """Formatted cells under human headers; `numeric` columns align right."""
+
+    headers: list[str]
+    rows: list[list[str]]
+    numeric: list[bool]
+    caption: str = ""
+
+    @property
+    def wide(self) -> bool:
+        """Prints on a landscape page."""
+        return len(self.headers) > WIDE_TABLE
+
+    @property
+    def small(self) -> bool:
+        """Kept on one page."""
+        return len(self.rows) <= SMALL_TABLE
+
+
+@dataclass
+class Figure:
+    name: str  # figures/<name>
+    caption: str
+    data_uri: str = ""  # filled for the self-contained HTML
+
+
+@dataclass
+class Section:
+    """A heading and what follows it, in this order: text, tables, notes on the tables, a
+    titled list, figures, then subsections."""
+
+    title: str
+    level: int = 2
+    paragraphs: list[Text] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    notes: list[Text] = field(default_factory=list)
+    items: list[Text] = field(default_factory=list)
+    items_title: str = ""
+    figures: list[Figure] = field(default_factory=list)
+    subsections: list[Section] = field(default_factory=list)
+
+    def para(self, *parts: str | Span) -> None:
+        self.paragraphs.append(text(*parts))
+
+    def sub(self, title: str) -> Section:
+        section = Section(title, level=self.level + 1)
+        self.subsections.append(section)
+        return section
+
+
+@dataclass
+class Report:
+    title: str
+    facts: list[Text]
+    sections: list[Section]
+
+    def all_figures(self) -> list[Figure]:
+        found: list[Figure] = []
+
+        def walk(section: Section) -> None:
+            found.extend(section.figures)
+            for sub in section.subsections:
+                walk(sub)
+
+        for section in self.sections:
+            walk(section)
+        return found
+
+
+def cell(value: Any, column: str, model_name: str = "") -> str:
+    """One table cell for people: humanize's number format by column, short run ids, registry
+    versions of the experiment's model without its (stated once) name."""
+    if value is None or value == "":
+        return ""
+    if column == "run_id":
+        return str(value)[:SHORT_ID]
+    if column == "registry" and model_name:
+        return "; ".join(v.removeprefix(f"{model_name} ") for v in str(value).split("; "))
+    if column == "aliases":
+        return ", ".join(f"@{a}" for a in str(value).split(",") if a)
+    return humanize.number(value, column)
+
+
+def make_table(rows: list[dict[str, Any]], columns: list[str] | tuple[str, ...], *,
+               caption: str = "", model_name: str = "",
+               labels: dict[str, str] | None = None) -> Table:
+    """`rows` under `columns`, every header `humanize.label`led (or `labels[column]`)."""
+    labels = labels or {}
+    numeric = [any(_is_number(r.get(c)) for r in rows)
+               and all(_is_number(r.get(c)) for r in rows if r.get(c) not in (None, ""))
+               for c in columns]
+    return Table([labels.get(c) or humanize.label(c) for c in columns],
+                 [[cell(r.get(c), c, model_name) for c in columns] for r in rows],
+                 numeric, caption)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _filled(rows: list[dict[str, Any]], columns: tuple[str, ...], keep: int = 1) -> list[str]:
+    """`columns` without those no row has a value for (the first `keep` always stay)."""
+    return [c for i, c in enumerate(columns)
+            if i < keep or any(r.get(c) not in (None, "") for r in rows)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,10 +462,10 @@ class _Figures:
         self.used.add(name)
         return name
 
-    def fetch(self, run_id: str, artifact: str, stem: str) -> str | None:
+    def fetch(self, run_id: str, artifact: str, stem: str, caption: str) -> Figure | None:
         name = self.name(stem)
         if _fetch(self.client, run_id, artifact, self.dir / name):
-            return name
+            return Figure(name, caption)
         self.used.discard(name)
         return None
 
@@ -405,86 +475,119 @@ class _Figures:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Context:
+    """What every section reads."""
+
+    client: MlflowClient
+    tracking_uri: str
+    experiment: str
+    sel: Selection
+    figs: _Figures
+    model_name: str  # the experiment's registered model
+
+    def run_ref(self, run: Run | None, run_id: str = "", name: str = "") -> list[Span]:
+        """A run once: its name (a link to its MLflow page when there is a UI) and short id."""
+        run_id = run.info.run_id if run is not None else run_id
+        name = _name(run) if run is not None else name or run_id[:SHORT_ID]
+        url = tracking.run_url(self.tracking_uri, self.sel.experiment_id, run_id)
+        named = link(name, url) if tracking.has_ui(self.tracking_uri) else code(name)
+        return [named, Span(" ("), code(run_id[:SHORT_ID]), Span(")")]
+
+
 def _name(run: Run) -> str:
     return run.info.run_name or run.info.run_id
 
 
-def _header(doc: Document, experiment: str, tracking_uri: str, sel: Selection,
-            run_id: str, run_name: str) -> None:
-    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    url = tracking.experiment_url(tracking_uri, sel.experiment_id)
-    link = f"[{url}]({url})" if tracking.has_ui(tracking_uri) else f"`{url}`"
-    doc.heading(1, f"Experiment report: {experiment}")
-    items = [f"Generated {when} by `cnnflow report`.",
-             f"MLflow experiment `{experiment}` (id {sel.experiment_id}): {link}",
-             f"Logged into MLflow run `{run_name}` (`{run_id}`) under `report/`."]
+def _facts(ctx: _Context, run_id: str, run_name: str) -> list[Text]:
+    """The header: when, which experiment, which runs, where the report is logged."""
+    sel = ctx.sel
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    url = tracking.experiment_url(ctx.tracking_uri, sel.experiment_id)
+    where = (link(url, url) if tracking.has_ui(ctx.tracking_uri) else code(url))
+    facts = [text(f"Generated {when} by ", code("cnnflow report"), "."),
+             text("MLflow experiment ", code(ctx.experiment), f" (id {sel.experiment_id}): ",
+                  where, ".")]
     if sel.pipeline is not None:
-        items.append(f"Pipeline run `{_name(sel.pipeline)}` (`{sel.pipeline.info.run_id}`).")
+        facts.append(text("The runs of pipeline run ", *ctx.run_ref(sel.pipeline),
+                          "; this report is logged into it under ", code("report/"), "."))
         tags = sel.pipeline.data.tags
         if registry.SELECTION_METRIC_TAG in tags and registry.JUDGEMENT_METRIC_TAG in tags:
-            line = registry.criteria_line(tags[registry.SELECTION_METRIC_TAG],
-                                          tags[registry.JUDGEMENT_METRIC_TAG])
-            items.append(f"{line[:1].upper()}{line[1:]}.")
+            chosen, judged = (tags[registry.SELECTION_METRIC_TAG],
+                              tags[registry.JUDGEMENT_METRIC_TAG])
+            facts.append(text(f"Candidate chosen by {humanize.label(chosen)} "
+                              f"({registry.metric_split(chosen)}); promotion judged on "
+                              f"{humanize.label(judged)} ({registry.metric_split(judged)})."))
     else:
-        items.append("No pipeline run given: the latest finished runs of the experiment.")
-    doc.bullets(items)
+        facts.append(text("The latest finished run of each model (no pipeline run given); "
+                          "this report is logged into run ",
+                          *ctx.run_ref(None, run_id, run_name),
+                          " under ", code("report/"), "."))
+    return facts
 
 
-def _eda_section(doc: Document, figs: _Figures, sel: Selection) -> None:
-    doc.heading(2, "Dataset")
-    run = sel.eda
+def _eda_section(ctx: _Context) -> Section:
+    section = Section("Dataset")
+    run = ctx.sel.eda
     if run is None:
-        doc.para("No finished eda run in this experiment: run `cnnflow eda` for a dataset "
-                 "summary.")
-        return
-    dataset = run.data.tags.get(DATASET_TAG, "")
-    doc.para(f"From eda run `{_name(run)}` (`{run.info.run_id}`)"
-             + (f", dataset `{dataset}`." if dataset else "."))
-    metrics = run.data.metrics
-    rows = [{"metric": k, "value": _number(metrics[k])} for k in EDA_METRICS if k in metrics]
-    if rows:
-        doc.table(rows, ["metric", "value"])
-    findings = _eda_findings(figs.client, run.info.run_id)
-    if findings:
-        doc.heading(3, "Findings")
-        doc.bullets(findings)
-    for artifact, alt in EDA_FIGURES.items():
-        if name := figs.fetch(run.info.run_id, f"report/{artifact}", f"eda-{artifact[:-4]}"):
-            doc.figure(name, alt)
+        section.para("No finished eda run in this experiment: run ", code("cnnflow eda"),
+                     " for a dataset summary.")
+    else:
+        dataset = run.data.tags.get(DATASET_TAG, "")
+        section.para("From eda run ", *ctx.run_ref(run),
+                     *((", dataset ", code(dataset), ".") if dataset else (".",)))
+        metrics = run.data.metrics
+        rows = [{"name": humanize.label(k), "value": humanize.number(metrics[k], k)}
+                for k in EDA_METRICS if k in metrics]
+        if rows:
+            section.tables.append(Table(["", "value"], [[r["name"], r["value"]] for r in rows],
+                                        [False, True]))
+        section.items = [text(f) for f in _eda_findings(ctx.client, run.info.run_id)]
+        section.items_title = "Findings" if section.items else ""
+        for artifact, caption in EDA_FIGURES.items():
+            if figure := ctx.figs.fetch(run.info.run_id, f"report/{artifact}",
+                                        f"eda-{artifact[:-4]}", caption):
+                section.figures.append(figure)
+    section.subsections.append(_label_issues_section(ctx))
+    return section
 
 
-def _label_issues_section(doc: Document, figs: _Figures, tracking_uri: str,
-                          exp_id: str) -> None:
+def _label_issues_section(ctx: _Context) -> Section:
     """The latest `label-issues` run of the experiment: how many, the first few, its grid."""
-    doc.heading(3, "Label issues")
-    found = _search(figs.client, exp_id, label_issues.STEP)
+    section = Section("Label issues", level=3)
+    found = _search(ctx.client, ctx.sel.experiment_id, label_issues.STEP)
     if not found:
-        doc.para("No label-issues run in this experiment: `cnnflow train --cv 5 "
-                 "--find-label-issues true` ranks likely mislabelled images for review.")
-        return
+        section.para("No label-issues run in this experiment: ",
+                     code("cnnflow train --cv 5 --find-label-issues true"),
+                     " ranks likely mislabelled images for review.")
+        return section
     run = found[0]
-    count = int(run.data.metrics.get("n_label_issues", 0))
-    doc.para(f"Run [{_name(run)}]({tracking.run_url(tracking_uri, exp_id, run.info.run_id)}) "
-             f"flags {count} likely mislabelled image{'s' * (count != 1)} out of "
-             f"{int(run.data.metrics.get('n_images', 0))} (cross-validation run "
-             f"`{run.data.tags.get(CV_PARENT_TAG, '?')}`); nothing was changed. Review "
-             "`label_issues.csv`, then leave the confirmed ones out with "
-             "`cnnflow train --exclude-file`.")
+    metrics = run.data.metrics
+    count = int(metrics.get("n_label_issues", 0))
+    url = tracking.run_url(ctx.tracking_uri, ctx.sel.experiment_id, run.info.run_id)
+    section.para("Run ", link(_name(run), url),
+                 f" flags {humanize.plural(count, 'likely mislabelled image')} out of "
+                 f"{humanize.number(metrics.get('n_images', 0), 'n_images')} "
+                 "(cross-validation run ", code(run.data.tags.get(CV_PARENT_TAG, "?")[:SHORT_ID]),
+                 "); nothing was changed. Review ", code("label_issues.csv"),
+                 ", then leave the confirmed ones out with ",
+                 code("cnnflow train --exclude-file"), ".")
     with tempfile.TemporaryDirectory(prefix="cnnflow-report-") as tmp:
-        local = _fetch(figs.client, run.info.run_id,
+        local = _fetch(ctx.client, run.info.run_id,
                        f"{label_issues.ARTIFACT_DIR}/{label_issues.FILES['issues']}",
                        Path(tmp) / "issues.csv")
         rows = read_csv(local)[:LABEL_ISSUE_ROWS] if local else []
     if rows:
-        doc.table(rows, ["path", "given_label", "suggested_label", "quality_score"])
-    if name := figs.fetch(run.info.run_id,
-                          f"{label_issues.ARTIFACT_DIR}/{label_issues.FILES['grid']}",
-                          "label-issues"):
-        doc.figure(name, "likely mislabelled images: given -> suggested label")
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:.2f}"
+        section.tables.append(make_table(rows, ["path", "given_label", "suggested_label",
+                                                "quality_score"],
+                                         caption=f"The first {len(rows)}, least likely label "
+                                                 "first"))
+    if figure := ctx.figs.fetch(run.info.run_id,
+                                f"{label_issues.ARTIFACT_DIR}/{label_issues.FILES['grid']}",
+                                "label-issues",
+                                "likely mislabelled images: given -> suggested label"):
+        section.figures.append(figure)
+    return section
 
 
 def _eda_findings(client: MlflowClient, run_id: str) -> list[str]:
@@ -493,9 +596,9 @@ def _eda_findings(client: MlflowClient, run_id: str) -> list[str]:
         local = _fetch(client, run_id, "report/report.md", Path(tmp) / "report.md")
         if local is None:
             return []
-        text = local.read_text(errors="replace")
+        lines = local.read_text(errors="replace").splitlines()
     found, inside = [], False
-    for line in text.splitlines():
+    for line in lines:
         if line.startswith("## "):
             inside = line.strip() == "## Findings"
         elif inside and line.startswith("- "):
@@ -503,15 +606,15 @@ def _eda_findings(client: MlflowClient, run_id: str) -> list[str]:
     return found
 
 
-def _comparison_rows(client: MlflowClient, experiment: str, sel: Selection
-                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _comparison_rows(ctx: _Context) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """compare_runs' rows of the selected runs (train runs in order, the ensemble last), and
     the cost rows: each of those runs (format `pytorch`) followed by the rows of its newest
     finished export run, the PyTorch reference and each format (none when never exported)."""
+    sel = ctx.sel
     order = [r.info.run_id for r in sel.train]
     if sel.ensemble is not None:
         order.append(sel.ensemble.info.run_id)
-    compared = comparison.compare_runs(client, experiment)
+    compared = comparison.compare_runs(ctx.client, ctx.experiment)
     by_id = {r["run_id"]: r for r in compared if not r.get(comparison.SOURCE_RUN_ID)}
     newest: dict[str, str] = {}  # source run id -> its newest export run id
     formats: dict[str, list[dict[str, Any]]] = {}
@@ -520,47 +623,78 @@ def _comparison_rows(client: MlflowClient, experiment: str, sel: Selection
         if source and newest.setdefault(source, row["run_id"]) == row["run_id"]:
             formats.setdefault(source, []).append(row)
     ids = [rid for rid in order if rid in by_id]
-    rows = [{ours: by_id[rid].get(theirs) for ours, theirs in TABLE_COLUMNS.items()}
-            for rid in ids]
+    rows = [{**by_id[rid], **{ours: by_id[rid].get(theirs)
+                              for ours, theirs in MAIN_COLUMNS.items()}} for rid in ids]
     return rows, [r for rid in ids for r in (by_id[rid], *formats.get(rid, []))]
 
 
-def _models_section(doc: Document, figs: _Figures, rows: list[dict[str, Any]],
-                    costs: list[dict[str, Any]], sel: Selection) -> None:
-    doc.heading(2, "Models compared")
-    doc.para("Validation accuracy is the best epoch's; test metrics and cost come from "
-             "`cnnflow evaluate` (empty when a run was not evaluated).")
-    doc.table(rows, list(TABLE_COLUMNS))
-    doc.heading(2, "Training curves")
-    histories = {_name(r): h for r in sel.train if (h := run_history(figs.client, r.info.run_id))}
+def _models_section(ctx: _Context, rows: list[dict[str, Any]]) -> Section:
+    section = Section("Models compared")
+    section.para("Validation accuracy is the best epoch's; test metrics and cost come from ",
+                 code("cnnflow evaluate"), " (empty when a run was not evaluated). Registry: "
+                 "the versions of ", code(ctx.model_name), " made from the run.")
+    section.tables.append(make_table(rows, list(MAIN_COLUMNS), model_name=ctx.model_name))
+    details = _filled(rows, DETAIL_COLUMNS)
+    section.tables.append(make_table(rows, details, caption="More metrics"))
+    shared, differ = [], []
+    for column in HYPERPARAMETERS:
+        values = {humanize.number(r.get(column), column) for r in rows} - {""}
+        if len(values) == 1:
+            shared.append(f"{humanize.label(column)} {values.pop()}")
+        elif values:
+            differ.append(column)
+    if differ:
+        section.tables.append(make_table(rows, ["run", *differ],
+                                         caption="Hyperparameters that differ"))
+    if shared:
+        section.notes.append(text("Same for every model that has it: " + ", ".join(shared)
+                                  + "."))
+    return section
+
+
+def _curves_section(ctx: _Context) -> Section:
+    section = Section("Training curves")
+    histories = {_name(r): h for r in ctx.sel.train
+                 if (h := run_history(ctx.client, r.info.run_id))}
     if len(histories) > 1:
-        name = figs.name("curves-all-models")
-        plots.plot_curves_all(histories, figs.dir / name)
-        doc.figure(name, "training curves of every model (val solid, train dashed)")
-    for run in sel.train:
-        name = _curves(figs, run)
-        if name:
-            doc.heading(3, _name(run))
-            doc.figure(name, f"training curves of {_name(run)}")
+        name = ctx.figs.name("curves-all-models")
+        plots.plot_curves_all(histories, ctx.figs.dir / name)
+        section.figures.append(Figure(name, "training curves of every model "
+                                            "(val solid, train dashed)"))
+    for run in ctx.sel.train:
+        figure = _curves(ctx.figs, run)
+        if figure:
+            section.sub(_name(run)).figures.append(figure)
         else:
-            doc.para(f"`{_name(run)}`: no training curves logged.")
-    doc.heading(2, "Cost")
+            section.para(code(_name(run)), ": no training curves logged.")
+    return section
+
+
+def _cost_section(ctx: _Context, costs: list[dict[str, Any]]) -> Section:
+    section = Section("Cost")
     costed = [{**r, "run": _cost_label(r, costs)} for r in costs
               if any(r.get(m) is not None for m, _ in plots.COST_METRICS)]
     if costed:
-        name = figs.name("cost")
-        plots.plot_cost(costed, figs.dir / name)
-        doc.figure(name, "latency p50, model size and parameters per model and format")
+        name = ctx.figs.name("cost")
+        plots.plot_cost(costed, ctx.figs.dir / name)
+        section.figures.append(Figure(name, "latency p50, model size and parameters per "
+                                            "model and format"))
     else:
-        doc.para("No cost metrics yet: `cnnflow evaluate` measures latency, size and "
-                 "parameters.")
-    if any(r["format"] != comparison.REFERENCE_FORMAT for r in costs):
-        doc.para("One row per format: the run as `cnnflow evaluate` measured it, then its "
-                 "newest `cnnflow export`, which measures the PyTorch model (`pytorch`) and "
-                 "each exported format side by side on the same test images and threads, so "
-                 "compare those rows with each other; `latency_speedup` is PyTorch's latency "
-                 "p50 over the format's. A format that failed its gate is not registered.")
-        doc.table(costs, list(FORMAT_COLUMNS))
+        section.para("No cost metrics yet: ", code("cnnflow evaluate"),
+                     " measures latency, size and parameters.")
+    exported = [r for r in costs if r["format"] != comparison.REFERENCE_FORMAT]
+    if exported:
+        section.para("One row per format: the run as ", code("cnnflow evaluate"),
+                     " measured it, then its newest ", code("cnnflow export"), ", which "
+                     "measures the PyTorch model (", code("pytorch"), ") and each exported "
+                     "format side by side on the same test images and threads, so compare "
+                     "those rows with each other; speed-up is PyTorch's latency p50 over the "
+                     "format's. A format that failed its gate is not registered.")
+        section.tables.append(make_table(costs, _filled(costs, COST_COLUMNS, keep=3),
+                                         caption="Cost per format"))
+        section.tables.append(make_table(exported, PARITY_COLUMNS, model_name=ctx.model_name,
+                                         caption="Exported formats against PyTorch"))
+    return section
 
 
 def _cost_label(row: dict[str, Any], costs: list[dict[str, Any]]) -> str:
@@ -599,110 +733,151 @@ def run_history(client: MlflowClient, run_id: str) -> list[dict[str, float]]:
     return history
 
 
-def _curves(figs: _Figures, run: Run) -> str | None:
+def _curves(figs: _Figures, run: Run) -> Figure | None:
     """figures/curves.png of the run; else drawn from its history."""
-    if name := figs.fetch(run.info.run_id, "figures/curves.png", f"curves-{_name(run)}"):
-        return name
+    caption = f"training curves of {_name(run)}"
+    if figure := figs.fetch(run.info.run_id, "figures/curves.png", f"curves-{_name(run)}",
+                            caption):
+        return figure
     history = run_history(figs.client, run.info.run_id)
     if not history:
         return None
     name = figs.name(f"curves-{_name(run)}")
     plots.plot_curves(history, figs.dir / name)
-    return name
+    return Figure(name, caption)
 
 
-def _confusion_section(doc: Document, figs: _Figures, client: MlflowClient,
-                       experiment: str, sel: Selection) -> None:
-    doc.heading(2, "Confusion matrices")
-    model_name = registry.default_name(experiment)
-    champion = registry.get_alias(client, model_name, registry.CHAMPION)
+def _confusion_section(ctx: _Context) -> Section:
+    """The champion's confusion matrix and Grad-CAM overview, then the ensemble's - once,
+    when the ensemble is the champion."""
+    section = Section("Confusion matrices")
+    champion = registry.get_alias(ctx.client, ctx.model_name, registry.CHAMPION)
+    ensemble = ctx.sel.ensemble
     if champion is None or not champion.run_id:
-        doc.para(f"No champion: registered model `{model_name}` has no `@champion` yet "
-                 "(cnnflow evaluate registers and promotes).")
+        section.para("No champion: registered model ", code(ctx.model_name), " has no ",
+                     code("@champion"), " yet (cnnflow evaluate registers and promotes).")
     else:
-        run = _get_run(client, champion.run_id)
-        label = _name(run) if run else champion.run_id
-        doc.heading(3, f"Champion: {model_name} v{champion.version} ({label})")
-        if name := figs.fetch(champion.run_id, CONFUSION, "confusion-champion"):
-            doc.figure(name, f"confusion matrix of the champion {label}")
-        else:
-            doc.para(f"Run `{label}` has no `{CONFUSION}`: evaluate it on the test split.")
-        _explain_figure(doc, figs, run, label, "explain-champion")
-    if sel.ensemble is None:
-        doc.para("No ensemble run: `cnnflow ensemble` combines the trained models.")
-        return
-    label = _name(sel.ensemble)
-    doc.heading(3, f"Ensemble: {label}")
-    if name := figs.fetch(sel.ensemble.info.run_id, CONFUSION, "confusion-ensemble"):
-        doc.figure(name, f"confusion matrix of {label}")
-    else:
-        doc.para(f"Run `{label}` has no `{CONFUSION}`.")
-    _explain_figure(doc, figs, sel.ensemble, label, "explain-ensemble")
+        run = _get_run(ctx.client, champion.run_id)
+        label = _name(run) if run else champion.run_id[:SHORT_ID]
+        is_ensemble = ensemble is not None and ensemble.info.run_id == champion.run_id
+        title = f"Champion: {label} ({ctx.model_name} v{champion.version})"
+        _model_figures(ctx, section.sub(title + (", the ensemble" if is_ensemble else "")),
+                       run, champion.run_id, label, "champion")
+        if is_ensemble:
+            return section
+    if ensemble is None:
+        section.para("No ensemble run: ", code("cnnflow ensemble"),
+                     " combines the trained models.")
+        return section
+    label = _name(ensemble)
+    _model_figures(ctx, section.sub(f"Ensemble: {label}"), ensemble, ensemble.info.run_id,
+                   label, "ensemble")
+    return section
 
 
-def _explain_figure(doc: Document, figs: _Figures, run: Run | None, label: str,
-                    stem: str) -> None:
-    """evaluate's Grad-CAM overview of the run (its `cnnflow.explain_overview` tag), right
-    after its confusion matrix; nothing when evaluate drew none (--explain-images 0)."""
+def _model_figures(ctx: _Context, section: Section, run: Run | None, run_id: str,
+                   label: str, stem: str) -> None:
+    """The run's confusion matrix, then evaluate's Grad-CAM overview of it (its
+    `cnnflow.explain_overview` tag; none when evaluate drew none, --explain-images 0)."""
+    if figure := ctx.figs.fetch(run_id, CONFUSION, f"confusion-{stem}",
+                                f"confusion matrix of {label} on the test split"):
+        section.figures.append(figure)
+    else:
+        section.para("Run ", code(label), " has no ", code(CONFUSION),
+                     ": evaluate it on the test split.")
     artifact = run.data.tags.get(EXPLAIN_OVERVIEW_TAG) if run is not None else None
-    if artifact and (name := figs.fetch(run.info.run_id, artifact, stem)):
-        split = artifact.split("/")[1] if artifact.count("/") > 1 else "evaluated"
-        doc.figure(name, f"Grad-CAM of {label}'s highest-loss and confused {split} images "
-                         "(where the evidence for the predicted class sits)")
+    split = artifact.split("/")[1] if artifact and artifact.count("/") > 1 else "evaluated"
+    if artifact and (figure := ctx.figs.fetch(
+            run_id, artifact, f"explain-{stem}",
+            f"Grad-CAM of {label}'s highest-loss and confused {split} images (where the "
+            "evidence for the predicted class sits)")):
+        section.figures.append(figure)
 
 
-def _tuning_section(doc: Document, figs: _Figures, sel: Selection) -> None:
-    if not sel.tune:
-        return
-    doc.heading(2, "Tuning")
-    for run in sel.tune:
-        params, metrics = run.data.params, run.data.metrics
-        doc.heading(3, _name(run))
+def _tuning_section(ctx: _Context) -> Section | None:
+    if not ctx.sel.tune:
+        return None
+    section = Section("Tuning")
+    for run in ctx.sel.tune:
+        params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+        sub = section.sub(_name(run))
         metric = params.get("metric", "objective")
-        items = []
         if "best_value" in metrics:
-            items.append(f"best {metric}: {comparison.format_cell(metrics['best_value'])}"
-                         + (f" (trial {run.data.tags['cnnflow.best_trial']})"
-                            if BEST_TRIAL_TAG in run.data.tags else ""))
+            trial = f" (trial {tags[BEST_TRIAL_TAG]})" if BEST_TRIAL_TAG in tags else ""
+            sub.items.append(text(f"best {humanize.label(metric)}: "
+                                  f"{humanize.number(metrics['best_value'], metric)}{trial}"))
         counts = [f"{metrics[k]:.0f} {k.split('_')[-1]}" for k in
                   ("n_trials_complete", "n_trials_pruned", "n_trials_failed") if k in metrics]
         if counts:
-            items.append("trials: " + ", ".join(counts))
-        if retrained := run.data.tags.get(RETRAINED_RUN_TAG):
-            items.append(f"best configuration retrained as run `{retrained}`")
-        doc.bullets(items)
-        best = [{"param": k[len("best_"):], "value": v} for k, v in sorted(params.items())
+            sub.items.append(text("trials: " + ", ".join(counts)))
+        if retrained := tags.get(RETRAINED_RUN_TAG):
+            sub.items.append(text("best configuration retrained as run ",
+                                  code(retrained[:SHORT_ID])))
+        best = [(k[len("best_"):], v) for k, v in sorted(params.items())
                 if k.startswith("best_")]
         if best:
-            doc.table(best, ["param", "value"])
+            sub.tables.append(Table(["parameter", "best value"],
+                                    [[humanize.label(k), humanize.number(v, k)]
+                                     for k, v in best], [False, False]))
         try:
-            pngs = sorted(f.path for f in figs.client.list_artifacts(run.info.run_id,
-                                                                     "tune/figures")
+            pngs = sorted(f.path for f in ctx.client.list_artifacts(run.info.run_id,
+                                                                    "tune/figures")
                           if f.path.endswith(".png"))
         except MlflowException:
             pngs = []
         for artifact in pngs:
             stem = Path(artifact).stem
-            if name := figs.fetch(run.info.run_id, artifact, f"tune-{_name(run)}-{stem}"):
-                doc.figure(name, f"{stem.replace('_', ' ')} ({_name(run)})")
+            if figure := ctx.figs.fetch(run.info.run_id, artifact, f"tune-{_name(run)}-{stem}",
+                                        f"{stem.replace('_', ' ')} ({_name(run)})"):
+                sub.figures.append(figure)
+    return section
 
 
-def _registry_section(doc: Document, client: MlflowClient, experiment: str) -> None:
-    model_name = registry.default_name(experiment)
-    doc.heading(2, "Registry")
-    rows = registry.version_summary(client, model_name)
+def _registry_section(ctx: _Context) -> Section:
+    section = Section("Registry")
+    rows = registry.version_summary(ctx.client, ctx.model_name)
     if not rows:
-        doc.para(f"Registered model `{model_name}` has no versions yet.")
-        return
-    doc.para(f"Registered model `{model_name}`, newest version first.")
+        section.para("Registered model ", code(ctx.model_name), " has no versions yet.")
+        return section
+    section.para("Registered model ", code(ctx.model_name), ", newest version first.")
     names: dict[str, str] = {}
     for row in rows:
         rid = row.get("run_id") or ""
         if rid and rid not in names:
-            run = _get_run(client, rid)
-            names[rid] = f"{_name(run)} ({rid[:8]})" if run else rid
+            run = _get_run(ctx.client, rid)
+            names[rid] = _name(run) if run else rid[:SHORT_ID]
         row["run"] = names.get(rid, "")
-    doc.table(rows, ["version", "aliases", "run", "decision", "reason"])
+    section.tables.append(make_table(rows, ["version", "aliases", "run", "decision",
+                                            "reason"]))
+    return section
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+
+
+def build_document(ctx: _Context, run_id: str, run_name: str) -> Report:
+    """The report's data model: every section, figures already under figures/."""
+    rows, costs = _comparison_rows(ctx)
+    sections = [_eda_section(ctx), _models_section(ctx, rows), _curves_section(ctx),
+                _cost_section(ctx, costs), _confusion_section(ctx), _tuning_section(ctx),
+                _registry_section(ctx)]
+    return Report(f"Experiment report: {ctx.experiment}", _facts(ctx, run_id, run_name),
+                  [s for s in sections if s is not None])
+
+
+def render_markdown(report: Report) -> str:
+    """report.md: figures linked relatively (figures/<name>)."""
+    return re.sub(r"\n{3,}", "\n\n", render(MARKDOWN_TEMPLATE, report=report))
+
+
+def render_html(report: Report, folder: Path) -> str:
+    """report.html: one self-contained file, every figure embedded as a data URI."""
+    for figure in report.all_figures():
+        data = base64.b64encode((folder / "figures" / figure.name).read_bytes())
+        figure.data_uri = "data:image/png;base64," + data.decode("ascii")
+    return render(HTML_TEMPLATE, report=report)
 
 
 # --------------------------------------------------------------------------------------------
@@ -757,16 +932,11 @@ def _write(client: MlflowClient, tracking_uri: str, experiment: str, sel: Select
            run_id: str, run_name: str) -> ReportOutcome:
     """Build in a sibling temp folder, log it, then swap it into place: all or nothing."""
     with building(folder) as tmp:
-        doc, figs = Document(tmp), _Figures(tmp, client)
-        _header(doc, experiment, tracking_uri, sel, run_id, run_name)
-        _eda_section(doc, figs, sel)
-        _label_issues_section(doc, figs, tracking_uri, sel.experiment_id)
-        _models_section(doc, figs, *_comparison_rows(client, experiment, sel), sel)
-        _confusion_section(doc, figs, client, experiment, sel)
-        _tuning_section(doc, figs, sel)
-        _registry_section(doc, client, experiment)
-        (tmp / "report.md").write_text(doc.markdown())
-        (tmp / "report.html").write_text(doc.html(f"cnnflow report: {experiment}"))
+        ctx = _Context(client, tracking_uri, experiment, sel, _Figures(tmp, client),
+                       registry.default_name(experiment))
+        report = build_document(ctx, run_id, run_name)
+        (tmp / "report.md").write_text(render_markdown(report))
+        (tmp / "report.html").write_text(render_html(report, tmp))
         pdf_path, note = None, ""
         if converter is not None:
             try:

@@ -33,6 +33,7 @@ from components.names import (
     DEVICE_TAG,
     EXCLUDE_FILE_TAG,
     FOLD_TAG,
+    LR_CHOSEN_PARAM,
     MODEL_URI_TAG,
     PREPROCESS_RUN_TAG,
     STEP_TAG,
@@ -54,6 +55,13 @@ from components.settings import mask_uri, state_dir
 from components.steps.params import TrainParams
 from components.steps.preprocess import load_prepared
 from components.tracking.callback import MLflowCallback, epoch_span
+from components.tracking.heartbeat import (
+    Heartbeat,
+    leads_other_node,
+    start_system_metrics,
+    stop_system_metrics,
+    this_node,
+)
 from components.tracking.models import log_pyfunc_model
 
 
@@ -167,41 +175,28 @@ def _train(client, params: TrainParams, tracking_uri: str, progress: bool,
     """`train` after validation, in one process or as one rank of a process group."""
 
     # Everything that can fail on bad input happens before a run exists.
-    params, read, arrays, source = _load_data(client, params, log, job_run_id)
-    splits, excluded = exclude_listed(read, params.exclude_file)
-    if not splits.val:
-        raise TrainingError(f"dataset '{splits.name}' has no validation images: use "
-                            "--val-ratio > 0 or add a val/ folder")
-    device = _resolve_device(distributed.device_for_rank(params.device))
+    ready = prepare(client, params, log, train_sample, job_run_id)
+    params, splits, excluded, extra = ready.params, ready.splits, ready.excluded, ready.extra
+    source, device, weights, model = ready.source, ready.device, ready.weights, ready.model
+    weights_source, loaders = ready.weights_source, ready.loaders
     config = params.engine_config()
     # On a process group `device` is this rank's GPU (cuda:LOCAL_RANK), not plain `cuda`.
-    run_on = {"device": str(device), "seed": params.seed, "progress": progress}
-    weights = class_weights(splits, params.class_weights)
-    seed_everything(params.seed)  # before the model exists: its initial weights are seeded too
-    model, weights_source = create_model(
-        params.model, len(splits.classes), weights=params.weights, freeze=params.freeze,
-        dropout=params.dropout, head_hidden=params.head_hidden or None,
-        image_size=params.image_size)
-    mean, std = model_normalization(params.model)
-    fit_splits = train_sample(splits) if train_sample else splits
-    extra = None
-    if params.extra_train:  # train split only; val/test look-alikes are dropped (no leakage)
-        extra = extra_train_samples(params.extra_train, splits)
-        fit_splits = dataclasses.replace(fit_splits, train=fit_splits.train + extra.samples)
-    loaders = make_loaders(fit_splits, params.image_size, params.batch_size,
-                           augmentation=params.augmentation, mean=mean, std=std,
-                           num_workers=params.num_workers, seed=params.seed,
-                           device_type=device.type, arrays=arrays,
-                           array_rows=_cache_rows(read, fit_splits) if arrays else None,
-                           rank=distributed.world()[0], world_size=distributed.world()[1])
-    log(f"data: {splits.name} ({len(splits.classes)} classes; train {len(splits.train)}, "
-        f"val {len(splits.val)}, test {len(splits.test)}; skipped {len(splits.skipped)} files; "
-        f"read from the {source})")
+    run_on = {"device": str(device), "seed": params.seed, "progress": progress,
+              "num_classes": len(splits.classes)}
 
+    multi_node = this_node() is not None  # every rank agrees: other machines get the run id
     if not distributed.is_main():  # a worker rank: train its shard, leave MLflow to rank 0
-        with tempfile.TemporaryDirectory(prefix=temp_prefix("train")) as tmp:
-            result = fit(model, loaders["train"], loaders["val"], config, Path(tmp),
-                         **run_on, class_weights=weights)
+        # ... but for the system metrics of its machine, when it is that machine's first.
+        shared_id = str(distributed.broadcast_object(None)) if multi_node else ""
+        monitor = (start_system_metrics(shared_id, tracking_uri, params.system_metrics,
+                                        node=this_node())
+                   if leads_other_node() and params.system_metrics > 0 else None)
+        try:
+            with tempfile.TemporaryDirectory(prefix=temp_prefix("train")) as tmp:
+                result = fit(model, loaders["train"], loaders["val"], config, Path(tmp),
+                             **run_on, class_weights=weights)
+        finally:
+            stop_system_metrics(monitor)
         return TrainOutcome("", "", "", result, "", "")
     if resumed is not None:
         _check_same_data(client, params.resume, splits.digest())
@@ -212,9 +207,15 @@ def _train(client, params: TrainParams, tracking_uri: str, progress: bool,
             client, step="train", model=params.model,
             experiment=params.experiment or splits.name, adopt=job_run_id,
             parent=parent_run_id)
+    if multi_node:
+        distributed.broadcast_object(run_id)
     if run_tags:
         tracking.log_params_and_tags(client, run_id, {}, run_tags)
     callback = MLflowCallback(client, run_id, log=log)
+    # Signs of life until the run ends: progress inside epochs, and system metrics.
+    beat = Heartbeat(client, run_id, params.heartbeat, system_metrics=params.system_metrics,
+                     world_size=distributed.world()[1], resumed=resumed is not None,
+                     node=this_node(), log=log)
     with tempfile.TemporaryDirectory(prefix=temp_prefix("train")) as tmp:
         work = Path(tmp)
         try:
@@ -233,9 +234,13 @@ def _train(client, params: TrainParams, tracking_uri: str, progress: bool,
                     _log_extra_train(client, run_id, extra, work)
                 if params.exclude_file:
                     log_excluded(client, run_id, params.exclude_file, excluded, work)
+            if params.lr_value() is None:  # --lr auto: the range test picks it, once a run
+                config = params.engine_config(_auto_lr(client, run_id, ready, config, work,
+                                                       log))
             result = fit(model, loaders["train"], loaders["val"], config,
                          work / "ckpt", **run_on, class_weights=weights,
-                         callbacks=[ConsoleCallback(f"{run_name} "), callback, *callbacks],
+                         callbacks=[ConsoleCallback(f"{run_name} "), callback, beat,
+                                    *callbacks],
                          resume_from=resume_from)
             missing = callback.flush(params.log_timeout)
             if missing:
@@ -253,30 +258,130 @@ def _train(client, params: TrainParams, tracking_uri: str, progress: bool,
                                          model_config(params, splits.classes),
                                          splits.train[0][0] if splits.train else None)
             client.set_tag(run_id, MODEL_URI_TAG, model_uri)
+            beat.stop()
             tracking.finish_run(client, run_id, "FINISHED")
         except LoggingTimeout:
+            beat.stop(timeout=1.0)
             raise  # no server to tell; the run stays unfinished, and --resume completes it
         except KeyboardInterrupt:
-            _abort(client, callback, run_id, "KILLED", "interrupted by the user (Ctrl-C)",
+            _abort(client, callback, beat, run_id, "KILLED", "interrupted by the user (Ctrl-C)",
                    params.log_timeout)
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure must end the run
             for key, value in getattr(exc, "run_tags", {}).items():
                 client.set_tag(run_id, key, value)
-            _abort(client, callback, run_id, getattr(exc, "run_status", "FAILED"),
+            _abort(client, callback, beat, run_id, getattr(exc, "run_status", "FAILED"),
                    f"{type(exc).__name__}: {exc}", params.log_timeout)
+            tracking.announce_end(client, tracking_uri, run_id, exc=exc)  # standalone runs
             raise
+    tracking.announce_end(client, tracking_uri, run_id)  # alerts: standalone runs only
     return TrainOutcome(run_id, run_name, exp_id, result, model_uri,
                         tracking.run_url(tracking_uri, exp_id, run_id))
 
 
-def _abort(client, callback: MLflowCallback, run_id: str, status: str,
+@dataclass
+class Prepared:
+    """What a training run is built from before it exists: the data, the seeded model and its
+    loaders (`cnnflow lr-find` sweeps the same ones)."""
+
+    params: TrainParams  # data/val_ratio/test_ratio of a preprocess run filled in
+    splits: DatasetSplits  # the split, less --exclude-file's images
+    excluded: list[dict[str, str]]
+    extra: Any  # what --extra-train added (None without it)
+    source: str  # "folder", or where a preprocess run's data came from
+    device: Any  # torch.device: this rank's
+    weights: Any  # class weights for the loss (None: unweighted)
+    model: Any
+    weights_source: str
+    loaders: dict[str, Any]
+
+
+def prepare(client, params: TrainParams, log: Callable[[str], None],
+            train_sample: Callable[[DatasetSplits], DatasetSplits] | None = None,
+            job_run_id: str | None = None) -> Prepared:
+    """The data, the model (seeded, so its initial weights follow `seed`) and the loaders of
+    a run, with every check that can fail on bad input; nothing is written to MLflow."""
+    params, read, arrays, source = _load_data(client, params, log, job_run_id)
+    splits, excluded = exclude_listed(read, params.exclude_file)
+    if not splits.val:
+        raise TrainingError(f"dataset '{splits.name}' has no validation images: use "
+                            "--val-ratio > 0 or add a val/ folder")
+    device = _resolve_device(distributed.device_for_rank(params.device))
+    weights = class_weights(splits, params.class_weights)
+    seed_everything(params.seed)  # before the model exists: its initial weights are seeded too
+    model, weights_source = create_model(
+        params.model, len(splits.classes), weights=params.weights, freeze=params.freeze,
+        dropout=params.dropout, head_hidden=params.head_hidden or None,
+        image_size=params.image_size)
+    mean, std = model_normalization(params.model)
+    fit_splits = train_sample(splits) if train_sample else splits
+    extra = None
+    if params.extra_train:  # train split only; val/test look-alikes are dropped (no leakage)
+        extra = extra_train_samples(params.extra_train, splits)
+        fit_splits = dataclasses.replace(fit_splits, train=fit_splits.train + extra.samples)
+    loaders = make_loaders(fit_splits, params.image_size, params.batch_size,
+                           augmentation=params.augmentation, mean=mean, std=std,
+                           num_workers=params.num_workers, seed=params.seed,
+                           device_type=device.type, arrays=arrays,
+                           array_rows=_cache_rows(read, fit_splits) if arrays else None,
+                           rank=distributed.world()[0], world_size=distributed.world()[1],
+                           sampling=params.sampling)
+    log(f"data: {splits.name} ({len(splits.classes)} classes; train {len(splits.train)}, "
+        f"val {len(splits.val)}, test {len(splits.test)}; skipped {len(splits.skipped)} files; "
+        f"read from the {source})")
+    return Prepared(params, splits, excluded, extra, source, device, weights, model,
+                    weights_source, loaders)
+
+
+LR_FIND_DIR = "lr_find"  # the artifact folder of a range test: lr_find.csv, lr_find.png
+
+
+def log_range_test(client, run_id: str, test: Any, folder: Path) -> None:
+    """A range test (components.nn.lr_find.RangeTest) as run artifacts: the curve
+    (`lr_find.csv`: step, lr, loss, smoothed_loss) and the figure (`lr_find.png`, the
+    suggestion marked), under LR_FIND_DIR."""
+    from components import plots
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_csv(folder / "lr_find.csv", test.rows(), ["step", "lr", "loss", "smoothed_loss"])
+    plots.plot_lr_find(test.lrs, test.losses, test.smoothed, test.suggestion,
+                       folder / "lr_find.png")
+    client.log_artifacts(run_id, str(folder), artifact_path=LR_FIND_DIR)
+
+
+def _auto_lr(client, run_id: str, ready: Prepared, config: Any, work: Path,
+             log: Callable[[str], None]) -> float:
+    """`--lr auto`: the LR this run chose when it started (a resume reuses it, never sweeps
+    again), else the range test's suggestion on the run's own model and train loader with
+    `cnnflow lr-find`'s default sweep, logged into the run: param `lr_chosen` and the curve
+    and figure under lr_find/. The model is left at its initial weights."""
+    from components.nn.lr_find import range_test
+    from components.steps.params import LrFindParams
+
+    chosen = client.get_run(run_id).data.params.get(LR_CHOSEN_PARAM)
+    if chosen:
+        log(f"lr auto: {float(chosen):.3g} (chosen by the range test when the run started)")
+        return float(chosen)
+    log(f"lr auto: range test over {LrFindParams.num_batches} batches, lr "
+        f"{LrFindParams.start_lr:g} to {LrFindParams.end_lr:g}")
+    test = range_test(ready.model, ready.loaders["train"], config, device=ready.device,
+                      start_lr=LrFindParams.start_lr, end_lr=LrFindParams.end_lr,
+                      num_batches=LrFindParams.num_batches, class_weights=ready.weights)
+    log_range_test(client, run_id, test, work / LR_FIND_DIR)
+    tracking.log_params_and_tags(client, run_id, {LR_CHOSEN_PARAM: repr(test.suggestion)}, {})
+    log(f"lr auto: {test.suggestion:.3g} (steepest descent of the smoothed loss"
+        f"{'; the loss diverged, sweep stopped early' if test.diverged else ''})")
+    return test.suggestion
+
+
+def _abort(client, callback: MLflowCallback, beat: Heartbeat, run_id: str, status: str,
            reason: str, timeout: float) -> None:
     """Record why the run ended; never let a second failure hide the first."""
     try:
         callback.flush(timeout)
     except Exception:  # noqa: BLE001
         pass
+    beat.stop()
     try:
         tracking.finish_run(client, run_id, status, reason)
     except Exception:  # noqa: BLE001

@@ -42,7 +42,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from components import tracking
+from components import notify, tracking
 from components.errors import CnnflowError, one_line
 from components.names import (
     BEST_TRIAL_TAG,
@@ -53,6 +53,7 @@ from components.names import (
     TRIAL_TAG,
 )
 from components.nn.engine import Callback
+from components.nn.recipes import recipe_values
 from components.params import split_list
 from components.registrar import registrar
 from components.settings import mask_uri
@@ -153,7 +154,7 @@ def _no_pruner(max_epochs: int) -> optuna.pruners.BasePruner:
 _CALL = re.compile(r"^\s*([A-Za-z_]\w*)\s*\((.*)\)\s*$")
 _TRAIN_FIELDS = {f.name: f for f in fields(TrainParams)}
 _NOT_TUNABLE = {"data", "experiment", "resume", "preprocess_run", "device", "num_workers",
-                "cv", "cv_ensemble", "extra_train"}
+                "cv", "cv_ensemble", "extra_train", "compile"}
 
 
 def parse_space(text: str) -> tuple[Space, dict[str, Any]]:
@@ -292,8 +293,42 @@ def check(params: TuneParams) -> tuple[Space, dict[str, Any]]:
         raise TuneError(f"unknown pruner '{params.pruner}': use one of "
                         f"{', '.join(sorted(PRUNERS))}")
     SAMPLERS[params.sampler](space, params.seed)  # grid checks its space here
+    check_recipe_space(params.recipe, space, fixed)
     params.base(models[0], fixed).validate()
     return space, fixed
+
+
+def check_recipe_space(recipe: str, space: Space, fixed: dict[str, Any]) -> None:
+    """A trial's recipe fills every field left at its default (components/nn/recipes.py), so
+    a space value equal to a default the recipe changes would silently become the preset's:
+    one line naming it. Continuous ranges are left alone (they never draw one exact value)."""
+    recipes = {str(fixed.get("recipe", recipe))}
+    if isinstance(space.get("recipe"), CategoricalDistribution):
+        recipes |= {str(choice) for choice in space["recipe"].choices}
+    for name in sorted(recipes):
+        for field_name, value in recipe_values(name).items():
+            default = _TRAIN_FIELDS[field_name].default
+            if value == default:
+                continue
+            dist = space.get(field_name)
+            discrete = dist is not None and not (isinstance(dist, FloatDistribution)
+                                                 and dist.step is None)
+            if (fixed.get(field_name, object()) == default
+                    or discrete and _can_draw(dist, default)):
+                raise TuneError(f"{field_name}: the space holds {default!r}, which --recipe "
+                                f"{name} turns into {value!r} in every trial: leave that value "
+                                "out, or tune with --recipe none")
+
+
+def _can_draw(dist: BaseDistribution, value: Any) -> bool:
+    """Whether a list or a stepped range can give exactly `value`."""
+    if isinstance(dist, CategoricalDistribution):
+        return value in dist.choices
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    step = getattr(dist, "step", None) or 1
+    position = (value - dist.low) / step  # type: ignore[attr-defined]
+    return dist.low <= value <= dist.high and math.isclose(position, round(position))  # type: ignore[attr-defined]
 
 
 def _models(text: str) -> list[str]:
@@ -415,9 +450,9 @@ def run_tune(params: TuneParams, tracking_uri: str,
     study = open_study(params, space, params.study) if params.study else None
     if study is None:
         check_storage(params)
-    run_id, _, run_name = tracking.open_run(client, step="tune",
-                                            experiment=params.experiment or splits.name,
-                                            adopt=job_run_id)
+    run_id, exp_id, run_name = tracking.open_run(client, step="tune",
+                                                 experiment=params.experiment or splits.name,
+                                                 adopt=job_run_id)
     study_name = params.study or f"tune-{run_id}"
     with tracking.ending_run(client, run_id):
         study = study or open_study(params, space, study_name)
@@ -433,7 +468,11 @@ def run_tune(params: TuneParams, tracking_uri: str,
                        timeout=params.timeout or None, catch=(Exception,))
         outcome = _log_study(client, study, run_id, run_name, params)
         if params.retrain_best:
-            _retrain(client, params, fixed, outcome, tracking_uri, run_id, log)
+            with notify.muted():  # the study's alert below reports it
+                _retrain(client, params, fixed, outcome, tracking_uri, run_id, log)
+    notify.tune_finished(run_name, params.metric, outcome.best_value, outcome.best_params, {
+        "complete": outcome.n_complete, "pruned": outcome.n_pruned, "failed": outcome.n_failed},
+        tracking.run_url(tracking_uri, exp_id, run_id), outcome.retrained_metrics)
     return outcome
 
 

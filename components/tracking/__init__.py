@@ -23,6 +23,7 @@ from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from components import notify
 from components.errors import one_line
 from components.names import ERROR_TAG, MODEL_TAG, STEP_TAG, VERSION_TAG
 from components.settings import mask_text, mask_uri
@@ -53,6 +54,12 @@ def experiment_url(tracking_uri: str, exp_id: str) -> str:
 def run_url(tracking_uri: str, exp_id: str, run_id: str) -> str:
     """The run's page in the MLflow UI, or the masked URI of a store that has no UI."""
     return _ui_page(tracking_uri, f"experiments/{exp_id}/runs/{run_id}")
+
+
+def version_url(tracking_uri: str, name: str, version: str | int) -> str:
+    """A registered model version's page in the MLflow UI, or the masked URI of a store
+    that has no UI."""
+    return _ui_page(tracking_uri, f"models/{urllib.parse.quote(name)}/versions/{version}")
 
 
 def artifact_url(tracking_uri: str, run_id: str, path: str) -> str | None:
@@ -346,6 +353,28 @@ def end_failed(client: MlflowClient, run_id: str, exc: BaseException) -> None:
         finish_run(client, run_id, "KILLED" if interrupted else "FAILED", one_line(reason))
     except Exception:  # noqa: BLE001
         pass
+
+
+def announce_end(client: MlflowClient, tracking_uri: str, run_id: str, *,
+                 exc: BaseException | None = None, metrics: dict[str, float] | None = None,
+                 detail: str = "") -> None:
+    """Alert (components.notify) that a top-level run ended, FINISHED or, with `exc`, FAILED:
+    a standalone training run, a pipeline. Nested runs (trials, folds, bagging members, the
+    pipeline's steps) and Ctrl-C stay quiet, so one job is one alert. `metrics`: the key
+    numbers (default: the run's). Never raises; waits at most the alerts' timeout."""
+    if not notify.enabled() or isinstance(exc, KeyboardInterrupt):
+        return
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - the server that failed the run may be gone too
+        return
+    if MLFLOW_PARENT_RUN_ID in run.data.tags:
+        return
+    error = None if exc is None else f"{type(exc).__name__}: {exc}"
+    notify.run_ended(run.data.tags.get(STEP_TAG, "run"), run.info.run_name or run_id,
+                     "FINISHED" if exc is None else getattr(exc, "run_status", "FAILED"),
+                     run.data.metrics if metrics is None else metrics,
+                     run_url(tracking_uri, run.info.experiment_id, run_id), error, detail)
 
 
 def log_dataset_input(client: MlflowClient, run_id: str, rows: list[dict[str, Any]], *,

@@ -277,6 +277,70 @@ def text_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+# `cnnflow compare`'s table by default: who, quality, cost, where it is registered; `format`
+# only when the experiment has exports. `--columns` picks others (`all`: every column).
+DEFAULT_COLUMNS = ("run", "format", "val_acc", "test_acc", "latency_ms_p50", "model_size_mb",
+                   "registry")
+TERMINAL_WIDTH = 120
+_MIN_TEXT_WIDTH = 8  # a text column shrinks (ending in "…") no narrower than this
+
+
+def check_columns(names: list[str], option: str) -> None:
+    """One line naming an unknown column and listing the known ones, before any server call."""
+    unknown = [n for n in names if n not in COLUMNS]
+    if unknown:
+        raise ComparisonError(f"unknown column '{unknown[0]}' for {option}: use one of "
+                              f"{', '.join(COLUMNS)}")
+
+
+def shown_columns(rows: list[dict[str, Any]], picked: list[str] | None, sort: str
+                  ) -> list[str]:
+    """The terminal's columns: `picked` as given, else the defaults that have a value (plus
+    the sort column, before `registry`); `format` only beside exports."""
+    if picked:
+        return picked
+    useful = set(useful_columns(rows))
+    columns = [c for c in DEFAULT_COLUMNS if c in useful]
+    if all(r.get("format") in (None, REFERENCE_FORMAT) for r in rows) and "format" in columns:
+        columns.remove("format")
+    if sort not in columns and sort in useful:
+        columns.insert(columns.index("registry") if "registry" in columns else len(columns),
+                       sort)
+    return columns
+
+
+def readable_table(rows: list[dict[str, Any]], columns: list[str],
+                   width: int = TERMINAL_WIDTH) -> str:
+    """The terminal table: human headers and numbers (`components.humanize`, as in the
+    report), numbers right-aligned, and text columns shortened with "…" (widest first) until
+    a line fits `width`. The CSV keeps the raw values."""
+    from components.humanize import label, number
+
+    headers = [label(c) for c in columns]
+    cells = [[number(r.get(c), c) for c in columns] for r in rows]
+    numeric = [all(not isinstance(r.get(c), str) for r in rows) for c in columns]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+    floor = [widths[i] if numeric[i] else min(widths[i], max(_MIN_TEXT_WIDTH, len(h)))
+             for i, h in enumerate(headers)]
+    excess = sum(widths) + 2 * (len(columns) - 1) - width
+    while excess > 0:
+        shrinkable = [i for i in range(len(columns)) if widths[i] > floor[i]]
+        if not shrinkable:
+            break
+        widest = max(shrinkable, key=lambda i: widths[i])
+        cut = min(excess, widths[widest] - floor[widest])
+        widths[widest] -= cut
+        excess -= cut
+
+    def cell(text: str, i: int) -> str:
+        text = text if len(text) <= widths[i] else text[:widths[i] - 1] + "…"
+        return text.rjust(widths[i]) if numeric[i] else text.ljust(widths[i])
+
+    lines = [[cell(h, i) for i, h in enumerate(headers)],
+             *([cell(v, i) for i, v in enumerate(row)] for row in cells)]
+    return "\n".join("  ".join(line).rstrip() for line in lines)
+
+
 def write_table(rows: list[dict[str, Any]], folder: Path, stem: str,
                 columns: list[str] | None = None) -> tuple[Path, Path]:
     """`<stem>.csv` and `<stem>.md` (columns: given, else every key in first-seen order)."""

@@ -27,8 +27,10 @@ from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from components import notify
 from components.errors import CnnflowError
 from components.names import DATASET_DIGEST_TAG, DATASET_TAG, MODEL_TAG, STEP_TAG
+from components.tracking import version_url
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -412,7 +414,21 @@ def promote(client: MlflowClient, name: str, *, version: str | int | None = None
     _write_decision(client, decision)
     if decision.promoted:
         client.set_registered_model_alias(name, CHAMPION, candidate.version)
+        _announce(client, decision, candidate, champion, metric)
     return decision
+
+
+def _announce(client: MlflowClient, decision: Decision, new: ModelVersion,
+              old: ModelVersion | None, metric: str) -> None:
+    """Alert (components.notify): `@champion` moved, with both versions' `metric`."""
+    if not notify.enabled():
+        return
+    with contextlib.suppress(Exception):  # the alias moved; an alert never undoes that
+        notify.new_champion(decision.name, new.version, decision.champion_before, metric,
+                            _metric(client, new, metric),
+                            None if old is None else _metric(client, old, metric),
+                            decision.reason,
+                            version_url(client.tracking_uri, decision.name, new.version))
 
 
 def _write_decision(client: MlflowClient, decision: Decision) -> None:

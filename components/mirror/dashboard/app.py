@@ -13,11 +13,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pandas as pd
-import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 from pymongo.errors import PyMongoError
 
+from components import humanize
 from components.errors import one_line
 from components.mirror.dashboard import data
 from components.mirror.sync import connect_mongo, database
@@ -26,17 +26,23 @@ from components.settings import mask_text, mask_uri
 
 VIEWS = ("Model detail", "Model comparison", "Time filter", "Live monitoring")
 REFRESH_SECONDS = 2
-SORTABLE = {"start_time": "Start time", "test_accuracy": "Test accuracy",
-            "val_accuracy": "Val accuracy", "train_accuracy": "Train accuracy",
-            "best_val_loss": "Best val loss", "test_loss": "Test loss",
-            "duration_sec": "Duration", "model_name": "Model", "learning_rate": "Learning rate"}
-TABLE_COLUMNS = {"model_name": "model", "version": "version", "run_name": "run",
-                 "experiment": "experiment", "status": "status",
-                 "train_accuracy": "train acc", "val_accuracy": "val acc",
-                 "test_accuracy": "test acc", "best_val_loss": "best val loss",
-                 "test_loss": "test loss", "dropout": "dropout", "batch_size": "batch size",
-                 "learning_rate": "learning rate", "duration_sec": "duration (s)",
-                 "start_time": "start (UTC)", "run_id": "run id"}
+SORTABLE = ("start_time", "test_accuracy", "val_accuracy", "train_accuracy", "best_val_loss",
+            "test_loss", "duration_sec", "model_name", "learning_rate")
+# The run tables' columns in order (titles and cells from components.humanize); text reads
+# left, numbers right; model and version stay in view when the table scrolls sideways, and
+# the registry column (which run is @champion) comes right after them, never scrolled away.
+TABLE_COLUMNS = ("model_name", "version", "registry", "train_accuracy", "val_accuracy",
+                 "test_accuracy", "dropout", "batch_size", "learning_rate", "duration_sec",
+                 "start_time", "status", "run_id")
+TEXT_COLUMNS = ("model_name", "status", "registry", "run_id", "start_time")
+PINNED_COLUMNS = ("model_name", "version")
+SHORT_ID = 8  # run id characters a table shows, as the report does
+# Model detail: the score tiles, then the rows of the field table (absent fields left out).
+DETAIL_SCORES = ("train_accuracy", "val_accuracy", "test_accuracy", "best_val_loss", "test_loss")
+DETAIL_ROWS = ("model_name", "version", "step", "run_id", "experiment", "status", "num_classes",
+               "feature_extraction", "dropout", "batch_size", "learning_rate", "early_stopping",
+               "patience", "weights", "image_size", "duration_sec", "start_time", "end_time")
+PCT_PAD = 2.0  # percentage points around the data on accuracy axes
 
 
 @st.cache_resource(show_spinner=False)
@@ -70,20 +76,22 @@ def stopped_answering(uri: str, exc: BaseException) -> None:
     unreachable(f"MongoDB at {mask_uri(uri)} stopped answering ({reason})")
 
 
+# Which humanize kind each of _fmt's short names stands for.
+_FMT_NAMES = {"pct": "accuracy", "sec": "duration_sec", "num": ""}
+
+
 def _fmt(value: Any, kind: str = "") -> str:
-    if value is None or (isinstance(value, float) and pd.isna(value)):
-        return MISSING
-    if kind == "pct":
-        return f"{value:.2%}"
-    if kind == "num":
-        return f"{value:.4f}"
-    if kind == "bool":
-        return "yes" if value else "no"
-    if kind == "time":
-        return value.strftime("%Y-%m-%d %H:%M:%S UTC")
-    if kind == "sec":
-        return data.format_seconds(value).replace("-", MISSING)
-    return str(value)
+    """A value for a metric tile: humanize.number by what `kind` measures, `—` when missing."""
+    return humanize.number(value, _FMT_NAMES.get(kind, kind)) or MISSING
+
+
+def fitted_range(values: Any, pad: float = PCT_PAD) -> list[float] | None:
+    """An axis range around percentages, `pad` points either side and kept within 0..100, so
+    90.8 % and 93.9 % look different; None (plotly's own) when there is nothing to fit."""
+    series = pd.Series(values, dtype=float).dropna()
+    if series.empty:
+        return None
+    return [max(0.0, series.min() - pad), min(100.0, series.max() + pad)]
 
 
 # --------------------------------------------------------------------------- charts
@@ -91,21 +99,34 @@ def _fmt(value: Any, kind: str = "") -> str:
 
 def curves_figure(curves: pd.DataFrame, labels: dict[str, str], models: dict[str, str],
                   metric: str) -> go.Figure:
-    """Train (solid) vs. val (dashed) `metric` ("loss" or "acc") per epoch, one colour a model."""
+    """Train (solid) vs. val (dashed) `metric` ("loss" or "acc") per epoch, one colour a model;
+    accuracy in percent on an axis fitted to the data, legends `lenet5 v1 — train`."""
     fig = go.Figure()
+    scale = 100.0 if metric == "acc" else 1.0
+    shown: list[pd.Series] = []
     for run_id, rows in curves.groupby("run_id", sort=False):
         colour = data.model_colour(models.get(run_id))
         for split, dash in (("train", "solid"), ("val", "dash")):
             column = f"{split}_{metric}"
             if column in rows and rows[column].notna().any():
+                values = rows[column] * scale
+                shown.append(values)
                 fig.add_trace(go.Scatter(
-                    x=rows["epoch"], y=rows[column], mode="lines+markers",
-                    name=f"{labels.get(run_id, run_id)} {split}",
+                    x=rows["epoch"], y=values, mode="lines+markers",
+                    name=f"{labels.get(run_id, run_id)} — {split}",
+                    hovertemplate="epoch %{x}: " + ("%{y:.1f} %" if scale > 1 else "%{y:.4g}"),
                     line={"color": colour, "dash": dash}))
     last = int(curves["epoch"].max()) if not curves.empty else 1
     fig.update_xaxes(tick0=1, dtick=max(1, -(-last // 10)))  # whole epochs, about 10 ticks
-    fig.update_layout(xaxis_title="epoch", yaxis_title=metric, height=360,
-                      margin={"l": 10, "r": 10, "t": 30, "b": 10}, legend={"font": {"size": 10}})
+    title = humanize.label("accuracy" if metric == "acc" else "loss")
+    fig.update_layout(title=title.capitalize(), xaxis_title=humanize.label("epoch"),
+                      yaxis_title=title, height=360,
+                      margin={"l": 10, "r": 10, "t": 40, "b": 10},
+                      legend={"font": {"size": 11}, "orientation": "h", "x": 0, "y": -0.25,
+                              "yanchor": "top"})
+    if scale > 1:
+        fig.update_yaxes(ticksuffix=" %",
+                         range=fitted_range(pd.concat(shown) if shown else []))
     return fig
 
 
@@ -118,18 +139,29 @@ def show_curves(curves: pd.DataFrame, labels: dict[str, str], models: dict[str, 
                        width="stretch")
 
 
+def table_cells(frame: pd.DataFrame) -> pd.DataFrame:
+    """The run table as people read it: TABLE_COLUMNS in order under humanize's titles, every
+    cell humanize.number's text (`93.9 %`, `3 min 05 s`), missing values empty; run ids
+    short, as in the report (the detail view's search finds a run by them)."""
+    cells = {humanize.label(c): [humanize.number(v, c) for v in frame[c]]
+             for c in TABLE_COLUMNS if c != "run_id"}
+    cells[humanize.label("run_id")] = [str(v)[:SHORT_ID] for v in frame["run_id"]]
+    return pd.DataFrame(cells, dtype=object)
+
+
 def show_table(frame: pd.DataFrame, key: str) -> None:
-    """The run table with the sort the user picked (also sortable by clicking headers)."""
+    """The run table in the order the user picked (the picker sorts by value; clicking a
+    header sorts the shown text)."""
     left, right = st.columns([3, 1])
-    column = left.selectbox("Sort by", list(SORTABLE), format_func=SORTABLE.get,
-                            key=f"{key}-sort")
+    column = left.selectbox("Sort by", SORTABLE, format_func=humanize.label, key=f"{key}-sort")
     ascending = right.toggle("Ascending", value=False, key=f"{key}-asc")
     ordered = data.sort_runs(frame, column, ascending)
-    st.caption(f"{len(ordered)} runs")
-    if isinstance(ordered["start_time"].dtype, pd.DatetimeTZDtype):  # shown as UTC, no zone
-        ordered = ordered.assign(start_time=ordered["start_time"].dt.tz_convert(None))
-    st.dataframe(ordered[list(TABLE_COLUMNS)].rename(columns=TABLE_COLUMNS), hide_index=True,
-                 width="stretch", key=f"{key}-table")
+    st.caption(humanize.plural(len(ordered), "run"))
+    config = {humanize.label(c): st.column_config.TextColumn(
+        humanize.label(c), pinned=c in PINNED_COLUMNS,
+        alignment="left" if c in TEXT_COLUMNS else "right") for c in TABLE_COLUMNS}
+    st.dataframe(table_cells(ordered), hide_index=True, width="stretch", column_config=config,
+                 placeholder="", key=f"{key}-table")
 
 
 # --------------------------------------------------------------------------- views
@@ -142,13 +174,15 @@ def detail_view(db) -> None:
         st.info(f"No run matches “{search}”.")
         return
     labels = {d["run_id"]: data.run_label(d) for d in choices}
-    run_id = st.selectbox("Run", list(labels), format_func=labels.get, key="detail-run")
+    run_id = st.selectbox("Run", list(labels), index=data.default_choice(choices),
+                          format_func=labels.get, key="detail-run")
     doc = data.run_detail(db, run_id) if run_id else None
     if doc is None:
         st.info("That run is no longer in the mirror.")
         return
-    status = doc.get("status", "-")
-    st.subheader(f"{doc.get('model_name', '?')} v{doc.get('version', '?')} — {status}")
+    name = data.run_names([doc])[run_id]
+    step = doc.get("step") or "?"
+    st.subheader(f"{name} — {step}, {doc.get('status', '?')}")
     aliases = data.registry_aliases(doc)
     if aliases:
         st.markdown("Registry: " + ", ".join(f"`{a}`" for a in aliases))
@@ -156,33 +190,29 @@ def detail_view(db) -> None:
         st.markdown(f"[Open the run in the MLflow UI]({doc['mlflow_url']})")
     if doc.get("error"):
         st.error(f"Error: {doc['error']}")
-    scores = st.columns(5)
-    for col, (label, field, kind) in zip(scores, (
-            ("Train accuracy", "train_accuracy", "pct"), ("Val accuracy", "val_accuracy", "pct"),
-            ("Test accuracy", "test_accuracy", "pct"), ("Best val loss", "best_val_loss", "num"),
-            ("Test loss", "test_loss", "num")), strict=True):
-        col.metric(label, _fmt(doc.get(field), kind))
-    rows = [("Model", doc.get("model_name"), ""), ("Version", doc.get("version"), ""),
-            ("Run id", doc.get("run_id"), ""), ("Experiment", doc.get("experiment"), ""),
-            ("Status", status, ""), ("Number of classes", doc.get("num_classes"), ""),
-            ("Feature extraction", doc.get("feature_extraction"), "bool"),
-            ("Dropout", doc.get("dropout"), ""), ("Batch size", doc.get("batch_size"), ""),
-            ("Learning rate", doc.get("learning_rate"), ""),
-            ("Early stopping", doc.get("early_stopping"), "bool"),
-            ("Patience", doc.get("patience"), ""), ("Weights", doc.get("weights"), ""),
-            ("Image size", doc.get("image_size"), ""),
-            ("Epochs", f"{_fmt(doc.get('epochs_run'))} / {_fmt(doc.get('max_epochs'))}", ""),
-            ("Duration", doc.get("duration_sec"), "sec"),
-            ("Start time", doc.get("start_time"), "time"),
-            ("End time", doc.get("end_time"), "time")]
-    st.table(pd.DataFrame({"field": [r[0] for r in rows],
-                           "value": [_fmt(r[1], r[2]) for r in rows]}).set_index("field"))
-    findings_panel(doc)
+    scores = [(f, humanize.number(doc.get(f), f)) for f in DETAIL_SCORES]
+    scores = [(f, text) for f, text in scores if text]  # a score the run has not got: no tile
+    for col, (field, text) in zip(st.columns(max(len(scores), 1)), scores, strict=False):
+        col.metric(humanize.label(field).capitalize(), text)
+    rows = {humanize.label(f).capitalize(): humanize.number(doc.get(f), f)
+            for f in DETAIL_ROWS}
+    if doc.get("epochs_run") is not None or doc.get("max_epochs") is not None:
+        rows["Epochs"] = (f"{humanize.number(doc.get('epochs_run'), 'epochs_run') or '?'} / "
+                          f"{humanize.number(doc.get('max_epochs'), 'max_epochs') or '?'}")
+    rows = {field: text for field, text in rows.items() if text}  # absent fields: no row
+    fields, findings = st.columns(2)  # the facts beside what evaluate found
+    fields.table(pd.DataFrame({"value": list(rows.values())},
+                              index=pd.Index(list(rows), name="field")))
+    with findings:
+        findings_panel(doc)
     curves = data.load_curves(db, [run_id])
     if curves.empty:
-        st.info("This run has no epochs in the mirror yet.")
+        if step == data.TRAIN_STEP:
+            st.info("This run has no epochs in the mirror yet.")
+        else:
+            st.caption(f"This {step} run has no training epochs of its own.")
         return
-    show_curves(curves, {run_id: "run"}, {run_id: doc.get("model_name")}, "detail")
+    show_curves(curves, {run_id: name}, {run_id: doc.get("model_name")}, "detail")
 
 
 def findings_panel(doc: dict[str, Any]) -> None:
@@ -213,17 +243,57 @@ def _filters(db) -> dict[str, Any]:
             "tag": data.parse_tag_filter(tag_text)}
 
 
+def registry_panel(db, experiments: list[str]) -> None:
+    """Which run is `@champion` (and `@challenger`) of each registered model, one line each."""
+    lines = []
+    for alias in (data.CHAMPION, data.CHALLENGER):
+        for doc in data.aliased(db, alias, experiments):
+            name = data.run_names([doc])[doc["run_id"]]
+            score = humanize.number(doc.get("test_accuracy"), "test_accuracy")
+            score = f" — {humanize.label('test_accuracy')} {score}" if score else ""
+            lines.append(f"**{alias.capitalize()}:** {name}{score} "
+                         f"(`{doc['registered']} @{alias}`)")
+    if lines:
+        st.markdown("  \n".join(lines))
+    else:
+        st.caption("No registry version holds `@champion` yet: `cnnflow evaluate` registers "
+                   "a challenger, `cnnflow promote` makes it champion.")
+
+
+def bars_figure(bars: pd.DataFrame) -> go.Figure:
+    """Best test accuracy per model, in percent, on an axis fitted to the bars (so 90.8 % and
+    93.9 % differ), each bar labelled with its value."""
+    pct = bars["test_accuracy"] * 100
+    fig = go.Figure(go.Bar(
+        x=bars["model_name"], y=pct,
+        text=[humanize.number(v, "test_accuracy") for v in bars["test_accuracy"]],
+        textposition="outside", cliponaxis=False,
+        customdata=[humanize.plural(n, "run") for n in bars["runs"]],
+        hovertemplate="%{x}: %{text} (best of %{customdata})<extra></extra>",
+        marker_color=[data.model_colour(m) for m in bars["model_name"]]))
+    best = f"best {humanize.label('test_accuracy')}"
+    fig.update_layout(title=f"{best.capitalize()} by model", showlegend=False, height=340,
+                      xaxis_title=humanize.label("model_name"), yaxis_title=best,
+                      margin={"l": 10, "r": 10, "t": 40, "b": 10})
+    fig.update_yaxes(ticksuffix=" %", range=fitted_range(pct))
+    return fig
+
+
 def comparison_view(db) -> None:
-    frame = data.load_runs(db, **_filters(db))
+    top = st.container()  # the champion goes above the filters, for the experiments picked
+    filters = _filters(db)
+    with top:
+        registry_panel(db, filters["experiments"])
+    frame = data.load_runs(db, **filters)
     if frame.empty:
         st.info("No run matches these filters.")
         return
     show_table(frame, "cmp")
-    labels = {r.run_id: f"{r.model_name or '?'} v{r.version if pd.notna(r.version) else '?'}"
-                        f" · {r.run_id[:8]}" for r in frame.itertuples()}
+    labels = data.run_names(frame.to_dict("records"))
     models = dict(zip(frame["run_id"], frame["model_name"], strict=True))
-    default = list(frame.dropna(subset=["test_accuracy"]).nlargest(3, "test_accuracy")["run_id"]
-                   ) or list(frame["run_id"][:3])
+    trained = frame[frame["step"] == data.TRAIN_STEP]  # an ensemble has no curves to overlay
+    default = list(trained.dropna(subset=["test_accuracy"]).nlargest(3, "test_accuracy")[
+        "run_id"]) or list(trained["run_id"][:3])
     chosen = st.multiselect("Overlay the curves of", list(labels), default=default,
                             format_func=labels.get, key="cmp-chosen")
     if chosen:
@@ -236,11 +306,7 @@ def comparison_view(db) -> None:
     if bars.empty:
         st.info("No run in this table has a test accuracy yet (run `cnnflow evaluate`).")
     else:
-        fig = px.bar(bars, x="model_name", y="test_accuracy", color="model_name",
-                     color_discrete_map=data.colour_map(bars["model_name"]),
-                     hover_data=["runs"], title="Best test accuracy by model")
-        fig.update_layout(showlegend=False, height=340, yaxis_tickformat=".0%")
-        st.plotly_chart(fig, key="cmp-bars", width="stretch")
+        st.plotly_chart(bars_figure(bars), key="cmp-bars", width="stretch")
 
 
 def time_view(db) -> None:
@@ -288,6 +354,9 @@ def live_panel(uri: str) -> None:
             total = int(row.max_epochs) if pd.notna(row.max_epochs) else None
             st.progress(row.progress if pd.notna(row.progress) else 0.0,
                         text=f"epoch {current} / {total or '?'}")
+            if isinstance(row.epoch_text, str):  # the heartbeat: where it is inside the epoch
+                fraction = row.epoch_fraction
+                st.progress(float(fraction) if pd.notna(fraction) else 0.0, text=row.epoch_text)
             run_curves = curves[curves["run_id"] == row.run_id]
             cols = st.columns(6)
             cols[0].metric("Elapsed", data.format_seconds(row.elapsed_sec))

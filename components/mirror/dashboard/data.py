@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from components import humanize
 from components.mirror.sync import EPOCHS, STATUS, TRAININGS, safe_key
 from components.names import DATASET_DIGEST_TAG
 
@@ -34,14 +35,18 @@ MODEL_COLOURS: dict[str, str] = {
 _SPARE_COLOURS = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd",
                   "#e6550d", "#31a354", "#756bb1", "#636363")
 
-# Columns of the comparison and time-filter tables, in display order.
-TABLE_FIELDS = ("run_id", "run_name", "model_name", "version", "experiment", "status",
+# What the comparison and time-filter tables load (the page picks and orders its columns);
+# `registry` arrives as the run's aliases, `@champion @challenger`.
+TABLE_FIELDS = ("run_id", "run_name", "model_name", "version", "experiment", "step", "status",
                 "train_accuracy", "val_accuracy", "test_accuracy", "best_val_loss",
                 "test_loss", "dropout", "batch_size", "learning_rate", "duration_sec",
-                "start_time")
+                "start_time", "registry")
+TRAIN_STEP = "train"
+CHAMPION, CHALLENGER = "champion", "challenger"  # components.tracking.registry's aliases
 NUMERIC_FIELDS = ("version", "train_accuracy", "val_accuracy", "test_accuracy", "best_val_loss",
                   "test_loss", "dropout", "batch_size", "learning_rate", "duration_sec")
-DETAIL_FIELDS = ("run_id", "run_name", "experiment", "model_name", "version", "num_classes",
+DETAIL_FIELDS = ("run_id", "run_name", "experiment", "step", "model_name", "version",
+                 "num_classes",
                  "feature_extraction", "dropout", "batch_size", "learning_rate",
                  "early_stopping", "patience", "weights", "image_size", "train_accuracy",
                  "val_accuracy", "test_accuracy", "best_val_loss", "test_loss", "duration_sec",
@@ -134,6 +139,7 @@ def load_runs(db, **filters: Any) -> pd.DataFrame:
     frame = pd.DataFrame(list(cursor), columns=list(TABLE_FIELDS))
     for column in NUMERIC_FIELDS:  # a column no run has comes back as object: make it float
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    frame["registry"] = frame["registry"].map(alias_text).astype(object)
     if not frame.empty:
         frame = frame.sort_values("start_time", ascending=False, na_position="last",
                                   kind="stable").reset_index(drop=True)
@@ -162,7 +168,7 @@ def best_test_accuracy_by_model(frame: pd.DataFrame) -> pd.DataFrame:
 
 def run_choices(db, search: str = "") -> list[dict[str, Any]]:
     """Runs for the detail picker (newest first), narrowed by a model / version / run id text."""
-    fields = ("run_id", "run_name", "model_name", "version", "start_time")
+    fields = ("run_id", "run_name", "model_name", "version", "step", "start_time")
     docs = list(db[TRAININGS].find({}, _projection(fields)))
     docs.sort(key=lambda d: d.get("start_time") or datetime.min.replace(tzinfo=UTC),
               reverse=True)
@@ -172,11 +178,20 @@ def run_choices(db, search: str = "") -> list[dict[str, Any]]:
     return docs
 
 
+def default_choice(choices: Sequence[dict[str, Any]]) -> int:
+    """Where the detail picker starts: the newest training run (an ensemble or export run has
+    no epochs or hyperparameters of its own), else the newest run."""
+    return next((i for i, d in enumerate(choices) if d.get("step") == TRAIN_STEP), 0)
+
+
 def run_label(doc: dict[str, Any]) -> str:
-    """How a run is named in pickers: `model v<version> · run name · run id`."""
+    """How a run is named in pickers: `lenet5 v1 — train · run id`, with the run name too
+    when it says more than `lenet5-v1` (a fold, a trial)."""
     version = doc.get("version")
     head = f"{doc.get('model_name') or '?'} v{version if version is not None else '?'}"
-    return f"{head} · {doc.get('run_name') or '-'} · {doc.get('run_id', '')}"
+    name = doc.get("run_name")
+    named = f" · {name}" if name and name != head.replace(" v", "-v") else ""
+    return f"{head} — {doc.get('step') or '?'}{named} · {doc.get('run_id', '')}"
 
 
 def run_detail(db, run_id: str) -> dict[str, Any] | None:
@@ -193,6 +208,49 @@ def registry_aliases(doc: dict[str, Any]) -> list[str]:
     return out
 
 
+def alias_text(registry: Any) -> str:
+    """A run's registry aliases as the tables show them, `@champion @challenger` ("" if none)."""
+    if not isinstance(registry, dict):
+        return ""
+    aliases = [a for v in registry.get("versions", []) for a in v.get("aliases", [])]
+    return " ".join(f"@{a}" for a in dict.fromkeys(aliases))
+
+
+def aliased(db, alias: str, experiments: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The runs whose registry version holds `alias` (one per registered model), with what the
+    page says about them: `registered` is that version's `name vN`."""
+    query: dict[str, Any] = {"registry.versions.aliases": alias}
+    if experiments:
+        query["experiment"] = {"$in": list(experiments)}
+    fields = ("run_id", "model_name", "version", "experiment", "test_accuracy", "val_accuracy",
+              "registry")
+    out = []
+    for doc in db[TRAININGS].find(query, _projection(fields)):
+        for version in doc.get("registry", {}).get("versions", []):
+            if alias in version.get("aliases", []):
+                registered = f"{version.get('name')} v{version.get('version')}"
+                out.append({**doc, "registered": registered})
+    return sorted(out, key=lambda d: d["registered"])
+
+
+def run_names(docs: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """run id -> `lenet5 v1`, the name charts and captions use; a name two runs share (same
+    model and version in two experiments) gets the experiment, then the run id, added."""
+    docs = list(docs)
+
+    def version(doc: dict[str, Any]) -> str:
+        value = doc.get("version")
+        return "?" if value is None or pd.isna(value) else humanize.number(value, "version")
+
+    names = {d["run_id"]: f"{d.get('model_name') or '?'} v{version(d)}" for d in docs}
+    for extra in (lambda d: d.get("experiment") or "?", lambda d: d["run_id"][:8]):
+        counts = pd.Series(list(names.values())).value_counts()
+        names = {d["run_id"]: (f"{names[d['run_id']]} ({extra(d)})"
+                               if counts[names[d["run_id"]]] > 1 else names[d["run_id"]])
+                 for d in docs}
+    return names
+
+
 def load_curves(db, run_ids: Sequence[str]) -> pd.DataFrame:
     """Per-epoch losses and accuracies of the given runs (CURVE_FIELDS, by run then epoch)."""
     if not run_ids:
@@ -206,11 +264,15 @@ def live_runs(db, now: datetime | None = None) -> pd.DataFrame:
     """Running and died runs from `status`, with progress, elapsed time and heartbeat age."""
     now = now or datetime.now(UTC)
     docs = list(db[STATUS].find({"status": {"$in": list(LIVE_STATUSES)}},
-                                _projection(LIVE_FIELDS)))
-    columns = [*LIVE_FIELDS, "progress", "elapsed_sec", "heartbeat_age_sec"]
+                                _projection((*LIVE_FIELDS, "progress"))))
+    columns = [*LIVE_FIELDS, "progress", "elapsed_sec", "heartbeat_age_sec", "epoch_fraction",
+               "epoch_text"]
     if not docs:
         return pd.DataFrame(columns=columns)
     for doc in docs:
+        beat = doc.pop("progress", None) or {}  # the heartbeat inside the current epoch
+        doc["epoch_fraction"] = beat.get("fraction")
+        doc["epoch_text"] = epoch_progress_text(beat) if beat.get("epoch") else None
         current, total = doc.get("current_epoch") or 0, doc.get("max_epochs")
         doc["progress"] = min(current / total, 1.0) if total else None
         start, beat = doc.get("start_time"), doc.get("last_heartbeat")
@@ -221,18 +283,24 @@ def live_runs(db, now: datetime | None = None) -> pd.DataFrame:
                              kind="stable").reset_index(drop=True)
 
 
+def epoch_progress_text(beat: dict[str, Any]) -> str:
+    """`epoch 3/10 · batch 40/120 · 812 img/s`: a status document's heartbeat `progress`,
+    each part only when the beat has it."""
+    parts = [f"epoch {beat['epoch']}/{beat.get('epochs') or '?'}"]
+    if beat.get("batch") is not None:
+        parts.append(f"batch {beat['batch']}/{beat.get('batches') or '?'}")
+    if beat.get("images_per_sec") is not None:
+        parts.append(f"{humanize.significant(beat['images_per_sec'])} img/s")
+    return " · ".join(parts)
+
+
 def _aware(moment: datetime) -> datetime:
     """A client opened without tz_aware hands back naive UTC datetimes: make them aware."""
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def format_seconds(seconds: float | None) -> str:
-    """`1h 02m`, `3m 07s`, `12s` (or `-`): durations as people read them."""
+    """humanize.duration (`12 s`, `3 min 07 s`, `1 h 02 min`), `—` when unknown."""
     if seconds is None or pd.isna(seconds):
-        return "-"
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+        return "—"
+    return humanize.duration(max(float(seconds), 0.0))

@@ -33,9 +33,9 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# The browser tests need /usr/bin/chromium, the report's PDF test pdftotext (poppler-utils):
-# install them when we can (root + apt), never fail because we cannot (the tests then skip
-# and say why).
+# The browser tests need /usr/bin/chromium, the report's PDF test pdftotext (poppler-utils),
+# the PostgreSQL tests initdb/postgres (postgresql): install them when we can (root + apt),
+# never fail because we cannot (the tests then skip and say why).
 chromium:
 	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && apt-get install -y chromium >/dev/null 2>&1; } \
@@ -43,6 +43,10 @@ chromium:
 	@command -v pdftotext >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && apt-get install -y poppler-utils >/dev/null 2>&1; } \
 	  || echo "poppler-utils not installed: the report PDF test will skip"
+	@{ command -v postgres >/dev/null || ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; } \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get install -y postgresql >/dev/null 2>&1; } \
+	  || echo "postgresql not installed: the PostgreSQL tests will skip"
 
 test: $(STAMP) chromium
 	$(BIN)/ruff check .

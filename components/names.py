@@ -36,6 +36,9 @@ EVALUATED_RUN_TAG = "cnnflow.evaluated_run_id"
 SPLIT_TAG = "cnnflow.split"  # which split an evaluate job run judged
 REGISTERED_VERSION_TAG = "cnnflow.registered_version"
 BEST_TRIAL_TAG = "cnnflow.best_trial"
+# + a tuned parameter: its best value (tags, not params: workers sharing one tune run
+# rewrite them as the study improves, and MLflow params cannot change).
+BEST_PARAM_TAG_PREFIX = "cnnflow.best."
 RETRAINED_RUN_TAG = "cnnflow.retrained_run_id"
 DECISION_REASON_TAG = "cnnflow.decision_reason"
 

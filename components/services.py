@@ -10,7 +10,14 @@ Which server a command uses (`service_uri`): the env var when set, else the serv
 (its record and a live pid), else a one-line ServiceError. Never a guessed default port.
 
 Files per service under the state folder: `<name>.pid` (the process id, which is also its
-process-group id), `<name>.json` (pid, url, host, port, started_at), `logs/<name>.log`.
+process-group id), `<name>.json` (pid, url, host, port, started_at; 0600 when the url holds a
+password), `logs/<name>.log`.
+
+MLflow's backend store is a `Backend` (`BACKENDS`: sqlite, postgresql) or an existing database
+(`up(backend_store_uri=...)`, logged into first). `postgresql` runs a PostgreSQL from the
+state folder (`postgres/`, password in `postgres.password`, 0600) as its own service, started
+a stage before MLflow and stopped after it; `LocalPostgres` is the same server for tests and
+benchmarks, `postgres_uri()` its URI for `tune --storage auto`.
 """
 
 from __future__ import annotations
@@ -36,8 +43,10 @@ from components.settings import (
     DEFAULT_HOST,
     DEFAULT_MLFLOW_PORT,
     DEFAULT_MONGO_PORT,
+    DEFAULT_POSTGRES_PORT,
     mask_text,
     mask_uri,
+    sqlalchemy_url,
     state_dir,
 )
 
@@ -63,10 +72,16 @@ class ServiceStatus:
 class ServiceSpec:
     """How to run one service: its command, where it listens, and how to tell it is ready.
 
-    `args(host, port, home)` returns the arguments after the executable; `url(host, port)` the
-    address clients use; `health(url, timeout)` raises when the server does not answer yet.
-    A service with no port (a follower process) leaves `default_port`, `url` and `health` None:
-    it counts as ready as long as its process lives.
+    `args(host, port, home)` returns the arguments after the executable; `url(host, port,
+    home)` the address clients use; `health(url, timeout)` raises when the server does not
+    answer yet. A service with no port (a follower process) leaves `default_port`, `url` and
+    `health` None: it counts as ready as long as its process lives.
+
+    The hooks a server with its own data folder needs (PostgreSQL): `locate(executable)` finds
+    the program, `prepare(home)` readies its folder before each start and returns extra Popen
+    keywords (the account to run as), `on_ready(url)` runs once it answers; `stage` orders the
+    starts (a lower stage answers before the next one starts: MLflow needs its database), and
+    `stop_signal` is what `down` sends first.
     """
 
     name: str
@@ -81,6 +96,12 @@ class ServiceSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     optional: bool = False  # started only when named (`cnnflow up --with-sync`)
     kind: str = ""  # what clients call it in "no <kind> server" ("MLflow", "MongoDB")
+    locate: Callable[[str], str] | None = None  # default: the venv's bin, then PATH
+    prepare: Callable[[Path], dict] | None = None
+    on_ready: Callable[[str], None] | None = None
+    stage: int = 1
+    stop_signal: int = signal.SIGTERM
+    stop_grace: float = STOP_GRACE_SECONDS
 
 
 SERVICES: dict[str, ServiceSpec] = {}
@@ -182,6 +203,252 @@ def mongo_unreachable(uri: str, exc: BaseException, timeout: float) -> str:
             "start it with `cnnflow up` or set MONGO_URI")
 
 
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+POSTGRES_ROLE = "cnnflow"  # the superuser initdb creates; MLflow's database belongs to it
+POSTGRES_SERVER_USER = "postgres"  # the account the server runs as when cnnflow runs as root
+
+
+def postgres_binary(name: str) -> str:
+    """Where a PostgreSQL program is: PATH first, then Debian's versioned folder (newest)."""
+    found = shutil.which(name)
+    if found:
+        return found
+
+    def version(path: Path) -> tuple[int, ...]:
+        return tuple(int(p) for p in re.findall(r"\d+", path.parent.parent.name))
+
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=version)
+    if candidates:
+        return str(candidates[-1])
+    raise ServiceError(f"PostgreSQL's `{name}` was not found on PATH or in "
+                       "/usr/lib/postgresql/*/bin: install PostgreSQL (apt-get install "
+                       "postgresql) or use `cnnflow up --backend-store-uri postgresql://...`")
+
+
+def postgres_process_user() -> dict:
+    """Popen keywords that run the server as a normal user: PostgreSQL refuses to run as
+    root, so as root cnnflow runs it as the `postgres` account (Debian's package makes it)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return {}
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(POSTGRES_SERVER_USER)
+    except KeyError:
+        raise ServiceError(
+            "PostgreSQL refuses to run as root and there is no `postgres` user to run it as: "
+            "create one (useradd --system postgres) or run cnnflow as a normal user") from None
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
+def _hand_over(path: Path, who: dict) -> None:
+    """Give `path` to the server's account (root only; a normal user owns it already)."""
+    if who:
+        os.chown(path, who["user"], who["group"])
+
+
+def _reachable_by(folder: Path, who: dict) -> None:
+    """As root, the server's account must be able to enter `folder` (every parent needs o+x)."""
+    if not who:
+        return
+    probe = subprocess.run(["test", "-x", str(folder)], **who, check=False)
+    if probe.returncode != 0:
+        raise ServiceError(
+            f"PostgreSQL runs as user `{POSTGRES_SERVER_USER}` (it refuses root), who cannot "
+            f"enter {_show(folder)}: choose a CNNFLOW_HOME it can reach or make the parent "
+            "folders traversable (chmod o+x)")
+
+
+def new_password() -> str:
+    """A random password that needs no quoting inside a URI (URL-safe base64 characters)."""
+    import secrets
+
+    return secrets.token_urlsafe(24)
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write `text` to a file only its owner can read (0600 from the first byte on)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
+def init_postgres(folder: Path, password: str, role: str = POSTGRES_ROLE) -> bool:
+    """initdb into `folder` once (False when it holds a cluster already): superuser `role`
+    with `password`, scram-sha-256 for every connection, so nothing gets in without it."""
+    folder = Path(folder)
+    if (folder / "PG_VERSION").is_file():
+        return False
+    who = postgres_process_user()
+    folder.mkdir(parents=True, exist_ok=True)
+    if any(folder.iterdir()):
+        raise ServiceError(f"{_show(folder)} is neither empty nor a PostgreSQL data folder: "
+                           "move it away and run `cnnflow up --backend postgresql` again")
+    _reachable_by(folder.parent, who)
+    _hand_over(folder, who)
+    folder.chmod(0o700)
+    pwfile = folder.parent / f".{folder.name}.pwfile"  # the server's account must read it
+    write_secret(pwfile, password + "\n")
+    _hand_over(pwfile, who)
+    try:
+        done = subprocess.run(
+            [postgres_binary("initdb"), "-D", str(folder), "-U", role, f"--pwfile={pwfile}",
+             "--auth=scram-sha-256", "--encoding=UTF8", "--locale=C"],
+            capture_output=True, text=True, check=False, **who)
+    finally:
+        pwfile.unlink(missing_ok=True)
+    if done.returncode != 0:
+        last = [ln for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
+        raise ServiceError(f"initdb failed in {_show(folder)}"
+                           + (f" ({mask_text(last[-1][:200])})" if last else ""))
+    return True
+
+
+# A throwaway server (tests, benchmarks) need not survive a power cut: no fsync, no waiting.
+NOT_DURABLE = ("fsync=off", "synchronous_commit=off", "full_page_writes=off")
+
+
+def postgres_args(folder: Path, host: str, port: int, durable: bool = True) -> list[str]:
+    """The server's arguments: TCP on host:port only (no Unix socket in a shared folder)."""
+    extra = [] if durable else [arg for setting in NOT_DURABLE for arg in ("-c", setting)]
+    return ["-D", str(folder), "-h", host, "-p", str(port), "-c", "unix_socket_directories=",
+            "-c", "logging_collector=off", *extra]
+
+
+def postgres_url(host: str, port: int, password: str | None, dbname: str,
+                 role: str = POSTGRES_ROLE) -> str:
+    """postgresql://role:password@host:port/dbname (SQLAlchemy reads it through psycopg2)."""
+    auth = f"{role}:{password}" if password else role
+    return f"postgresql://{auth}@{_url_host(host)}:{port}/{dbname}"
+
+
+def _pg_connect(uri: str, timeout: float):
+    """A psycopg2 connection; libpq reads only postgresql://, so a `+driver` is dropped."""
+    import psycopg2
+
+    libpq_uri = re.sub(r"^(postgres(?:ql)?)\+[^:]*:", r"\1:", uri, flags=re.IGNORECASE)
+    return psycopg2.connect(libpq_uri, connect_timeout=max(int(round(timeout)), 1))
+
+
+def _pg_ping(uri: str, timeout: float) -> None:
+    """A session that logs in and runs SELECT 1: the password and the database are right."""
+    conn = _pg_connect(uri, timeout)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+    finally:
+        conn.close()
+
+
+def create_database(uri: str, dbname: str, timeout: float = 10.0) -> bool:
+    """CREATE DATABASE `dbname` on the server behind `uri` unless it exists (True if made)."""
+    from psycopg2 import sql
+
+    conn = _pg_connect(uri, timeout)
+    try:
+        conn.autocommit = True  # CREATE DATABASE cannot run inside a transaction
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,))
+            if cur.fetchone():
+                return False
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+            return True
+    finally:
+        conn.close()
+
+
+def check_postgres(uri: str, timeout: float = 5.0) -> None:
+    """Fail early, with one masked line, when the PostgreSQL behind `uri` cannot be used
+    (down, wrong password, no such database)."""
+    try:
+        _pg_ping(uri, timeout)
+    except Exception as exc:
+        raise ServiceError(
+            f"PostgreSQL at {mask_uri(uri)} is not usable ({_pg_reason(exc, timeout)}): "
+            "check the URI, or let cnnflow run one with `cnnflow up --backend postgresql`"
+        ) from None
+
+
+def _pg_reason(exc: BaseException, timeout: float) -> str:
+    """libpq's multi-line message as a few words: its FATAL line, else its last line."""
+    text = str(exc)
+    fatal = re.findall(r"FATAL:\s*(.+)", text)
+    if fatal:
+        return mask_text(fatal[-1].strip()[:160])
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if "timeout expired" in text:
+        return f"no answer within {max(int(round(timeout)), 1)} s"
+    if lines and "refused" in text:
+        return "connection refused"
+    return mask_text(lines[-1][:160]) if lines else type(exc).__name__
+
+
+@dataclass
+class LocalPostgres:
+    """A PostgreSQL server in `folder`, run in the foreground of its own process group.
+
+    For tests and benchmarks (a throwaway server) and the bones of `cnnflow up --backend
+    postgresql`. `uri(dbname)` creates the database on first use and returns its full URI.
+    """
+
+    folder: Path
+    port: int
+    password: str
+    host: str = DEFAULT_HOST
+    role: str = POSTGRES_ROLE
+    log: Path | None = None
+    durable: bool = True  # False: fsync off, for a server thrown away afterwards
+    proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> LocalPostgres:
+        """initdb (first time), start the server and wait until it accepts the password."""
+        init_postgres(self.folder, self.password, self.role)
+        log = self.log or self.folder.parent / f"{self.folder.name}.log"
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [postgres_binary("postgres"),
+                 *postgres_args(self.folder, self.host, self.port, self.durable)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, **postgres_process_user())
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                _pg_ping(self.uri_of("postgres"), 2.0)
+                return self
+            except Exception as exc:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise ServiceError(
+                        f"PostgreSQL in {_show(self.folder)} did not start "
+                        f"({_last_log_line(log) or _pg_reason(exc, timeout)}) "
+                        f"(log: {_show(log)})") from None
+                time.sleep(0.2)
+
+    def uri_of(self, dbname: str) -> str:
+        """The URI of `dbname` on this server, password included (mask it before printing)."""
+        return postgres_url(self.host, self.port, self.password, dbname, self.role)
+
+    def uri(self, dbname: str = "postgres") -> str:
+        """The URI of database `dbname`, created on first use."""
+        create_database(self.uri_of("postgres"), dbname)
+        return self.uri_of(dbname)
+
+    def stop(self) -> None:
+        """A fast shutdown (SIGINT, as `pg_ctl stop -m fast`): clients cut, data flushed."""
+        if self.proc is not None:
+            stop_postgres(self.proc.pid)
+            self.proc = None
+
+
+def stop_postgres(pid: int, grace: float = 30.0) -> None:
+    """SIGINT (PostgreSQL's fast shutdown) to the server's group, SIGKILL only after `grace`."""
+    _stop(pid, grace, first=signal.SIGINT)
+
+
 # --------------------------------------------------------------------------- the registry
 
 
@@ -199,13 +466,75 @@ def _venv_executable(name: str) -> str:
     )
 
 
+POSTGRES_DATABASE = "mlflow"  # the database `up --backend postgresql` gives MLflow
+
+
+def _password_file(home: Path) -> Path:
+    return home / "postgres.password"
+
+
+def _read_password(home: Path | None) -> str | None:
+    if home is None:
+        return None
+    try:
+        return _password_file(Path(home)).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _prepare_postgres(home: Path) -> dict:
+    """Before each start: a password (made once, 0600) and a cluster (initdb, first time)."""
+    folder = home / "postgres"
+    password = _read_password(home)
+    if password is None:
+        if (folder / "PG_VERSION").is_file():
+            raise ServiceError(
+                f"{_show(_password_file(home))} is missing, and the PostgreSQL data in "
+                f"{_show(folder)} needs it: restore it, or move {_show(folder)} away to start "
+                "afresh")
+        password = new_password()
+        write_secret(_password_file(home), password + "\n")
+    who = postgres_process_user()
+    _reachable_by(home, who)
+    init_postgres(folder, password)
+    return who
+
+
+def _maintenance_url(url: str) -> str:
+    """The same server's `postgres` database: there whenever the server is, to create others."""
+    base, _, query = url.partition("?")
+    return base.rsplit("/", 1)[0] + "/postgres" + (f"?{query}" if query else "")
+
+
+register(ServiceSpec(
+    name="postgres",
+    label="PostgreSQL server (MLflow's backend store)",
+    executable="postgres",
+    locate=postgres_binary,
+    args=lambda host, port, home: postgres_args(home / "postgres", host, port),
+    kind="PostgreSQL",
+    default_port=DEFAULT_POSTGRES_PORT,
+    port_option="--postgres-port",
+    url=lambda host, port, home=None: postgres_url(host, port, _read_password(home),
+                                                  POSTGRES_DATABASE),
+    health=lambda url, timeout: _pg_ping(_maintenance_url(url), timeout),
+    on_ready=lambda url: create_database(_maintenance_url(url), POSTGRES_DATABASE) and None,
+    prepare=_prepare_postgres,
+    optional=True,  # started by `up --backend postgresql` (or `up postgres`)
+    stage=0,  # answers before MLflow starts on it
+    stop_signal=signal.SIGINT,  # PostgreSQL's fast shutdown, as `pg_ctl stop -m fast`
+    stop_grace=30.0,
+))
+
+
 register(ServiceSpec(
     name="mlflow",
     label="MLflow tracking server",
     executable="mlflow",
+    # The backend store comes in MLFLOW_BACKEND_STORE_URI (see `up`): it may hold a
+    # password, which a command line would show to every user of the machine.
     args=lambda host, port, home: [
         "server",
-        "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
         "--artifacts-destination", str(home / "artifacts"),
         "--host", host, "--port", str(port), "--workers", "1",
     ],
@@ -213,7 +542,7 @@ register(ServiceSpec(
     kind="MLflow",
     default_port=DEFAULT_MLFLOW_PORT,
     port_option="--mlflow-port",
-    url=lambda host, port: f"http://{_url_host(host)}:{port}",
+    url=lambda host, port, home=None: f"http://{_url_host(host)}:{port}",
     health=_http_health,
     # No telemetry from what the project starts. MLflow's GenAI job runner (7 extra
     # huey processes, ~2 s of start-up) serves nothing cnnflow does, so it stays off.
@@ -232,7 +561,7 @@ register(ServiceSpec(
     kind="MongoDB",
     default_port=DEFAULT_MONGO_PORT,
     port_option="--mongo-port",
-    url=lambda host, port: f"mongodb://{_url_host(host)}:{port}",
+    url=lambda host, port, home=None: f"mongodb://{_url_host(host)}:{port}",
     health=_mongo_ping,
 ))
 
@@ -377,9 +706,9 @@ def _signal_group(pid: int, sig: int) -> None:
             pass
 
 
-def _stop(pid: int, grace: float = STOP_GRACE_SECONDS) -> None:
-    """SIGTERM the process group, wait up to `grace` seconds, then SIGKILL what is left."""
-    _signal_group(pid, signal.SIGTERM)
+def _stop(pid: int, grace: float = STOP_GRACE_SECONDS, first: int = signal.SIGTERM) -> None:
+    """`first` (SIGTERM) to the process group, wait up to `grace` seconds, then SIGKILL."""
+    _signal_group(pid, first)
     for sig, wait in ((signal.SIGKILL, grace), (None, 5.0)):
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
@@ -552,6 +881,53 @@ def mongo_uri(home: Path | None = None) -> str:
     return service_uri("mongo", home)
 
 
+def postgres_uri(home: Path | None = None) -> str | None:
+    """The URI (password included) of the PostgreSQL `cnnflow up --backend postgresql` runs,
+    database `mlflow`; None when it is not running. For `tune --storage auto`: mask it before
+    printing. Another database on that server: replace the path (`create_database` makes it)."""
+    return _recorded_url(_home(home), SERVICES["postgres"]) or None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where the MLflow server `up` starts keeps its runs: `store(home)` gives the backend
+    store URI, once the local server it `needs` (started first) answers."""
+
+    name: str
+    store: Callable[[Path], str]
+    needs: str | None = None
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Add a choice for `cnnflow up --backend`; returns it so it can be kept."""
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+register_backend(Backend("sqlite", lambda home: f"sqlite:///{home / 'mlflow.db'}"))
+register_backend(Backend("postgresql", lambda home: postgres_uri(home) or "", needs="postgres"))
+
+# Checks of a `--backend-store-uri` by scheme (before `+driver`): one line before any start.
+STORE_CHECKS: dict[str, Callable[[str, float], None]] = {
+    "postgresql": check_postgres,
+    "postgres": check_postgres,
+}
+
+EXPLICIT_STORE = "uri"  # the backend name recorded for `up --backend-store-uri`
+
+
+def check_store(uri: str, timeout: float = 10.0) -> None:
+    """Probe an existing backend store (PostgreSQL: log in) so a wrong host or password is one
+    masked line before MLflow starts on it; stores without a check pass through."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
+    check = STORE_CHECKS.get(scheme)
+    if check is not None:
+        check(uri, timeout)
+
+
 def status(names: Iterable[str] | None = None, home: Path | None = None,
            timeout: float = 2.0) -> list[ServiceStatus]:
     """Each service as running / unhealthy (process up, not answering) / stopped / external."""
@@ -574,47 +950,92 @@ def status(names: Iterable[str] | None = None, home: Path | None = None,
     return result
 
 
-def _start(spec: ServiceSpec, host: str, port: int | None, home: Path) -> tuple[
-        subprocess.Popen, str]:
-    """Launch one service in its own session, logging to logs/<name>.log; record pid and url."""
-    command = [_venv_executable(spec.executable), *spec.args(host, port, home)]
-    url = spec.url(host, port) if spec.url is not None and port is not None else ""
+def _start(spec: ServiceSpec, host: str, port: int | None, home: Path,
+           env: Mapping[str, str] | None = None, note: Mapping[str, str] | None = None,
+           ) -> tuple[subprocess.Popen, str]:
+    """Launch one service in its own session, logging to logs/<name>.log; record pid and url.
+
+    `env` adds variables (MLflow's store URI); `note` adds masked fields to the record and the
+    log's header. A record whose url holds a password is written 0600.
+    """
+    command = [(spec.locate or _venv_executable)(spec.executable),
+               *spec.args(host, port, home)]
+    extra = spec.prepare(home) if spec.prepare is not None else {}
+    url = spec.url(host, port, home) if spec.url is not None and port is not None else ""
     log = _log_file(home, spec.name)
     log.parent.mkdir(parents=True, exist_ok=True)
     # CNNFLOW_HOME: a follower started here finds the servers `up` recorded in this folder.
-    env = {**os.environ, **spec.env, "CNNFLOW_HOME": str(home)}
+    full_env = {**os.environ, **spec.env, **(env or {}), "CNNFLOW_HOME": str(home)}
+    shown = "".join(f" ({key} {value})" for key, value in (note or {}).items())
     with open(log, "ab") as out:
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
-        out.write(f"--- cnnflow up {stamp}: {' '.join(command)}\n".encode())
+        out.write(f"--- cnnflow up {stamp}: {' '.join(command)}{shown}\n".encode())
         out.flush()
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=home, env=env,
-                                start_new_session=True)
+                                stderr=subprocess.STDOUT, cwd=home, env=full_env,
+                                start_new_session=True, **extra)
     _pid_file(home, spec.name).write_text(f"{proc.pid}\n")
     record = {"name": spec.name, "pid": proc.pid, "url": url, "host": host, "port": port,
-              "started_at": time.time(), "log": str(log)}
-    _record_file(home, spec.name).write_text(json.dumps(record, indent=2) + "\n")
+              "started_at": time.time(), "log": str(log), **(note or {})}
+    text = json.dumps(record, indent=2) + "\n"
+    if mask_uri(url) != url:
+        write_secret(_record_file(home, spec.name), text)
+    else:
+        _record_file(home, spec.name).write_text(text)
     return proc, url
+
+
+def _mlflow_backend(home: Path, backend: str | None, store_uri: str | None) -> str:
+    """The backend MLflow runs (or is to run) on: the one asked for, else the one the running
+    server records, else sqlite. A running server on another one is a one-line error."""
+    if backend is not None and store_uri:
+        raise ServiceError("give either --backend or --backend-store-uri, not both")
+    wanted = EXPLICIT_STORE if store_uri else backend
+    if wanted is not None and wanted != EXPLICIT_STORE and wanted not in BACKENDS:
+        raise ServiceError(f"unknown backend {wanted!r}; choose from {', '.join(BACKENDS)}")
+    spec = SERVICES["mlflow"]
+    if _external(spec) or _running_pid(home, spec) is None:
+        return wanted or "sqlite"
+    record = _read_record(home, "mlflow")
+    running = str(record.get("backend", "sqlite"))
+    same = wanted is None or (running == wanted and (
+        not store_uri or record.get("store") == mask_uri(store_uri)))
+    if not same:
+        raise ServiceError(
+            f"mlflow is already running on {record.get('store') or running}: "
+            "stop it with `cnnflow down mlflow` first, then run `cnnflow up` again")
+    return running
 
 
 def up(host: str = DEFAULT_HOST, mlflow_port: int = DEFAULT_MLFLOW_PORT,
        mongo_port: int = DEFAULT_MONGO_PORT, timeout: float = 90, *,
        names: Iterable[str] | None = None, ports: Mapping[str, int] | None = None,
-       home: Path | None = None) -> list[ServiceStatus]:
+       home: Path | None = None, backend: str | None = None,
+       backend_store_uri: str | None = None) -> list[ServiceStatus]:
     """Start every service (or those in `names`) that is neither external nor already running.
 
-    All are launched before any is waited for, so the slow MLflow start overlaps Mongo's.
-    A service that dies or stays silent past `timeout` seconds is stopped and reported in a
-    ServiceError naming its log; the ones that came up are left running.
+    MLflow's store: `backend` (a BACKENDS name, sqlite by default; postgresql also starts the
+    `postgres` service) or an existing database at `backend_store_uri` (probed first).
+    Services start in stages (PostgreSQL answers before MLflow starts); within a stage all are
+    launched before any is waited for, so the slow MLflow start overlaps Mongo's. A service
+    that dies or stays silent past `timeout` seconds is stopped and reported in a ServiceError
+    naming its log; the ones that came up are left running, later stages are not started.
     """
     home = _home(home)
     home.mkdir(parents=True, exist_ok=True)
     port_of = {"mlflow": mlflow_port, "mongo": mongo_port, **(ports or {})}
     specs = _select(names) if names is not None else [
         s for s in SERVICES.values() if not s.optional]
+    chosen = _mlflow_backend(home, backend, backend_store_uri)
+    mlflow_spec = SERVICES["mlflow"]
+    if mlflow_spec in specs and not _external(mlflow_spec):
+        needs = BACKENDS[chosen].needs if chosen in BACKENDS else None
+        if needs and SERVICES[needs] not in specs:
+            specs = [SERVICES[needs], *specs]
+    specs = [s for s in SERVICES.values() if s in specs]  # registry order
     done: dict[str, ServiceStatus] = {}
     # name -> (spec, pid, url, Popen when we started it now)
-    waiting: dict[str, tuple[ServiceSpec, int, str, subprocess.Popen | None]] = {}
+    running: dict[str, tuple[ServiceSpec, int, str, subprocess.Popen | None]] = {}
     to_start: list[tuple[ServiceSpec, int | None]] = []
 
     for spec in specs:
@@ -625,7 +1046,7 @@ def up(host: str = DEFAULT_HOST, mlflow_port: int = DEFAULT_MLFLOW_PORT,
         pid = _running_pid(home, spec)
         if pid is not None:
             url = str(_read_record(home, spec.name).get("url", ""))
-            waiting[spec.name] = (spec, pid, url, None)
+            running[spec.name] = (spec, pid, url, None)
             continue
         _clean_stale(home, spec)
         port = port_of.get(spec.name, spec.default_port)
@@ -634,20 +1055,39 @@ def up(host: str = DEFAULT_HOST, mlflow_port: int = DEFAULT_MLFLOW_PORT,
             if problem:
                 raise ServiceError(problem)
         to_start.append((spec, port))
+    if backend_store_uri and any(spec is mlflow_spec for spec, _ in to_start):
+        check_store(backend_store_uri, min(timeout, 10.0))
 
-    started: list[subprocess.Popen] = []
-    try:
-        for spec, port in to_start:
-            proc, url = _start(spec, host, port, home)
-            started.append(proc)
-            waiting[spec.name] = (spec, proc.pid, url, proc)
-    except BaseException:
-        for proc in started:
-            _stop(proc.pid)
-        for spec, _ in to_start:
-            _forget(home, spec.name)
-        raise
+    for stage in sorted({spec.stage for spec in specs}):
+        waiting = {name: item for name, item in running.items() if item[0].stage == stage}
+        started: list[tuple[ServiceSpec, subprocess.Popen]] = []
+        try:
+            for spec, port in to_start:
+                if spec.stage != stage:
+                    continue
+                env, note = {}, {}
+                if spec is mlflow_spec:
+                    store = backend_store_uri or BACKENDS[chosen].store(home)
+                    env = {"MLFLOW_BACKEND_STORE_URI": sqlalchemy_url(store)}
+                    note = {"backend": chosen, "store": mask_uri(store)}
+                proc, url = _start(spec, host, port, home, env, note)
+                started.append((spec, proc))
+                waiting[spec.name] = (spec, proc.pid, url, proc)
+        except BaseException:
+            for spec, proc in started:
+                _stop(proc.pid, spec.stop_grace, spec.stop_signal)
+                _forget(home, spec.name)
+            raise
+        errors = _wait(waiting, home, timeout, done)
+        if errors:
+            raise ServiceError("; ".join(errors))
+    return [done[spec.name] for spec in specs]
 
+
+def _wait(waiting: dict[str, tuple[ServiceSpec, int, str, subprocess.Popen | None]],
+          home: Path, timeout: float, done: dict[str, ServiceStatus]) -> list[str]:
+    """Wait until each service answers (then run its on_ready), dies or runs out of time;
+    the ones that answered go into `done`, the others come back as one message each."""
     errors: list[str] = []
     deadline = time.monotonic() + timeout
     while waiting:
@@ -663,6 +1103,13 @@ def up(host: str = DEFAULT_HOST, mlflow_port: int = DEFAULT_MLFLOW_PORT,
                               + (f" ({last})" if last else "") + f" (log: {_show(log)})")
             elif _healthy(spec, url, min(1.0, max(deadline - time.monotonic(), 0.1))):
                 del waiting[name]
+                try:
+                    if spec.on_ready is not None:
+                        spec.on_ready(url)
+                except Exception as exc:
+                    errors.append(f"{name}: the {spec.label} answers but could not be set up "
+                                  f"({short_reason(exc, timeout)}) (log: {_show(log)})")
+                    continue
                 done[name] = ServiceStatus(name, "running", mask_uri(url), pid, log)
         if not waiting:
             break
@@ -670,7 +1117,7 @@ def up(host: str = DEFAULT_HOST, mlflow_port: int = DEFAULT_MLFLOW_PORT,
             for name, (spec, pid, url, proc) in waiting.items():
                 log = _log_file(home, name)
                 if proc is not None:
-                    _stop(pid)
+                    _stop(pid, spec.stop_grace, spec.stop_signal)
                     _forget(home, name)
                     errors.append(
                         f"{name}: the {spec.label} did not answer at {mask_uri(url)} within "
@@ -682,23 +1129,25 @@ def up(host: str = DEFAULT_HOST, mlflow_port: int = DEFAULT_MLFLOW_PORT,
                         f"run `cnnflow down` then `cnnflow up` (log: {_show(log)})")
             break
         time.sleep(0.2)
-
-    if errors:
-        raise ServiceError("; ".join(errors))
-    return [done[spec.name] for spec in specs]
+    return errors
 
 
 def down(names: Iterable[str] | None = None, home: Path | None = None) -> list[ServiceStatus]:
-    """Stop what `up` started (by pid file, whole process group); external servers are untouched."""
+    """Stop what `up` started (by pid file, whole process group); external servers are untouched.
+
+    In reverse start order, so MLflow lets go of PostgreSQL before PostgreSQL shuts down.
+    """
     home = _home(home)
-    result = []
-    for spec in _select(names):
-        external = _external(spec)
-        log = _log_file(home, spec.name)
+    specs = _select(names)
+    for spec in reversed([s for s in SERVICES.values() if s in specs]):
         pid = _running_pid(home, spec)
         if pid is not None:
-            _stop(pid)
+            _stop(pid, spec.stop_grace, spec.stop_signal)
         _clean_stale(home, spec)
+    result = []
+    for spec in specs:
+        external = _external(spec)
+        log = _log_file(home, spec.name)
         if external:
             result.append(ServiceStatus(spec.name, "external", mask_uri(external)))
         else:

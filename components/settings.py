@@ -12,6 +12,7 @@ from pathlib import Path
 
 DEFAULT_MLFLOW_PORT = 5000
 DEFAULT_MONGO_PORT = 27017
+DEFAULT_POSTGRES_PORT = 5432  # where `cnnflow up --backend postgresql` starts its server
 DEFAULT_HOST = "127.0.0.1"
 
 
@@ -39,3 +40,14 @@ def mask_uri(uri: str | None) -> str:
 def mask_text(text: str) -> str:
     """Mask every URI password inside a free-form message (errors, log lines)."""
     return re.sub(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"]+", lambda m: mask_uri(m.group(0)), text)
+
+
+# SQLAlchemy 2.1 reads a bare postgresql:// as the psycopg (3) driver; cnnflow ships psycopg2.
+_SQLALCHEMY_DRIVERS = {"postgresql": "postgresql+psycopg2", "postgres": "postgresql+psycopg2"}
+
+
+def sqlalchemy_url(uri: str) -> str:
+    """`uri` with the database driver cnnflow installs named, for SQLAlchemy (MLflow's store,
+    Optuna's storage): postgresql://... becomes postgresql+psycopg2://...; others unchanged."""
+    scheme, sep, rest = uri.partition("://")
+    return f"{_SQLALCHEMY_DRIVERS.get(scheme.lower(), scheme)}{sep}{rest}" if sep else uri

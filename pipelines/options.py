@@ -85,6 +85,8 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except (CnnflowError, FileNotFoundError) as exc:
+        if getattr(exc, "said_elsewhere", False):  # a peer process printed the same line
+            sys.exit(1)
         raise click.ClickException(mask_text(one_line(exc))) from None
     except KeyboardInterrupt:
         click.echo("interrupted: the run was marked KILLED", err=True)

@@ -8,7 +8,12 @@ from collections.abc import Callable
 import click
 
 from components import services
-from components.settings import DEFAULT_HOST, DEFAULT_MLFLOW_PORT, DEFAULT_MONGO_PORT
+from components.settings import (
+    DEFAULT_HOST,
+    DEFAULT_MLFLOW_PORT,
+    DEFAULT_MONGO_PORT,
+    DEFAULT_POSTGRES_PORT,
+)
 from pipelines.options import bool_option
 
 _NAMES = click.argument("names", nargs=-1, metavar="[SERVICE]...",
@@ -31,18 +36,29 @@ def _report(call: Callable[[], list[services.ServiceStatus]]) -> list[services.S
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to bind.")
 @click.option("--mlflow-port", default=DEFAULT_MLFLOW_PORT, show_default=True, type=int)
 @click.option("--mongo-port", default=DEFAULT_MONGO_PORT, show_default=True, type=int)
+@click.option("--postgres-port", default=DEFAULT_POSTGRES_PORT, show_default=True, type=int,
+              help="Port of the PostgreSQL that `--backend postgresql` starts.")
+@click.option("--backend", type=click.Choice(sorted(services.BACKENDS)), default=None,
+              help="MLflow's backend store: sqlite (the default) or a PostgreSQL cnnflow "
+                   "runs in the state folder (password in postgres.password, 0600).")
+@click.option("--backend-store-uri", default=None, metavar="URI",
+              help="Run MLflow on an existing database instead, e.g. "
+                   "postgresql://user:password@host:5432/mlflow (checked before starting).")
 @click.option("--timeout", default=90.0, show_default=True, type=float,
               help="Seconds to wait for each server to answer.")
 @bool_option("--with-sync", False,
              "Also start the Mongo mirror follower (`cnnflow sync --follow true`).")
-def up(names: tuple[str, ...], host: str, mlflow_port: int, mongo_port: int,
-       timeout: float, with_sync: bool) -> None:
+def up(names: tuple[str, ...], host: str, mlflow_port: int, mongo_port: int, postgres_port: int,
+       backend: str | None, backend_store_uri: str | None, timeout: float,
+       with_sync: bool) -> None:
     """Start the local servers not configured by MLFLOW_TRACKING_URI / MONGO_URI."""
     selected = list(names) or None
     if with_sync:
         selected = list(dict.fromkeys([*(selected or services.default_names()), "sync"]))
-    result = _report(lambda: services.up(host, mlflow_port, mongo_port, timeout,
-                                         names=selected))
+    result = _report(lambda: services.up(
+        host, mlflow_port, mongo_port, timeout, names=selected,
+        ports={"postgres": postgres_port}, backend=backend,
+        backend_store_uri=backend_store_uri))
     for item in result:
         if item.name == "mlflow" and item.url:
             # The experiments list in the UI's model-training mode, not its GenAI home page.

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
+import os
 import sys
 
 import click
 
-from components.params import bool_text
+from components.params import ParamError, bool_text
 from components.steps.params import TrainParams
 from pipelines.options import (
     dataclass_options,
@@ -25,13 +25,12 @@ from pipelines.options import (
 @dataclass_options(TrainParams)
 def train(**kwargs) -> None:
     """Train one model; every epoch is logged to MLflow as it happens."""
-    from components.nn.distributed import env_world_size
+    params = TrainParams(**kwargs)
+    if (params.nproc > 1 or params.nnodes > 1) and os.environ.get("WORLD_SIZE", "1") == "1":
+        _launch(params)  # not yet under torchrun: start it
+        return
     from components.steps.train import train as run_training
 
-    params = TrainParams(**kwargs)
-    if params.nproc > 1 and env_world_size() == 1:
-        _launch(params)
-        return
     if params.cv:
         _train_cv(params)
         return
@@ -48,24 +47,49 @@ def train(**kwargs) -> None:
               "test metrics, cost, and a registry version")
 
 
-def _launch(params: TrainParams) -> None:
-    """Re-run this command under torchrun, N processes on this machine; exit with its code.
+# Options torchrun acts on: the workers read the world it made from its environment instead.
+LAUNCH_OPTIONS = ("nproc", "nnodes", *TrainParams.LAUNCH)
 
-    Validated here first, so a bad value is one line and no worker starts.
+
+def _launch(params: TrainParams) -> None:
+    """Re-run this command under torchrun: nproc processes on this machine, which joins
+    nnodes machines at rdzv_endpoint when there are several; exit with its code.
+
+    Validated here first, so a bad value is one line and no worker starts; a rendezvous that
+    fails is one line too, and no MLflow run exists by then (rank 0 opens it after).
     """
+    _quiet_cpp_warnings()
+    from components.nn.distributed import launch
+
     with user_errors():
         params.validate()
-        job_run_id(params.experiment, reachable_tracking_uri())  # before any worker starts
+        job = job_run_id(params.experiment, reachable_tracking_uri())  # before any worker
+        if job and params.nnodes > 1:
+            raise ParamError("nnodes > 1 starts with `cnnflow train` on every node: under "
+                             "`mlflow run` each node would have its own run")
     args = []
     for field in dataclasses.fields(TrainParams):
-        if field.name == "nproc":  # workers read WORLD_SIZE; torchrun would take --nproc
-            continue
-        args += [option_name(field.name), str(bool_text(getattr(params, field.name)))]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={params.nproc}", "-m", "pipelines.train", *args]
-    code = subprocess.run(command).returncode
+        if field.name not in LAUNCH_OPTIONS:
+            args += [option_name(field.name), str(bool_text(getattr(params, field.name)))]
+    with user_errors():
+        code = launch(["pipelines.train", *args], params.nproc, params.nnodes,
+                      params.node_rank, params.rdzv_endpoint, params.rdzv_timeout)
     if code:
         sys.exit(code)
+
+
+def _quiet_cpp_warnings() -> None:
+    """Keep torch's C++ warnings out of the launcher: when node 0 finishes first, another
+    node's agent warns with a stack trace that its store is gone, after a run that went
+    well. TORCH_CPP_LOG_LEVEL is read once, as torch loads (a user's own value wins); the
+    workers get the environment back as it was."""
+    if "torch" in sys.modules or "TORCH_CPP_LOG_LEVEL" in os.environ:
+        return
+    os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
+    try:
+        import torch  # noqa: F401 - loads libc10, which reads the level now
+    finally:
+        del os.environ["TORCH_CPP_LOG_LEVEL"]
 
 
 def _train_cv(params: TrainParams) -> None:

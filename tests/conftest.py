@@ -75,6 +75,43 @@ def mongo_server(services_home: Path):
     yield from _serve("mongo", services_home, mongo_port=free_port())
 
 
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL on 127.0.0.1 (password auth) for the whole session.
+
+    Yields a `components.services.LocalPostgres`: `.uri(dbname)` creates the database on first
+    use and returns `postgresql://cnnflow:<password>@127.0.0.1:<port>/<dbname>`; `.password`,
+    `.port`, `.host`. Skips with the reason when PostgreSQL is not installed or cannot start.
+    """
+    import shutil
+    import tempfile
+
+    from components import services
+
+    try:
+        services.postgres_binary("postgres")
+        services.postgres_binary("initdb")
+        services.postgres_process_user()
+    except services.ServiceError as exc:
+        pytest.skip(str(exc))
+    # Under /tmp, not pytest's 0700 folders: as root the server runs as `postgres`, who
+    # must be able to enter its data folder.
+    root = Path(tempfile.mkdtemp(prefix="cnnflow-pg-"))
+    root.chmod(0o711)
+    server = services.LocalPostgres(root / "data", port=free_port(),
+                                    password=services.new_password(), durable=False)
+    try:
+        server.start()
+    except services.ServiceError as exc:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.skip(f"PostgreSQL did not start: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- messy datasets
 
 

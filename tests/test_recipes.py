@@ -52,14 +52,14 @@ def train_cli(*args: str):
     (["--grad-accum", "2", "--scheduler", "onecycle"], {"grad_accum": "2"}),
     (["--clip-grad-norm", "1.0"], {"clip_grad_norm": "1.0"}),
     (["--sampling", "balanced"], {"sampling": "balanced"}),
-    (["--recipe", "small-data"], {"recipe": "small-data", "mixup": "0.2", "ema": "0.99",
-                                  "augmentation": "strong", "label_smoothing": "0.1",
-                                  "scheduler": "cosine"}),
+    (["--recipe", "small-photos"], {"recipe": "small-photos", "mixup": "0.2", "ema": "0.99",
+                                    "augmentation": "strong", "label_smoothing": "0.1",
+                                    "scheduler": "cosine"}),
     # A value passed explicitly wins over the preset's.
     (["--recipe", "small-data", "--mixup", "0.4"], {"recipe": "small-data", "mixup": "0.4",
                                                     "ema": "0.99"}),
 ], ids=["mixup", "cutmix", "mixup+cutmix", "ema", "grad_accum", "clip", "balanced",
-        "small-data", "small-data-override"])
+        "small-photos", "small-data-override"])
 def test_each_recipe_trains_two_epochs_and_logs_its_parameters(tracking, digits_small, args,
                                                                logged):
     experiment = "recipe-" + "-".join(a.strip("-") for a in args)
@@ -93,7 +93,7 @@ def test_ema_model_is_validated_checkpointed_and_logged(tracking, digits_small, 
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--recipe", "tiny"], "unknown recipe 'tiny': choose one of none, small-data"),
+    (["--recipe", "tiny"], "unknown recipe 'tiny': choose one of none, small-data, small-photos"),
     (["--sampling", "oversample"], "unknown sampling 'oversample': use one of balanced, none"),
     (["--ema", "1"], "ema=1 is not below 1"),
     (["--grad-accum", "0"], "grad_accum=0 is below 1"),
@@ -268,6 +268,6 @@ def test_tune_refuses_a_space_value_the_recipe_would_replace():
                                         r"small-data turns into 0.2 in every trial"):
         check(TuneParams(recipe="small-data", space="mixup: [0.0, 0.4]"))
     with pytest.raises(TuneError, match="augmentation: the space holds 'light'"):
-        check(TuneParams(space="recipe: [none, small-data]; augmentation: [light, strong]"))
+        check(TuneParams(space="recipe: [none, small-photos]; augmentation: [light, strong]"))
     check(TuneParams(recipe="small-data", space="mixup: [0.1, 0.4]; ema: uniform(0.9, 0.99)"))
     check(TuneParams(space="recipe: [none, small-data]; lr: loguniform(1e-4, 1e-2)"))

@@ -94,7 +94,7 @@ def test_trials_are_nested_runs_best_params_logged_and_pruned_trial_killed(
     assert len(done) == 2
     study = optuna.load_study(study_name="nested", storage=storage)
     best = study.best_trial
-    assert parent.data.params["best_lr"] == str(best.params["lr"])
+    assert parent.data.tags["cnnflow.best.lr"] == str(best.params["lr"])
     assert parent.data.metrics["best_value"] == pytest.approx(best.value)
     assert parent.data.metrics["n_trials_pruned"] == 1
     assert parent.data.tags["cnnflow.best_run_id"] == best.user_attrs["run_id"]
@@ -133,8 +133,9 @@ def test_two_workers_share_one_study(mlflow_server, image_folder, tmp_path):
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     client = MlflowClient(mlflow_server)
     runs = runs_of(client, "shared")
-    parents = [r for r in runs if r.data.tags.get("cnnflow.step") == "tune"]
-    assert len(parents) == 2
+    (parent,) = [r for r in runs if r.data.tags.get("cnnflow.step") == "tune"]  # shared
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs
+            if "cnnflow.trial" in r.data.tags} == {parent.info.run_id}
     trial_tags = sorted(r.data.tags["cnnflow.trial"] for r in runs
                         if "cnnflow.trial" in r.data.tags)
     assert trial_tags == ["0", "1", "2", "3"]

@@ -288,6 +288,15 @@ class TrainParams(DataParams, TrainRecipe, RuntimeParams):
                                     "scanning `data`.")
     nproc: int = param(1, "Training processes (DistributedDataParallel via torchrun: gloo on "
                           "CPU, one GPU each with NCCL); batch_size is per process.", ge=1)
+    nnodes: int = param(1, "Machines training together (torchrun c10d rendezvous; run "
+                           "`cnnflow train` on each with the same options); nproc is per "
+                           "machine.", ge=1)
+    node_rank: int = param(0, "This machine's number, 0 to nnodes-1: node 0 hosts the "
+                              "rendezvous; start it first.", ge=0)
+    rdzv_endpoint: str = param("", "HOST:PORT of node 0's rendezvous (a free port there), the "
+                                   "same on every node; needed with nnodes > 1.")
+    rdzv_timeout: float = param(300.0, "Seconds a node waits for the rendezvous: to reach node "
+                                       "0, and node 0 for the others.", gt=0)
     resume: str = param("", "Run id of an unfinished run to continue from its last "
                             "checkpoint.")
     cv: int = param(0, "Stratified K-fold cross-validation over train+val (test untouched); "
@@ -305,12 +314,15 @@ class TrainParams(DataParams, TrainRecipe, RuntimeParams):
 
     # Parameters that describe the run, not the result; a resumed run may change them.
     RUNTIME = ("device", "amp", "num_workers", "resume", "experiment", "log_timeout",
-               "heartbeat", "system_metrics", "compile")
+               "heartbeat", "system_metrics", "compile", "node_rank", "rdzv_endpoint",
+               "rdzv_timeout")
+    # How the processes were started: not logged (each node has its own), not the result's.
+    LAUNCH = ("node_rank", "rdzv_endpoint", "rdzv_timeout")
 
     def validate(self) -> None:
         """Cheap checks first, so a typo never creates an empty MLflow run."""
         from components.data.datasets import check_ratios, check_sampling
-        from components.nn.distributed import check_nproc
+        from components.nn.distributed import check_nodes, check_nproc
         from components.nn.engine import check_config
 
         if self.cv < 0 or self.cv == 1:  # a rule, not a range: said first
@@ -330,21 +342,23 @@ class TrainParams(DataParams, TrainRecipe, RuntimeParams):
             raise ParamError("cv and extra_train read the image folder: drop "
                              "--preprocess-run, or use it without --cv / --extra-train")
         check_nproc(self.nproc, self.device)
-        if self.nproc > 1 and (self.resume or self.cv or self.preprocess_run):
-            raise ParamError("nproc > 1 trains a new run from the image folder: drop "
-                             "--resume / --cv / --preprocess-run, or use --nproc 1")
-        if self.nproc > 1 and self.lr_value() is None:
+        check_nodes(self.nnodes, self.node_rank, self.rdzv_endpoint)
+        many = "nproc" if self.nproc > 1 else "nnodes" if self.nnodes > 1 else ""
+        if many and (self.resume or self.cv or self.preprocess_run):
+            raise ParamError(f"{many} > 1 trains a new run from the image folder: drop "
+                             f"--resume / --cv / --preprocess-run, or use --{many} 1")
+        if many and self.lr_value() is None:
             raise ParamError("lr=auto runs the range test in one process: find the LR with "
-                             "`cnnflow lr-find`, then pass it with --lr to --nproc N")
+                             f"`cnnflow lr-find`, then pass it with --lr to --{many} N")
         check_recipe(self.recipe)
-        check_sampling(self.sampling, self.nproc)
+        check_sampling(self.sampling, self.nproc * self.nnodes)
         check_config(self.engine_config())
 
     def logged(self) -> dict[str, Any]:
         """Params of the run. An empty `preprocess_run` is left out: `mlflow run` logs an empty
         value itself (as "''"), and MLflow refuses a second, different value."""
         return {f.name: bool_text(getattr(self, f.name)) for f in fields(self)
-                if f.name not in ("resume", "experiment")
+                if f.name not in ("resume", "experiment", *self.LAUNCH)
                 and not (f.name in ("preprocess_run", "extra_train", "exclude_file")
                          and not getattr(self, f.name))}
 
@@ -542,6 +556,10 @@ def explicit_vote_weights(spec: str) -> list[float] | None:
     return values
 
 
+# The database `--storage auto` keeps studies in, on the PostgreSQL `cnnflow up` started.
+OPTUNA_DATABASE = "optuna"
+
+
 @dataclass
 class TuneParams(DataParams, TrainRecipe, RuntimeParams):
     """`cnnflow tune` / `mlflow run . -e tune`. The training fields are the trials' base
@@ -568,7 +586,9 @@ class TuneParams(DataParams, TrainRecipe, RuntimeParams):
     sampler: str = param("tpe", "tpe | random | grid (grid: every parameter a list).")
     pruner: str = param("median", "median | hyperband | none.")
     storage: str = param("", "Optuna storage URL (default: sqlite under .cnnflow/); a "
-                             "PostgreSQL URL lets workers on many machines share a study.")
+                             "PostgreSQL URL lets workers on many machines share a study; "
+                             "auto: the PostgreSQL `cnnflow up --backend postgresql` "
+                             "started, else the SQLite file.")
     study: str = param("", "Study name; workers with the same name and storage share it "
                            "(default: a new study per run).")
     trial_epochs: int = param(0, "Maximum epochs per trial; 0 = epochs (which the "
@@ -594,8 +614,18 @@ class TuneParams(DataParams, TrainRecipe, RuntimeParams):
         return TrainParams(**values)
 
     def storage_url(self) -> str:
-        """The study's RDB URL: the given one, or an SQLite file under the state folder."""
-        if self.storage:
+        """The study's RDB URL: the given one, or an SQLite file under the state folder;
+        `auto`: database OPTUNA_DATABASE on the PostgreSQL `cnnflow up` started, when it did
+        (its own database: MLflow's and Optuna's schemas both keep an `alembic_version`)."""
+        if self.storage == "auto":
+            from sqlalchemy.engine import make_url
+
+            from components.services import postgres_uri
+
+            if server := postgres_uri():
+                return make_url(server).set(database=OPTUNA_DATABASE).render_as_string(
+                    hide_password=False)
+        elif self.storage:
             return self.storage
         folder = state_dir()
         folder.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ from components import humanize, plots, tracking
 from components.errors import CnnflowError
 from components.files import building, read_csv, slug
 from components.names import (
+    BEST_PARAM_TAG_PREFIX,
     BEST_TRIAL_TAG,
     CV_PARENT_TAG,
     DATASET_TAG,
@@ -813,8 +814,11 @@ def _tuning_section(ctx: _Context) -> Section | None:
         if retrained := tags.get(RETRAINED_RUN_TAG):
             sub.items.append(text("best configuration retrained as run ",
                                   code(retrained[:SHORT_ID])))
-        best = [(k[len("best_"):], v) for k, v in sorted(params.items())
-                if k.startswith("best_")]
+        # Tags since tune workers share one parent run; `best_<param>` params before that.
+        best = ([(k[len(BEST_PARAM_TAG_PREFIX):], v) for k, v in sorted(tags.items())
+                 if k.startswith(BEST_PARAM_TAG_PREFIX)]
+                or [(k[len("best_"):], v) for k, v in sorted(params.items())
+                    if k.startswith("best_")])
         if best:
             sub.tables.append(Table(["parameter", "best value"],
                                     [[humanize.label(k), humanize.number(v, k)]

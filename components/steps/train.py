@@ -133,14 +133,18 @@ def _train_checked(params: TrainParams, tracking_uri: str, progress: bool | None
                    run_tags: dict[str, str] | None, job_run_id: str | None) -> TrainOutcome:
     """`train` in one process or as one rank of a process group."""
     world_size = distributed.env_world_size()
-    if world_size > 1:
-        if params.nproc not in (1, world_size):
-            raise TrainingError(f"nproc={params.nproc} but torchrun started {world_size} "
-                                "processes: pass the same number to both")
+    if world_size > 1:  # under torchrun: cnnflow's launch, the user's or a scheduler's
+        local, nodes = distributed.env_local_world_size(), distributed.env_nodes()
+        if params.nproc not in (1, local, world_size):
+            raise TrainingError(f"nproc={params.nproc} but torchrun started {local} "
+                                "processes per node: pass the same number to both")
+        if params.nnodes not in (1, nodes):
+            raise TrainingError(f"nnodes={params.nnodes} but torchrun joined {nodes} nodes: "
+                                "pass the same number to both")
         if train_sample or parent_run_id or callbacks:
             raise TrainingError("bagging, tuning and cross-validation train one process per "
                                 "run: drop torchrun / --nproc")
-        params = dataclasses.replace(params, nproc=world_size)
+        params = dataclasses.replace(params, nproc=local, nnodes=nodes)
     client = tracking.connect(tracking_uri)
     progress = sys.stderr.isatty() if progress is None else progress
     resumed = _load_resume(client, params) if params.resume else None
@@ -156,6 +160,10 @@ def _train_checked(params: TrainParams, tracking_uri: str, progress: bool | None
     device = _resolve_device(distributed.device_for_rank(params.device))
     distributed.init_process_group(device.type)
     try:
+        # Machines started separately must agree (the paths may be each one's own copy).
+        distributed.same_options({k: v for k, v in params.logged().items()
+                                  if k not in (*TrainParams.RUNTIME, "data", "extra_train",
+                                               "exclude_file")})
         quiet = log if distributed.is_main() else lambda s: None
         outcome = _train(client, params, tracking_uri, progress, quiet, train_sample,
                          parent_run_id, callbacks, run_tags, resumed, job_run_id)
@@ -397,9 +405,10 @@ def _load_data(client, params: TrainParams, log: Callable[[str], None],
     image_size) replaces the scan, and its data/val_ratio/test_ratio become this run's params,
     so the logged params say what the model really saw.
     """
-    if not params.preprocess_run:
-        splits = load_splits(params.data, val_ratio=params.val_ratio,
-                             test_ratio=params.test_ratio, seed=params.seed)
+    if not params.preprocess_run:  # under torchrun: rank 0 scans, the others get its split
+        splits = distributed.shared_splits(
+            lambda: load_splits(params.data, val_ratio=params.val_ratio,
+                                test_ratio=params.test_ratio, seed=params.seed), params.data)
         return params, splits, None, "folder"
     asked = None if params.data == TrainParams.data else params.data  # default: no opinion
     prepared = load_prepared(client, params.preprocess_run, params.image_size, log, data=asked)

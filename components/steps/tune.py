@@ -45,6 +45,7 @@ from optuna.distributions import (
 from components import notify, tracking
 from components.errors import CnnflowError, one_line
 from components.names import (
+    BEST_PARAM_TAG_PREFIX,
     BEST_TRIAL_TAG,
     DATASET_TAG,
     EPOCH_METRICS,
@@ -56,7 +57,7 @@ from components.nn.engine import Callback
 from components.nn.recipes import recipe_values
 from components.params import split_list
 from components.registrar import registrar
-from components.settings import mask_uri
+from components.settings import mask_text, mask_uri, sqlalchemy_url
 from components.steps.params import EvalParams, TrainParams, TuneParams
 from components.steps.train import train
 
@@ -353,12 +354,15 @@ class TuneOutcome:
     retrained_metrics: dict[str, float] = field(default_factory=dict)
 
 
-def check_storage(params: TuneParams, attempts: int = 3) -> None:
+def check_storage(params: TuneParams, attempts: int = 3) -> str:
     """Open the study's storage once before any run exists, so a mistyped --storage, a
     missing folder or a database that does not answer leaves no FAILED `tune-vN` run behind.
+    Returns the storage URL.
 
-    Tables are created here if missing (as the study would); database errors are retried,
-    since workers started together race to create them (as in `_create_study`).
+    A database server is first reached once, within CONNECT_TIMEOUT_SEC (refused, unknown
+    host, wrong password: one line, no retry). Tables are then created if missing (as the
+    study would); database errors are retried, since workers started together race to create
+    them (as in `_create_study`).
     """
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import DBAPIError
@@ -368,62 +372,140 @@ def check_storage(params: TuneParams, attempts: int = 3) -> None:
         parsed = make_url(url)
     except Exception:  # noqa: BLE001 - ArgumentError, ValueError: not a URL at all
         raise TuneError(f"--storage {mask_uri(url)} is not a database URL: write e.g. "
-                        "sqlite:///path/to/optuna.db or postgresql://user:pass@host/db"
+                        "sqlite:///path/to/optuna.db, postgresql://user:pass@host/db or auto"
                         ) from None
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         folder = Path(parsed.database).expanduser().resolve().parent
         if not folder.is_dir():
             raise TuneError(f"the folder of Optuna storage {mask_uri(url)} ({folder}) does not "
                             "exist: create it or pass another --storage")
+    elif parsed.get_backend_name() != "sqlite":
+        if params.storage == "auto":  # the database is ours to name, so ours to create
+            _ensure_database(url)
+        _reach_server(url)
     for attempt in range(attempts):
         try:
-            storage = optuna.storages.RDBStorage(url, **_storage_kwargs(url))
+            storage = optuna.storages.RDBStorage(sqlalchemy_url(url), **_storage_kwargs(url))
             storage.engine.dispose()
-            return
+            return url
         except Exception as exc:  # noqa: BLE001 - driver missing, refused, bad schema
             if attempt == attempts - 1 or not isinstance(exc, DBAPIError):  # a race: retry
-                cause = f" ({exc.__cause__})" if exc.__cause__ else ""
                 raise TuneError(f"cannot open Optuna storage {mask_uri(url)}: "
-                                f"{type(exc).__name__}: {one_line(exc)}{cause}") from None
+                                f"{_db_reason(exc)}") from None
             time.sleep(0.5 + random.random())
+    raise AssertionError("unreachable")
+
+
+def describe_storage(params: TuneParams, url: str) -> str:
+    """One line saying which storage the study is in and why (password masked)."""
+    if params.storage == "auto":
+        why = ("auto: the PostgreSQL `cnnflow up --backend postgresql` started"
+               if not url.startswith("sqlite") else
+               "auto: no PostgreSQL started by `cnnflow up`, so the local SQLite file")
+    else:
+        why = "--storage" if params.storage else "the local SQLite file (default)"
+    return f"optuna storage {mask_uri(url)} ({why})"
+
+
+# A database server that does not answer within this many seconds is reported, not waited on.
+CONNECT_TIMEOUT_SEC = 5
+# SQLAlchemy engine options per backend: SQLite writers wait for the lock instead of failing
+# at once; PostgreSQL connects within a bounded time and drops dead pooled connections.
+ENGINE_KWARGS: dict[str, dict[str, Any]] = {
+    "sqlite": {"connect_args": {"timeout": 60}},
+    "postgresql": {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_SEC},
+                   "pool_pre_ping": True},
+}
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    backend = url.split(":", 1)[0].split("+", 1)[0]
+    return ENGINE_KWARGS.get(backend, {})
 
 
 def _storage_kwargs(url: str) -> dict[str, Any]:
-    """Several workers on one SQLite file wait for the lock instead of failing at once."""
-    if url.startswith("sqlite"):
-        return {"engine_kwargs": {"connect_args": {"timeout": 60}}}
-    return {}
+    kwargs = _engine_kwargs(url)
+    return {"engine_kwargs": kwargs} if kwargs else {}
 
 
-def open_study(params: TuneParams, space: Space, study_name: str) -> optuna.Study:
-    """Create the study, or join it when another worker already did (load_if_exists)."""
+def _db_reason(exc: BaseException) -> str:
+    """The driver's own words (`exc.orig`), not SQLAlchemy's wrapper, on one masked line."""
+    orig = getattr(exc, "orig", None) or exc
+    return mask_text(f"{type(orig).__name__}: {one_line(str(orig).strip())}")
+
+
+def _reach_server(url: str) -> None:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(sqlalchemy_url(url), **_engine_kwargs(url))
+    try:
+        with engine.connect():
+            pass
+    except Exception as exc:  # noqa: BLE001 - refused, timeout, auth, unknown database
+        raise TuneError(f"cannot open Optuna storage {mask_uri(url)}: {_db_reason(exc)}: "
+                        "check the host, port, user, password and database, or pass "
+                        "another --storage") from None
+    finally:
+        engine.dispose()
+
+
+def _ensure_database(url: str) -> None:
+    """Create the database of an `auto` storage on the server `cnnflow up` started, once;
+    a worker that lost the race to create it finds it there on a second look."""
+    from sqlalchemy.engine import make_url
+
+    from components.services import create_database, postgres_uri
+
+    admin, name = postgres_uri(), make_url(url).database
+    if not admin or not name:
+        return
+    for attempt in range(2):
+        try:
+            create_database(admin, name, timeout=CONNECT_TIMEOUT_SEC)
+            return
+        except Exception as exc:  # noqa: BLE001 - server gone, or created meanwhile
+            if attempt:
+                raise TuneError(f"cannot create the Optuna database on {mask_uri(admin)}: "
+                                f"{_db_reason(exc)}: is `cnnflow up --backend postgresql` "
+                                "still running? (`cnnflow status`)") from None
+
+
+def open_study(params: TuneParams, space: Space, study_name: str) -> tuple[optuna.Study, bool]:
+    """Create the study, or join it when another worker already did; returns (study, whether
+    this worker created it: the creator opens the study's parent run)."""
     url = params.storage_url()
     try:
-        study = _create_study(url, _storage_kwargs(url), params, space, study_name)
+        study, created = _create_study(url, _storage_kwargs(url), params, space, study_name)
     except ValueError as exc:  # e.g. joining a study created with the other direction
         raise TuneError(f"cannot open study '{study_name}' in {mask_uri(url)}: "
                         f"{one_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy errors are many; one line each
         raise TuneError(f"cannot open Optuna storage {mask_uri(url)}: "
-                        f"{type(exc).__name__}: {one_line(exc)}") from None
+                        f"{_db_reason(exc)}") from None
     existing = study.direction.name.lower()
     if existing != params.direction:  # Optuna would silently keep the study's own direction
         raise TuneError(f"study '{study_name}' in {mask_uri(url)} was created to {existing}; "
                         f"pass --direction {existing} or another --study")
-    return study
+    return study, created
 
 
 def _create_study(url: str, kwargs: dict[str, Any], params: TuneParams, space: Space,
-                  study_name: str, attempts: int = 3) -> optuna.Study:
-    """Workers started together race to create the schema and the study; the loser of
-    that race finds them on a retry, so a retry (not an error) is the right answer."""
+                  study_name: str, attempts: int = 3) -> tuple[optuna.Study, bool]:
+    """Workers started together race to create the schema and the study: the database lets
+    one create it (DuplicatedStudyError for the others, who load it); the loser of the schema
+    race finds it on a retry, so a retry (not an error) is the right answer."""
     for attempt in range(attempts):
         try:
-            storage = optuna.storages.RDBStorage(url, **kwargs)
-            return optuna.create_study(
-                storage=storage, study_name=study_name, direction=params.direction,
-                load_if_exists=True, sampler=SAMPLERS[params.sampler](space, params.seed),
-                pruner=PRUNERS[params.pruner](params.trial_epochs or params.epochs))
+            storage = optuna.storages.RDBStorage(sqlalchemy_url(url), **kwargs)
+            sampler = SAMPLERS[params.sampler](space, params.seed)
+            pruner = PRUNERS[params.pruner](params.trial_epochs or params.epochs)
+            try:
+                return optuna.create_study(storage=storage, study_name=study_name,
+                                           direction=params.direction, sampler=sampler,
+                                           pruner=pruner), True
+            except optuna.exceptions.DuplicatedStudyError:
+                return optuna.load_study(study_name=study_name, storage=storage,
+                                         sampler=sampler, pruner=pruner), False
         except ValueError:
             raise
         except Exception:  # noqa: BLE001 - SQLAlchemy's integrity/operational errors
@@ -433,11 +515,45 @@ def _create_study(url: str, kwargs: dict[str, Any], params: TuneParams, space: S
     raise AssertionError("unreachable")
 
 
+# The study remembers its parent run, per experiment, so every worker nests its trials there.
+PARENT_ATTR = "cnnflow.parent_run.{exp_id}"
+# How long a worker that joined a study without a parent run yet waits for the worker that
+# created the study to open it (then it opens one itself: a study made by plain Optuna).
+PARENT_WAIT_SEC = 30.0
+
+
+def _study_parent(client: MlflowClient, study: optuna.Study, exp_id: str,
+                  wait: float) -> str | None:
+    """The live parent run of the study in this experiment, waiting up to `wait` seconds for
+    the creator to record it; None: open one (then `_remember_parent`)."""
+    key = PARENT_ATTR.format(exp_id=exp_id)
+    deadline = time.monotonic() + wait
+    while True:
+        run_id = study.user_attrs.get(key)
+        if run_id:
+            try:
+                run = client.get_run(run_id)
+            except Exception:  # noqa: BLE001 - another tracking server's run: not ours
+                return None
+            return run_id if run.info.lifecycle_stage == "active" else None
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.2)
+
+
+def _remember_parent(study: optuna.Study, exp_id: str, run_id: str) -> None:
+    study.set_user_attr(PARENT_ATTR.format(exp_id=exp_id), run_id)
+
+
 def run_tune(params: TuneParams, tracking_uri: str,
              log: Callable[[str], None] = lambda s: print(s, file=sys.stderr), *,
              job_run_id: str | None = None) -> TuneOutcome:
     """Run the study as a `tune-vN` parent run with one nested training run per trial
-    (`job_run_id`: the run opened for this job, filled in as the parent instead of a new one)."""
+    (`job_run_id`: the run opened for this job, filled in as the parent instead of a new one).
+
+    Workers joining a named study (same --study and --storage) share its parent run: the
+    worker that created the study opens it and records it in the study; the others nest their
+    trials under it (a joining `mlflow run` job's own run is nested there too)."""
     space, fixed = check(params)
     client = tracking.connect(tracking_uri)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -445,24 +561,48 @@ def run_tune(params: TuneParams, tracking_uri: str,
     from components.data.datasets import load_splits
     splits = load_splits(params.data, val_ratio=params.val_ratio,
                          test_ratio=params.test_ratio, seed=params.seed, verify=False)
-    # A named (shared) study is opened first: a bad storage or direction creates no run;
-    # an unnamed one is named after the run, so only its storage is checked first.
-    study = open_study(params, space, params.study) if params.study else None
-    if study is None:
-        check_storage(params)
-    run_id, exp_id, run_name = tracking.open_run(client, step="tune",
-                                                 experiment=params.experiment or splits.name,
-                                                 adopt=job_run_id)
+    # The storage, then a named (shared) study, are opened first: a bad storage or direction
+    # creates no run; an unnamed study is named after the run, so it is opened in it.
+    url = check_storage(params)
+    log(describe_storage(params, url))
+    experiment = params.experiment or splits.name
+    study, created = open_study(params, space, params.study) if params.study else (None, True)
+    parent = worker_run = None
+    if study is not None:
+        exp_id = (client.get_run(job_run_id).info.experiment_id if job_run_id
+                  else tracking.experiment_id(client, experiment))
+        fresh = not created and not study.get_trials(deepcopy=False)
+        parent = _study_parent(client, study, exp_id, PARENT_WAIT_SEC if fresh else 0.0)
+    if parent is None:
+        run_id, exp_id, run_name = tracking.open_run(client, step="tune", experiment=experiment,
+                                                     adopt=job_run_id)
+    else:
+        run_id, run_name = parent, client.get_run(parent).info.run_name
+        log(f"joining study '{params.study}': trials nest under {run_name} (run {run_id})")
+        client.update_run(run_id, status="RUNNING")  # ended by a worker that finished first
+        if job_run_id:
+            worker_run, _, _ = tracking.open_run(client, step="tune-worker", adopt=job_run_id,
+                                                 tags={MLFLOW_PARENT_RUN_ID: parent,
+                                                       STUDY_TAG: params.study})
     study_name = params.study or f"tune-{run_id}"
-    with tracking.ending_run(client, run_id):
-        study = study or open_study(params, space, study_name)
+    with contextlib.ExitStack() as ending:
+        for run in filter(None, (worker_run, run_id)):
+            ending.enter_context(tracking.ending_run(client, run))
+        if study is None:
+            study, created = open_study(params, space, study_name)
         logged = {f.name: getattr(params, f.name) for f in fields(params)}
-        logged["storage"] = mask_uri(params.storage_url())
-        present = client.get_run(run_id).data.params  # `mlflow run` logged its -P values
-        tracking.log_params_and_tags(
-            client, run_id, {k: v for k, v in logged.items() if k not in present},
-            {STUDY_TAG: study_name, DATASET_TAG: splits.name,
-             "cnnflow.optuna_storage": mask_uri(params.storage_url())})
+        logged["storage"] = mask_uri(url)
+        # The parent's params are its creator's (params never change); a joiner logs its own
+        # only on its job run, when it has one.
+        target = run_id if parent is None else worker_run
+        if target:
+            present = client.get_run(target).data.params  # `mlflow run` logged its -P values
+            tracking.log_params_and_tags(
+                client, target, {k: v for k, v in logged.items() if k not in present},
+                {STUDY_TAG: study_name, DATASET_TAG: splits.name,
+                 "cnnflow.optuna_storage": mask_uri(url)})
+        if parent is None:
+            _remember_parent(study, exp_id, run_id)
         objective = _objective(client, params, space, fixed, tracking_uri, run_id, study_name, log)
         study.optimize(objective, n_trials=params.n_trials if params.n_trials > 0 else None,
                        timeout=params.timeout or None, catch=(Exception,))
@@ -528,7 +668,23 @@ def objective_value(history: list[dict[str, float]], best_epoch: int, metric: st
 
 def _log_study(client: MlflowClient, study: optuna.Study, run_id: str, run_name: str,
                params: TuneParams) -> TuneOutcome:
-    """Best params/value, the trial table and Optuna's figures into the parent run."""
+    """Best params/value, the trial table and Optuna's figures of the whole study into the
+    parent run. Workers sharing the parent each write it when they end, in any order: a
+    worker writes again until no trial finished meanwhile, so the last write covers every
+    trial; metrics carry step = finished trials, so a late write of an older best never wins."""
+    while True:
+        finished = _n_finished(study)
+        outcome = _write_study(client, study, run_id, run_name, params, finished)
+        if _n_finished(study) == finished:
+            return outcome
+
+
+def _n_finished(study: optuna.Study) -> int:
+    return sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+
+
+def _write_study(client: MlflowClient, study: optuna.Study, run_id: str, run_name: str,
+                 params: TuneParams, step: int) -> TuneOutcome:
     states = optuna.trial.TrialState
     trials = study.get_trials(deepcopy=False)
     counts = {s: sum(t.state == s for t in trials) for s in
@@ -536,7 +692,7 @@ def _log_study(client: MlflowClient, study: optuna.Study, run_id: str, run_name:
     metrics = {"n_trials_complete": counts[states.COMPLETE],
                "n_trials_pruned": counts[states.PRUNED], "n_trials_failed": counts[states.FAIL]}
     if not counts[states.COMPLETE]:
-        tracking.log_metrics(client, run_id, metrics)
+        tracking.log_metrics(client, run_id, metrics, step=step)
         raise TuneError(f"no trial of study '{study.study_name}' completed "
                         f"({counts[states.PRUNED]} pruned, {counts[states.FAIL]} failed): "
                         "see the trial runs' cnnflow.error tags")
@@ -544,10 +700,16 @@ def _log_study(client: MlflowClient, study: optuna.Study, run_id: str, run_name:
     metrics["best_value"] = float(best.value)
     metrics[f"best_{params.metric}"] = float(best.value)
     best_params = {**best.params}
-    tracking.log_metrics(client, run_id, metrics)
+    tracking.log_metrics(client, run_id, metrics, step=step)
+    stale = [k for k in client.get_run(run_id).data.tags
+             if k.startswith(BEST_PARAM_TAG_PREFIX)
+             and k[len(BEST_PARAM_TAG_PREFIX):] not in best_params]
+    for key in stale:  # a parameter the new best trial does not have
+        client.delete_tag(run_id, key)
     tracking.log_params_and_tags(
-        client, run_id, {f"best_{k}": v for k, v in best_params.items()},
-        {BEST_TRIAL_TAG: str(best.number),
+        client, run_id, {},
+        {**{f"{BEST_PARAM_TAG_PREFIX}{k}": v for k, v in best_params.items()},
+         BEST_TRIAL_TAG: str(best.number),
          "cnnflow.best_run_id": best.user_attrs.get("run_id", "")})
     with tempfile.TemporaryDirectory(prefix="cnnflow-tune-") as tmp:
         folder = Path(tmp)

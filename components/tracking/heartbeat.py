@@ -36,6 +36,7 @@ from components.names import (
     PROGRESS_IMAGES_PER_SEC,
     PROGRESS_METRICS,
 )
+from components.nn import distributed
 from components.nn.config import TrainConfig
 from components.nn.engine import Callback
 from components.settings import mask_uri
@@ -155,11 +156,9 @@ def _next_step(client: MlflowClient, run_id: str, keys: tuple[str, ...]) -> int:
 def this_node() -> str | None:
     """This machine's name in system metric keys (`system/<host>-node<N>/...`) when the job
     (torchrun) spans several machines; None on one machine, where the keys stay `system/...`."""
-    env = os.environ
-    world_size = int(env.get("WORLD_SIZE", "1"))
-    if world_size <= int(env.get("LOCAL_WORLD_SIZE", str(world_size))):
+    if distributed.env_nodes() <= 1:
         return None
-    return f"{socket.gethostname()}-node{env.get('GROUP_RANK', '0')}"
+    return f"{socket.gethostname()}-node{os.environ.get('GROUP_RANK', '0')}"
 
 
 def leads_other_node() -> bool:

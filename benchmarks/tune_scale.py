@@ -18,7 +18,8 @@ Ratios printed: trials/min of N workers over 1 worker; PostgreSQL latency over S
 The machine's load (`os.getloadavg`) is printed before and after: on a shared machine the
 figures move with it.
 
-Run from the repository root (about 4-5 minutes with the defaults on 2 busy cores):
+Run from the repository root (about 5 minutes with the defaults on 2 idle cores, much more
+when other work shares them):
 
     .venv/bin/python benchmarks/tune_scale.py
     .venv/bin/python benchmarks/tune_scale.py --workers 1,2 --trials 4 --skip-latency  # quick
@@ -27,8 +28,11 @@ Run from the repository root (about 4-5 minutes with the defaults on 2 busy core
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -52,11 +56,11 @@ TINY = ["--data", "digits", "--model", "lenet5", "--image-size", "16", "--weight
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", default="1,2,4", help="worker counts to time (1,2,4)")
-    parser.add_argument("--trials", type=int, default=8,
-                        help="trials per study, split between its workers (8)")
+    parser.add_argument("--trials", type=int, default=6,
+                        help="trials per study, split between its workers (6)")
     parser.add_argument("--train-runs", type=int, default=4,
                         help="concurrent training runs loading each MLflow server (4)")
-    parser.add_argument("--train-epochs", type=int, default=3, help="their epochs (3)")
+    parser.add_argument("--train-epochs", type=int, default=2, help="their epochs (2)")
     parser.add_argument("--idle-probes", type=int, default=30,
                         help="probe requests per operation before the load (30)")
     parser.add_argument("--skip-scale", action="store_true", help="no tune workers")
@@ -154,7 +158,8 @@ def time_latency(tracking_uri: str, runs: int, epochs: int, idle: int, home: Pat
     for p in procs:
         if p.returncode:
             raise SystemExit(f"a training run failed:\n{p.stderr.read()[-2000:]}")
-    client.set_terminated(run_id)
+    with contextlib.redirect_stdout(io.StringIO()):  # MLflow prints the run's URL
+        client.set_terminated(run_id)
     return {"wall_s": wall, "idle": idle_times, "loaded": loaded}
 
 
@@ -163,6 +168,9 @@ def time_latency(tracking_uri: str, runs: int, epochs: int, idle: int, home: Pat
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # each table row as it is measured
+    # `timeout` / `kill` end the script through `finally`, which stops the servers it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     counts = [int(n) for n in args.workers.split(",") if n.strip()]
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
           f"({os.cpu_count()} CPUs)")
@@ -201,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                        for name, uri in servers.items()}
             print(f"\nMLflow server latency, probe client (ms), idle then under "
                   f"{args.train_runs} concurrent training runs ({args.train_epochs} epochs)")
-            print(f"{'operation':<24} {'sqlite p50':>10} {'p95':>7} {'postgres p50':>12} "
+            print(f"{'operation':<32} {'sqlite p50':>10} {'p95':>7} {'postgres p50':>12} "
                   f"{'p95':>7} {'pg/sqlite p50':>13} {'p95':>6}")
             for phase in ("idle", "loaded"):
                 for op in results["sqlite"][phase]:
@@ -209,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                     p = [1000 * x for x in results["postgresql"][phase][op]]
                     s50, s95, p50, p95 = (statistics.median(s), percentile(s, 0.95),
                                           statistics.median(p), percentile(p, 0.95))
-                    print(f"{f'{op} ({phase}, n={len(s)}/{len(p)})':<24} {s50:>10.1f} "
+                    print(f"{f'{op} ({phase}, n={len(s)}/{len(p)})':<32} {s50:>10.1f} "
                           f"{s95:>7.1f} {p50:>12.1f} {p95:>7.1f} {p50 / s50:>13.2f} "
                           f"{p95 / s95:>6.2f}")
             print("training wall time: " + ", ".join(

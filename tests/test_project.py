@@ -61,8 +61,8 @@ def test_every_entry_point_passes_every_parameter_on_its_command_line():
 def test_a_field_added_to_train_params_reaches_the_cli_and_mlproject():
     """Adding a train parameter is one field: the options and the entry point follow."""
     extended = dataclasses.make_dataclass("Extended", [
-        ("clip_grad_norm", float, param(0.0, "Clip the gradient norm; 0 = off.")),
-        ("ema", bool, param(False, "Keep an exponential moving average of the weights.")),
+        ("swa_start", float, param(0.0, "Epoch to start weight averaging; 0 = off.")),
+        ("swa_bn", bool, param(False, "Recompute BatchNorm statistics after averaging.")),
     ], bases=(TrainParams,))
 
     @click.command()
@@ -71,20 +71,20 @@ def test_a_field_added_to_train_params_reaches_the_cli_and_mlproject():
         click.echo(repr(extended(**kwargs)))
 
     options = {p.name: p for p in command.params}
-    assert options["clip_grad_norm"].opts == ["--clip-grad-norm"]
-    assert options["clip_grad_norm"].help == "Clip the gradient norm; 0 = off."
-    assert options["ema"].type is click.BOOL
-    result = CliRunner().invoke(command, ["--clip-grad-norm", "1.5", "--ema", "true"])
-    assert "clip_grad_norm=1.5" in result.output and "ema=True" in result.output, result.output
+    assert options["swa_start"].opts == ["--swa-start"]
+    assert options["swa_start"].help == "Epoch to start weight averaging; 0 = off."
+    assert options["swa_bn"].type is click.BOOL
+    result = CliRunner().invoke(command, ["--swa-start", "1.5", "--swa-bn", "true"])
+    assert "swa_start=1.5" in result.output and "swa_bn=True" in result.output, result.output
     assert "model='custom_cnn'" in result.output  # the inherited fields keep their defaults
 
     entry = yaml.safe_load("entry_points:\n" + entry_point("train", "pipelines.train",
                                                              extended))["entry_points"]["train"]
-    assert entry["parameters"]["clip_grad_norm"] == {"type": "float", "default": 0.0}
-    assert entry["parameters"]["ema"] == {"type": "string", "default": "false"}
-    assert "--clip-grad-norm {clip_grad_norm}" in entry["command"]
-    assert "--ema {ema}" in entry["command"]
-    assert entry["parameters"].keys() - {"clip_grad_norm", "ema"} == {
+    assert entry["parameters"]["swa_start"] == {"type": "float", "default": 0.0}
+    assert entry["parameters"]["swa_bn"] == {"type": "string", "default": "false"}
+    assert "--swa-start {swa_start}" in entry["command"]
+    assert "--swa-bn {swa_bn}" in entry["command"]
+    assert entry["parameters"].keys() - {"swa_start", "swa_bn"} == {
         f.name for f in dataclasses.fields(TrainParams)}
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from helpers import BIN, free_port, history, runs_of, subprocess_env
-from torch import nn
+from test_distributed import _single_process_eval
 
 from pipelines.cli import cli
 
@@ -50,22 +50,6 @@ def _nodes(tracking_uri: str, datas: list[Path], experiment: str, *extra: str,
 def _errors(proc: subprocess.CompletedProcess) -> list[str]:
     return [line for line in (proc.stdout + proc.stderr).splitlines()
             if line.startswith("Error:")]
-
-
-def _single_process_eval(data: Path, state: dict[str, torch.Tensor]) -> tuple[float, float]:
-    """val_loss / val_acc of `state` over the whole val split, in this one process."""
-    from components.data.datasets import load_splits, make_loaders
-    from components.nn.engine import evaluate
-    from components.nn.models import create_model, model_normalization
-
-    splits = load_splits(data, val_ratio=0.2, test_ratio=0.2, seed=42)
-    model, _ = create_model("custom_cnn", len(splits.classes), weights="none", dropout=0.5,
-                            image_size=16)
-    model.load_state_dict(state)
-    mean, std = model_normalization("custom_cnn")
-    loaders = make_loaders(splits, 16, 4, augmentation="none", mean=mean, std=std,
-                           num_workers=0, seed=42)
-    return evaluate(model, loaders["val"], nn.CrossEntropyLoss(), torch.device("cpu"))
 
 
 def test_two_nodes_log_one_run_with_full_val_metrics(tracking, image_folder, tmp_path):

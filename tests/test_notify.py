@@ -25,6 +25,7 @@ from mlflow import MlflowClient
 from pymongo import MongoClient
 
 from components import humanize, notify, tracking
+from components.names import BEST_PARAM_TAG_PREFIX
 from components.tracking import registry
 from pipelines.cli import cli
 
@@ -272,7 +273,7 @@ def test_a_study_sends_one_alert_and_its_trials_none(mlflow_server, webhook, ima
     assert got["step"] == "tune" and got["run"] == parent.info.run_name
     best = parent.data.metrics["best_value"]
     assert got["best val_loss"] == humanize.number(best, "val_loss")
-    assert got["best params"] == f"lr={parent.data.params['best_lr']}"
+    assert got["best params"] == f"lr={parent.data.tags[BEST_PARAM_TAG_PREFIX + 'lr']}"
     assert got["trials"] == "2 complete, 0 pruned, 0 failed"
     test_acc = parent.data.metrics["retrained_test_acc"]
     assert got["retrained test accuracy"] == humanize.number(test_acc, "test_acc")

@@ -56,6 +56,7 @@ from components.names import (
 from components.nn.detectors import Detector, get_detector, load_detector, save_detector
 from components.nn.engine import resolve_device
 from components.params import bool_text
+from components.progress import track
 from components.serving.cascade import (
     CASCADE_COLUMNS,
     Cascade,
@@ -245,7 +246,9 @@ def _run(params: CascadeParams, client: MlflowClient, run_id: str, run_name: str
     annotated = work / "annotated"
     detections: dict[str, list[Detection]] = {}
     start = time.perf_counter()
-    for first, images in zip(range(0, len(inputs.paths), batch), loader, strict=True):
+    batches = track(loader, len(inputs.paths), f"cascade {run_name}", "image", log=log,
+                    weight=len)
+    for first, images in zip(range(0, len(inputs.paths), batch), batches, strict=True):
         keys = inputs.keys[first:first + len(images)]
         if inputs.given is not None:
             found = cascade.classify(images, [inputs.given.of(k) for k in keys])

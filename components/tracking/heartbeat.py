@@ -12,8 +12,9 @@ slow one cannot be explained afterwards. `Heartbeat` fixes both, off the trainin
   through pynvml when one is present) every `system_metrics` seconds.
 
 A failed log never reaches training: a beat the server does not take is dropped (the next
-one carries newer numbers), one line says beats stopped reaching the server and one that
-they are back. `stop()` ends both before the run is ended, so nothing is logged after it.
+one carries newer numbers), silently: the epochs' logging already says once that the server
+is gone and once that it is back. `stop()` ends both before the run is ended, so nothing is
+logged after it.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from components.names import (
 from components.nn import distributed
 from components.nn.config import TrainConfig
 from components.nn.engine import Callback
-from components.settings import mask_uri
 from components.tracking import log_metrics
 from components.tracking.callback import _reason, unreachable
 
@@ -79,7 +79,6 @@ class Heartbeat(Callback):
         self.epoch_start: tuple[int, float] = (0, time.monotonic())  # (epoch, when it began)
         self.beats = 0  # the next beat's step
         self.resumed = resumed
-        self.failing = False
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
         self.monitor = start_system_metrics(run_id, client.tracking_uri, system_metrics,
@@ -125,15 +124,10 @@ class Heartbeat(Callback):
                 if not unreachable(exc):
                     self.log(f"progress heartbeat stopped: MLflow refused it ({_reason(exc)})")
                     return
-                if not self.failing:
-                    self.failing = True
-                    self.log(f"progress heartbeat: MLflow at {mask_uri(self.client.tracking_uri)}"
-                             f" is not answering ({_reason(exc)}); beats resume when it is back")
+                # Silent: the epochs' own logging says once that MLflow is gone and once
+                # that it is back; beats simply resume with it.
                 continue
             self.beats += 1
-            if self.failing:
-                self.failing = False
-                self.log("progress heartbeat: MLflow is answering again")
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """End beats and system metrics (idempotent); call before the run is ended."""
@@ -174,11 +168,12 @@ def start_system_metrics(run_id: str, tracking_uri: str, interval: float, *,
 
     One sample per `interval` seconds, logged as it is taken; `resumed` continues a resumed
     run's steps. The monitor stops by itself when the run is no longer RUNNING, and on
-    `finish()`. MLflow's info lines about it are kept off the console.
+    `finish()`. MLflow's info and warning lines about it are kept off the console.
     """
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    # Its warnings repeat, per sample, the outage the epochs' logging already reported.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
     monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, samples_before_logging=1,
                                    resume_logging=resumed, node_id=node,
                                    tracking_uri=tracking_uri)

@@ -418,7 +418,8 @@ def died_message(doc: Mapping[str, Any]) -> Message:
     body = _lines([("run", name), ("status", "died (RUNNING in MLflow, no sign of life)"),
                    ("last heartbeat", humanize.number(doc.get("last_heartbeat"))),
                    ("epoch", progress),
-                   ("resume", f"cnnflow train --resume {doc['run_id']}"),
+                   ("resume", f"cnnflow train --resume {doc['run_id']}"
+                    if doc.get("step", "train") == "train" else None),
                    ("MLflow", doc.get("mlflow_url"))])
     return Message("died", f"cnnflow: {name} died", body, "failure")
 

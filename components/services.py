@@ -48,6 +48,7 @@ from components.settings import (
     mask_uri,
     sqlalchemy_url,
     state_dir,
+    url_backend,
 )
 
 STOP_GRACE_SECONDS = 10.0
@@ -922,8 +923,7 @@ EXPLICIT_STORE = "uri"  # the backend name recorded for `up --backend-store-uri`
 def check_store(uri: str, timeout: float = 10.0) -> None:
     """Probe an existing backend store (PostgreSQL: log in) so a wrong host or password is one
     masked line before MLflow starts on it; stores without a check pass through."""
-    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
-    check = STORE_CHECKS.get(scheme)
+    check = STORE_CHECKS.get(url_backend(uri))
     if check is not None:
         check(uri, timeout)
 

@@ -46,6 +46,12 @@ def mask_text(text: str) -> str:
 _SQLALCHEMY_DRIVERS = {"postgresql": "postgresql+psycopg2", "postgres": "postgresql+psycopg2"}
 
 
+def url_backend(uri: str) -> str:
+    """The database of a store URL, without its driver: `postgresql+psycopg2://...` ->
+    `postgresql`, `sqlite:///x.db` -> `sqlite`; "" for a plain path."""
+    return uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
+
+
 def sqlalchemy_url(uri: str) -> str:
     """`uri` with the database driver cnnflow installs named, for SQLAlchemy (MLflow's store,
     Optuna's storage): postgresql://... becomes postgresql+psycopg2://...; others unchanged."""

@@ -79,8 +79,9 @@ def test_range_test_stops_when_the_loss_diverges():
 def test_lr_find_logs_a_run_with_its_figure_and_a_suggestion_in_range(tracking, image_folder,
                                                                       tmp_path):
     data = image_folder({"a": 10, "b": 10, "c": 10})
+    # With MixUp on, as `--recipe small-data` trains: the sweep mixes its batches too.
     result = invoke("lr-find", "--data", str(data), "--experiment", "lrf", "--num-batches",
-                    "30", "--start-lr", "1e-6", "--end-lr", "5", *TINY)
+                    "30", "--start-lr", "1e-6", "--end-lr", "5", "--mixup", "0.2", *TINY)
     assert result.exit_code == 0, result.output
     (run,) = runs_of(tracking, "lrf", "lr-find")
     assert run.info.run_name == "lr-find-v1" and run.info.status == "FINISHED"
@@ -89,6 +90,7 @@ def test_lr_find_logs_a_run_with_its_figure_and_a_suggestion_in_range(tracking, 
     assert f"suggested lr {suggested:.3g}" in result.output
     assert f"next: cnnflow train --lr {suggested:.3g}" in result.output
     assert run.data.params["start_lr"] == "1e-06" and run.data.params["model"] == "custom_cnn"
+    assert run.data.params["mixup"] == "0.2"
     files = {Path(f.path).name for f in tracking.list_artifacts(run.info.run_id, "lr_find")}
     assert files == {"lr_find.png", "lr_find.csv"}
     png = tracking.download_artifacts(run.info.run_id, "lr_find/lr_find.png", str(tmp_path))

@@ -90,6 +90,23 @@ def snapshot(db) -> dict[str, list[dict]]:
     return out
 
 
+def test_a_parent_lives_while_its_children_train(mlflow_server, db_uri):
+    """A study (or CV / bagging parent) logs nothing itself while its trials train: it reads
+    `in_progress` while a child shows signs of life, and `died` once they all fall silent."""
+    client = MlflowClient(mlflow_server)
+    exp = new_experiment(client)
+    old = int(time.time() * 1000) - 3_600_000
+    busy = make_run(client, exp, "tune", model="", status="RUNNING", start_ms=old)
+    trial = make_run(client, exp, "train", epochs=1, status="RUNNING")
+    client.set_tag(trial, "mlflow.parentRunId", busy)
+    lonely = make_run(client, exp, "tune", model="", status="RUNNING", start_ms=old)
+    sync_once(mlflow_server, db_uri, SyncOptions(experiments=[exp], dead_after=60))
+    db = mongo_db(db_uri)
+    status = {d["_id"]: d["status"] for d in db[STATUS].find({})}
+    assert status[busy] == status[trial] == "in_progress"
+    assert status[lonely] == "died"
+
+
 def test_mirror_matches_mlflow_for_each_kind_and_is_idempotent(mlflow_server, db_uri):
     client = MlflowClient(mlflow_server)
     exp = new_experiment(client)

@@ -73,7 +73,7 @@ STATE_ID = "state"
 # Runs that hold no model: data steps and bookkeeping runs (an evaluate job run's metrics are
 # in the evaluated run's document already).
 EXCLUDED_STEPS = frozenset({"eda", "preprocess", "sync", "pipeline", "evaluate", "promote",
-                            "report", "explain", "label-issues"})
+                            "report", "explain", "label-issues", "lr-find"})
 STATUS_MAP = {"RUNNING": "in_progress", "SCHEDULED": "in_progress", "FINISHED": "completed",
               "FAILED": "failed", "KILLED": "killed"}
 BULK_HISTORY_MAX = 25000  # MLflow's cap on points per get-history-bulk answer
@@ -264,10 +264,25 @@ def progress_doc(run: Run) -> dict[str, Any] | None:
     return {k: v for k, v in doc.items() if v is not None}
 
 
-def mirror_status(run: Run, now_ms: int, dead_after: float) -> str:
-    """MLflow status -> the seeds' words; RUNNING but silent past `dead_after` -> `died`."""
+def children_heartbeat_ms(runs: list[Run]) -> dict[str, int]:
+    """Each parent's newest sign of life among its child runs (their beats, epochs and ends):
+    a study, a cross-validation or a bagging parent logs little itself while its trials,
+    folds or members train, and is alive as long as they are."""
+    latest: dict[str, int] = {}
+    for run in runs:
+        parent = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
+        if parent:
+            latest[parent] = max(latest.get(parent, 0), _heartbeat_ms(run),
+                                 run.info.end_time or 0)
+    return latest
+
+
+def mirror_status(run: Run, now_ms: int, dead_after: float, children_ms: int = 0) -> str:
+    """MLflow status -> the seeds' words; RUNNING but silent past `dead_after` (itself and,
+    for a parent, its children: `children_ms`) -> `died`."""
     status = STATUS_MAP.get(run.info.status, run.info.status.lower())
-    if status == "in_progress" and now_ms - _heartbeat_ms(run) > dead_after * 1000:
+    latest = max(_heartbeat_ms(run), children_ms)
+    if status == "in_progress" and now_ms - latest > dead_after * 1000:
         return "died"
     return status
 
@@ -551,6 +566,7 @@ def sync_pass(client: MlflowClient, db, tracking_uri: str, options: SyncOptions,
         found.update({r.info.run_id: r for r in _search(
             client, exp_ids, f"attributes.end_time >= {since}")})
         runs = list(found.values())
+    children = children_heartbeat_ms(runs)
     runs = [r for r in runs if _mirrored(r)]
     report.listed = len(runs)
     registry = _registry(client) if runs else {}
@@ -559,7 +575,8 @@ def sync_pass(client: MlflowClient, db, tracking_uri: str, options: SyncOptions,
         {"_id": {"$in": [f"run:{r.info.run_id}" for r in runs]}})} if runs else {}
     changed: list[tuple[Run, str, str]] = []
     for run in runs:
-        status = mirror_status(run, now_ms, options.dead_after)
+        status = mirror_status(run, now_ms, options.dead_after,
+                               children.get(run.info.run_id, 0))
         fp = fingerprint(run, registry.get(run.info.run_id, []), status)
         if known.get(run.info.run_id, {}).get("fp") != fp:
             changed.append((run, status, fp))
@@ -599,7 +616,8 @@ def sync_pass(client: MlflowClient, db, tracking_uri: str, options: SyncOptions,
     _bulk(db[EPOCHS], epoch_ops, fresh)
     _bulk(db[TRAININGS], training_ops)
     _bulk(db[STATUS], status_ops)
-    notify.announce_died(db[STATUS], [{**status_doc(r, s, stamp), "mlflow_url": tracking.run_url(
+    notify.announce_died(db[STATUS], [{**status_doc(r, s, stamp), "step": r.data.tags.get(STEP_TAG),
+                                       "mlflow_url": tracking.run_url(
         tracking_uri, r.info.experiment_id, r.info.run_id)} for r, s, _ in changed if s == "died"])
     _bulk(db[SYNC], sync_ops)
 

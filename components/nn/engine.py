@@ -327,7 +327,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
         model.to(memory_format=torch.channels_last)
     ema = ema_model(model, config.ema) if config.ema else None
     judged = ema.module if ema is not None else model  # validated, checkpointed, logged
-    mix = batch_mixer(config, num_classes or _output_size(model)) if (
+    mix = batch_mixer(config, num_classes or output_size(model)) if (
         config.mixup or config.cutmix) else None
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -452,7 +452,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
     return result
 
 
-def _output_size(model: nn.Module) -> int:
+def output_size(model: nn.Module) -> int:
     """The class count of a classifier whose last Linear layer is its output (every
     registered model's head): what MixUp / CutMix one-hot the labels to."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from components.nn.config import TrainConfig
-from components.nn.engine import OPTIMIZERS, EngineError, _use_amp
+from components.nn.engine import OPTIMIZERS, EngineError, _use_amp, batch_mixer, output_size
 
 SMOOTHING = 0.98  # weight of the running average: fastai's beta
 DIVERGE_FACTOR = 4.0  # stop once the smoothed loss exceeds this many times its best
@@ -81,8 +81,8 @@ def range_test(model: nn.Module, loader: DataLoader, config: TrainConfig, *,
                smoothing: float = SMOOTHING, diverge_factor: float = DIVERGE_FACTOR
                ) -> RangeTest:
     """Sweep the LR over `num_batches` training batches with `config`'s optimiser, weight
-    decay and label smoothing (the loss `engine.fit` trains on); return the curve and the
-    suggestion, always one of the swept LRs. Stops early once the smoothed loss is
+    decay, label smoothing and MixUp / CutMix (the loss `engine.fit` trains on); return the
+    curve and the suggestion, always one of the swept LRs. Stops early once the smoothed loss is
     `diverge_factor` times its best (or the loss is not finite). `model` is left as it came."""
     if not 0 < start_lr < end_lr:
         raise EngineError(f"the sweep needs 0 < start_lr < end_lr (got {start_lr:g}, "
@@ -100,6 +100,7 @@ def range_test(model: nn.Module, loader: DataLoader, config: TrainConfig, *,
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     weight = class_weights.to(device) if class_weights is not None else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+    mix = batch_mixer(config, output_size(model)) if config.mixup or config.cutmix else None
     result = RangeTest()
     average, best = 0.0, math.inf
     try:
@@ -111,6 +112,8 @@ def range_test(model: nn.Module, loader: DataLoader, config: TrainConfig, *,
                 group["lr"] = lr
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
+            if mix is not None:
+                images, labels = mix(images, labels)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, enabled=amp):
                 loss = criterion(model(images).float(), labels)

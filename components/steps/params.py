@@ -396,7 +396,7 @@ class LrFindParams(DataParams, TrainRecipe, RuntimeParams):
     SWEPT = ("data", "val_ratio", "test_ratio", "seed", "model", "preprocess_run", "weights",
              "freeze", "image_size", "batch_size", "augmentation", "dropout", "head_hidden",
              "class_weights", "optimizer", "weight_decay", "momentum", "label_smoothing",
-             "start_lr", "end_lr", "num_batches")
+             "mixup", "cutmix", "recipe", "start_lr", "end_lr", "num_batches")
 
     def validate(self) -> None:
         from components.data.datasets import check_ratios

@@ -221,9 +221,13 @@ def _train(client, params: TrainParams, tracking_uri: str, progress: bool,
         tracking.log_params_and_tags(client, run_id, {}, run_tags)
     callback = MLflowCallback(client, run_id, log=log)
     # Signs of life until the run ends: progress inside epochs, and system metrics.
-    beat = Heartbeat(client, run_id, params.heartbeat, system_metrics=params.system_metrics,
-                     world_size=distributed.world()[1], resumed=resumed is not None,
-                     node=this_node(), log=log)
+    try:
+        beat = Heartbeat(client, run_id, params.heartbeat, system_metrics=params.system_metrics,
+                         world_size=distributed.world()[1], resumed=resumed is not None,
+                         node=this_node(), log=log)
+    except BaseException as exc:  # the run exists: never leave it RUNNING
+        tracking.finish_run(client, run_id, "FAILED", f"{type(exc).__name__}: {exc}")
+        raise
     with tempfile.TemporaryDirectory(prefix=temp_prefix("train")) as tmp:
         work = Path(tmp)
         try:

@@ -57,7 +57,7 @@ from components.nn.engine import Callback
 from components.nn.recipes import recipe_values
 from components.params import split_list
 from components.registrar import registrar
-from components.settings import mask_text, mask_uri, sqlalchemy_url
+from components.settings import mask_text, mask_uri, sqlalchemy_url, url_backend
 from components.steps.params import EvalParams, TrainParams, TuneParams
 from components.steps.train import train
 
@@ -419,8 +419,7 @@ ENGINE_KWARGS: dict[str, dict[str, Any]] = {
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
-    backend = url.split(":", 1)[0].split("+", 1)[0]
-    return ENGINE_KWARGS.get(backend, {})
+    return ENGINE_KWARGS.get(url_backend(url), {})
 
 
 def _storage_kwargs(url: str) -> dict[str, Any]:

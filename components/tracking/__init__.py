@@ -360,7 +360,8 @@ def announce_end(client: MlflowClient, tracking_uri: str, run_id: str, *,
                  detail: str = "") -> None:
     """Alert (components.notify) that a top-level run ended, FINISHED or, with `exc`, FAILED:
     a standalone training run, a pipeline. Nested runs (trials, folds, bagging members, the
-    pipeline's steps) and Ctrl-C stay quiet, so one job is one alert. `metrics`: the key
+    pipeline's steps) and Ctrl-C stay quiet, so one job ends in one alert (a new `@champion`
+    it makes is announced on its own, by the registry). `metrics`: the key
     numbers (default: the run's). Never raises; waits at most the alerts' timeout."""
     if not notify.enabled() or isinstance(exc, KeyboardInterrupt):
         return

@@ -150,6 +150,16 @@ def duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+def ago(seconds: float) -> str:
+    """How long ago, as short as a dashboard tile needs: `12 s ago`, `31 min ago`,
+    `2 h 01 min ago`."""
+    if seconds < 60:
+        return f"{seconds:.0f} s ago"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f} min ago"
+    return f"{duration(seconds)} ago"
+
+
 def plural(count: float, word: str, many: str | None = None) -> str:
     """`1 finding`, `0 findings`, `3 images`; `many` for irregular plurals."""
     n = int(count) if float(count).is_integer() else count

@@ -366,7 +366,7 @@ def test_live_view_shows_running_and_died_runs(monkeypatch, seeded):
     bars = at.get("progress")
     assert [b.proto.value for b in bars] == [30, 40]
     metrics = [(m.label, m.value) for m in at.metric]
-    assert ("Train loss", "0.3333") in metrics and ("Val acc", "0.69") in metrics
+    assert ("Train loss", "0.3333") in metrics and ("Val acc", "69.0 %") in metrics
     assert len(at.get("plotly_chart")) == 4  # two runs x (loss, accuracy)
     # Switching views keeps working after the fragment ran.
     at.radio(key="view").set_value("Model comparison").run(timeout=30)

@@ -76,13 +76,10 @@ def stopped_answering(uri: str, exc: BaseException) -> None:
     unreachable(f"MongoDB at {mask_uri(uri)} stopped answering ({reason})")
 
 
-# Which humanize kind each of _fmt's short names stands for.
-_FMT_NAMES = {"pct": "accuracy", "sec": "duration_sec", "num": ""}
-
-
-def _fmt(value: Any, kind: str = "") -> str:
-    """A value for a metric tile: humanize.number by what `kind` measures, `—` when missing."""
-    return humanize.number(value, _FMT_NAMES.get(kind, kind)) or MISSING
+def _fmt(value: Any, name: str = "") -> str:
+    """A value for a metric tile: humanize.number by what metric `name` measures, `—` when
+    missing."""
+    return humanize.number(value, name) or MISSING
 
 
 def fitted_range(values: Any, pad: float = PCT_PAD) -> list[float] | None:
@@ -360,12 +357,13 @@ def live_panel(uri: str) -> None:
             run_curves = curves[curves["run_id"] == row.run_id]
             cols = st.columns(6)
             cols[0].metric("Elapsed", data.format_seconds(row.elapsed_sec))
-            cols[1].metric("Last heartbeat", data.format_seconds(row.heartbeat_age_sec) + " ago")
+            cols[1].metric("Last heartbeat", humanize.ago(row.heartbeat_age_sec)
+                           if pd.notna(row.heartbeat_age_sec) else MISSING)
             last = run_curves.iloc[-1].to_dict() if not run_curves.empty else {}
             for col, (label, field) in zip(cols[2:], (
                     ("Train loss", "train_loss"), ("Val loss", "val_loss"),
                     ("Train acc", "train_acc"), ("Val acc", "val_acc")), strict=True):
-                col.metric(label, _fmt(last.get(field), "num"))
+                col.metric(label, _fmt(last.get(field), field))
             if run_curves.empty:
                 st.info("No epoch finished yet.")
             else:

@@ -289,8 +289,8 @@ def _findings(scan: DatasetScan, s: EdaSummary) -> list[str]:
                    "class (label conflicts): fix the labels; preprocess excludes them")
     n = m.get("n_near_dup_label_conflicts", 0)
     if n:
-        out.append(f"{_count(n, 'group')} of near-identical pictures "
-                   f"{'appears' if n == 1 else 'appear'} under more than one class (e.g. "
+        out.append(f"{plural(n, 'group')} of near-identical pictures "
+                   f"{_verb(n, 'appears', 'appear')} under more than one class (e.g. "
                    f"{_example(s.near_duplicates, 'conflict')}): check their labels; "
                    "preprocess keeps each group in one split and does not delete them")
     if m["n_cross_split_duplicates"]:
@@ -300,8 +300,8 @@ def _findings(scan: DatasetScan, s: EdaSummary) -> list[str]:
                    "run, which keeps each image in one split only")
     n = m.get("n_near_dup_cross_split", 0)
     if n:
-        out.append(f"{_count(n, 'group')} of near-identical pictures (resized, recompressed "
-                   f"or edited copies) {'spans' if n == 1 else 'span'} more than one split "
+        out.append(f"{plural(n, 'group')} of near-identical pictures (resized, recompressed "
+                   f"or edited copies) {_verb(n, 'spans', 'span')} more than one split "
                    f"(e.g. {_example(s.near_duplicates, 'cross_split')}; leakage: val/test "
                    "scores would be inflated): train from a `preprocess` run, which keeps "
                    "each group in one split")
@@ -330,8 +330,8 @@ def _findings(scan: DatasetScan, s: EdaSummary) -> list[str]:
                    "images; delete them if unintended")
     n = m.get("n_near_dup_within_class", 0)
     if n:
-        out.append(f"{_count(n, 'group')} of near-identical pictures within one class "
-                   f"over-{'weights' if n == 1 else 'weight'} those pictures: keep one "
+        out.append(f"{plural(n, 'group')} of near-identical pictures within one class "
+                   f"over-{_verb(n, 'weights', 'weight')} those pictures: keep one "
                    "version of each if the others are unintended")
     if m["n_off_size"] and s.common_size:
         w, h = s.common_size
@@ -354,11 +354,6 @@ def _findings(scan: DatasetScan, s: EdaSummary) -> list[str]:
         out.append(f"{plural(n, 'image')} {_verb(n, 'is', 'are')} not RGB ({parts}): converted "
                    "to RGB (transparency composited on white)")
     return out or [NO_FINDINGS]
-
-
-def _count(n: float, noun: str) -> str:
-    """'1 group', '3 groups': counts in new findings read as plain English."""
-    return plural(n, noun)
 
 
 def _verb(n: float, one: str, many: str) -> str:
